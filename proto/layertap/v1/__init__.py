@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs for layertap.v1 (regenerate with `make proto`; never edit)."""

@@ -1,0 +1,244 @@
+"""The node catalogue of one model: its eval graph, the nodes clients may ask for, their shapes.
+
+Built once per model on the worker thread, then read-only: name resolution and DescribeModel use
+plain Python data, so they are safe from the event loop.
+
+Why our own trace instead of get_graph_node_names/create_feature_extractor calls per request:
+those trace train and eval graphs and call .train() on the shared model (flipping BatchNorm for
+every extractor built from it), and they put requested names unescaped into a regex. We trace
+the eval graph once with torchvision's own NodePathTracer (same node names), and shapes come from
+shape propagation on fake tensors, never a real forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
+
+from .errors import UnknownNode
+
+log = logging.getLogger(__name__)
+
+WIRE_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.uint8: "uint8",
+    torch.int64: "int64",
+    torch.int32: "int32",
+    torch.bool: "bool",
+    torch.float64: "float64",
+}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One extractable node: a batch-dependent tensor of the eval graph."""
+
+    name: str
+    shape: tuple[int, ...]  # for one image at the model's input size (leading dim 1)
+    dtype: str
+    layout: str  # NCHW | NHWC | NLC | NC | ""
+    op: str
+    target: str
+
+
+@dataclass
+class Catalog:
+    """The traced eval graph of one model and the nodes it offers."""
+
+    root: nn.Module
+    graph: fx.Graph
+    input_size: tuple[int, int]
+    nodes: list[NodeSpec]
+    # every qualified node name of the eval graph, in execution order (torchvision's eval names)
+    all_names: list[str]
+    fx_nodes: dict[str, fx.Node] = field(repr=False)
+    by_name: dict[str, NodeSpec] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.by_name = {n.name: n for n in self.nodes}
+
+    def resolve(self, requested: str) -> str:
+        """Full or truncated name → one full node name (torchvision's rule: the last node under
+        that dotted prefix). Raises UnknownNode with the closest valid names."""
+        if requested in self.by_name:
+            return requested
+        if requested:
+            depth = requested.count(".") + 1
+            for spec in reversed(self.nodes):
+                if ".".join(spec.name.split(".")[:depth]) == requested:
+                    return spec.name
+        raise UnknownNode(self._unknown_message(requested))
+
+    def _unknown_message(self, requested: str) -> str:
+        names = [n.name for n in self.nodes]
+        prefixes = sorted({".".join(n.split(".")[:k]) for n in names for k in (1, 2)})
+        close = difflib.get_close_matches(requested, names + prefixes, n=5, cutoff=0.5)
+        shown = repr(requested[:80]) + ("…" if len(requested) > 80 else "")
+        hint = f"; closest valid names: {', '.join(close)}" if close else ""
+        if requested in self.all_names:
+            return (
+                f"node {shown} exists but does not produce a batch-dependent tensor "
+                f"(e.g. a shape or a weight){hint}. Hint: call DescribeModel for the list."
+            )
+        return f"unknown node {shown}{hint}. Hint: call DescribeModel to list this model's nodes."
+
+
+def _tracer(leaf_modules: Sequence[type], autowrap_functions: Sequence[object]) -> NodePathTracer:
+    kwargs: dict[str, object] = {}
+    if leaf_modules:
+        kwargs["leaf_modules"] = list(leaf_modules)
+    if autowrap_functions:
+        kwargs["autowrap_functions"] = tuple(autowrap_functions)
+    return NodePathTracer(**_set_default_tracer_kwargs(kwargs))
+
+
+def _propagate(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]] | None:
+    """Shapes of every tensor node for an input of `shape`, on fake tensors (no compute)."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    try:
+        if device.type == "meta":
+            ShapeProp(gm).propagate(torch.empty(shape, device="meta"))
+        else:
+            fake = FakeTensorMode(allow_non_fake_inputs=True)
+            ShapeProp(gm, fake_mode=fake).propagate(torch.empty(shape, device=device))
+    except Exception as exc:  # a model that fixes its input size refuses other shapes
+        log.debug("shape propagation at %s failed: %s", shape, exc)
+        return None
+    out: dict[str, tuple[int, ...]] = {}
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            out[node.name] = tuple(int(d) for d in meta.shape)
+    return out
+
+
+def _layout(base: tuple[int, ...], probe: tuple[int, ...] | None) -> str:
+    """Which dims follow the image size decides NCHW vs NHWC vs NLC (probe: larger input)."""
+    rank = len(base)
+    if rank == 2:
+        return "NC"
+    spatial = [probe is not None and probe[i] != base[i] for i in range(rank)]
+    if rank == 3:
+        if probe is None or spatial[1]:
+            return "NLC"
+        return ""
+    if rank == 4:
+        if probe is None:
+            return "NCHW"
+        if spatial[2] and spatial[3] and not spatial[1]:
+            return "NCHW"
+        if spatial[1] and spatial[2] and not spatial[3]:
+            return "NHWC"
+    return ""
+
+
+def _target_name(node: fx.Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        return type(root.get_submodule(str(node.target))).__name__
+    target = node.target
+    return getattr(target, "__name__", str(target))
+
+
+def build_catalog(
+    model: nn.Module,
+    input_size: tuple[int, int],
+    leaf_modules: Sequence[type] = (),
+    autowrap_functions: Sequence[object] = (),
+) -> Catalog:
+    """Trace the eval graph and find its batch-dependent tensor nodes with their shapes."""
+    model.eval()
+    tracer = _tracer(leaf_modules, autowrap_functions)
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph)
+    h, w = input_size
+    # The probe (a larger input) tells spatial dims from channels; models that fix their input
+    # size (ViT) refuse it, which is fine. Base runs last so node.meta keeps the real shapes.
+    with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks it re-raises
+        probe = _propagate(gm, (2, 3, h + 64, w + 64))
+    base = _propagate(gm, (2, 3, h, w))
+    if base is None:
+        raise RuntimeError(f"shape propagation failed at input {h}x{w}")
+
+    # batch-dependent: computed from the input, a tensor, batch on dim 0
+    depends: set[fx.Node] = set()
+    nodes: list[NodeSpec] = []
+    fx_nodes: dict[str, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            depends.add(node)
+            continue
+        if not any(arg in depends for arg in node.all_input_nodes):
+            continue
+        depends.add(node)
+        name = tracer.node_to_qualname.get(node)
+        shape = base.get(node.name)
+        meta = node.meta.get("tensor_meta")
+        if name is None or shape is None or not shape or shape[0] != 2 or meta is None:
+            continue
+        one = (1, *shape[1:])
+        probe_shape = probe.get(node.name) if probe else None
+        nodes.append(
+            NodeSpec(
+                name=name,
+                shape=one,
+                dtype=WIRE_DTYPES.get(meta.dtype, str(meta.dtype).replace("torch.", "")),
+                layout=_layout(shape, probe_shape if probe_shape and len(probe_shape) == len(shape) else None),
+                op=node.op,
+                target=_target_name(node, tracer.root),
+            )
+        )
+        fx_nodes[name] = node
+    return Catalog(
+        root=tracer.root,
+        graph=graph,
+        input_size=input_size,
+        nodes=nodes,
+        all_names=list(tracer.node_to_qualname.values()),
+        fx_nodes=fx_nodes,
+    )
+
+
+def build_extractor(catalog: Catalog, names: Sequence[str]) -> fx.GraphModule:
+    """A graph module returning {full name: tensor} for `names`, sharing the model's weights.
+
+    Each requested value is cloned right where it is produced, so a later in-place op (ReLU
+    with inplace=True, x.relu_(), ...) cannot overwrite what we return.
+    """
+    graph = fx.Graph()
+    val_map: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(catalog.graph, val_map, return_output_node=False)
+    for node in list(graph.nodes):
+        if node.op == "output":
+            graph.erase_node(node)
+    outputs: dict[str, fx.Node] = {}
+    for name in names:
+        produced = val_map[catalog.fx_nodes[name]]
+        with graph.inserting_after(produced):
+            outputs[name] = graph.call_method("clone", (produced,))
+    graph.output(outputs)
+    gm = fx.GraphModule(catalog.root, graph, class_name="LayertapExtractor")
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    return gm
+
+
+def module_tree(model: nn.Module) -> list[tuple[str, str, int]]:
+    """(dotted name, class name, own parameter count) for every module, depth first."""
+    return [
+        (name, type(mod).__name__, sum(p.numel() for p in mod.parameters(recurse=False)))
+        for name, mod in model.named_modules()
+    ]

@@ -1,0 +1,73 @@
+"""Domain errors. Stages raise these; the transport maps them to gRPC statuses in one table.
+
+They know nothing of gRPC so the codec, batcher and model runtime stay testable on their own.
+The message is shown to the client verbatim: say what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class LayertapError(Exception):
+    """Base of every error the client is meant to see."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(LayertapError):
+    """A field of the request is malformed or inconsistent (→ INVALID_ARGUMENT)."""
+
+
+class InvalidImage(InvalidArgument):
+    """One image cannot be decoded or used; carries the image index once known."""
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        self.reason = reason
+        self.index = index
+        prefix = f"image {index}: " if index is not None else ""
+        super().__init__(prefix + reason)
+
+    def at(self, index: int) -> InvalidImage:
+        """The same error, naming the image's position in the request."""
+        return type(self)(self.reason, index)
+
+
+class UnknownNode(InvalidArgument):
+    """A requested node is not in the model's graph (→ INVALID_ARGUMENT with suggestions)."""
+
+
+class ModelNotFound(LayertapError):
+    """The model name is not configured on this server (→ NOT_FOUND)."""
+
+
+class LimitExceeded(LayertapError):
+    """A configured limit was hit: images per request, bytes, pixels (→ RESOURCE_EXHAUSTED)."""
+
+
+class ImageLimitExceeded(LimitExceeded):
+    """A per-image limit (bytes or pixels); carries the image index once known."""
+
+    def __init__(self, reason: str, index: int | None = None) -> None:
+        self.reason = reason
+        self.index = index
+        prefix = f"image {index}: " if index is not None else ""
+        super().__init__(prefix + reason)
+
+    def at(self, index: int) -> ImageLimitExceeded:
+        return type(self)(self.reason, index)
+
+
+class QueueFull(LimitExceeded):
+    """The batch queue is at its bound; retry later (→ RESOURCE_EXHAUSTED)."""
+
+
+class Unavailable(LayertapError):
+    """The model is still loading, failed to load, or the server is shutting down (→ UNAVAILABLE)."""
+
+
+class Cancelled(LayertapError):
+    """The request was cancelled before it ran (→ CANCELLED)."""

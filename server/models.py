@@ -1,0 +1,225 @@
+"""Build a configured model with its weights, offline. Runs on the device worker thread only.
+
+Weights never come from the network: a torchvision weights enum is used only when its file is
+already in $TORCH_HOME/hub/checkpoints; otherwise the entry must allow random init. Every
+checkpoint is read with weights_only=True (no pickle code runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from .preprocess import Preprocessing
+from .settings import ModelConfig
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be built as configured; the message says what to fix."""
+
+
+@dataclass
+class LoadedWeights:
+    module: nn.Module
+    weights_id: str
+    sha256: str
+    random: bool
+    note: str
+    preprocessing: Preprocessing
+
+
+def classification_models() -> list[str]:
+    """Every architecture clients may name through an `arch` entry."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def import_object(spec: str) -> Any:
+    """'package.module:attr' → the object (config-only; clients never reach this)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelLoadError(f"{spec!r} is not of the form 'package.module:name'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot import {spec!r}: {exc}") from exc
+    return obj
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_weights_path(weights: WeightsEnum) -> Path:
+    """Where torch.hub keeps this enum's file; torchvision reads it from there without download."""
+    filename = os.path.basename(urlparse(weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _resolve_enum(cfg: ModelConfig) -> WeightsEnum | None:
+    """The torchvision weights enum named by the entry, or None when it names a file/none."""
+    if cfg.arch is None or cfg.weights.lower() == "none" or _is_file_spec(cfg.weights):
+        return None
+    try:
+        enum_cls = torchvision.models.get_model_weights(cfg.arch)
+    except (ValueError, KeyError) as exc:
+        raise ModelLoadError(f"model {cfg.name!r}: architecture {cfg.arch!r} has no weights") from exc
+    name = cfg.weights.split(".")[-1]
+    try:
+        return enum_cls[name] if name != "DEFAULT" else enum_cls.DEFAULT
+    except KeyError:
+        options = ", ".join(w.name for w in enum_cls)
+        raise ModelLoadError(
+            f"model {cfg.name!r}: {cfg.weights!r} is not a weights name of {cfg.arch}; "
+            f"use one of DEFAULT, {options}, a local file, or none"
+        ) from None
+
+
+def _is_file_spec(weights: str) -> bool:
+    return weights.endswith((".safetensors", ".pth", ".pt", ".bin")) or os.sep in weights
+
+
+def _default_preprocessing(cfg: ModelConfig, module: nn.Module, enum: WeightsEnum | None) -> Preprocessing:
+    """The weights' own transforms; for random/file weights, the architecture's default ones."""
+    base: Preprocessing | None = None
+    source = enum
+    if source is None and cfg.arch is not None:
+        try:
+            source = torchvision.models.get_model_weights(cfg.arch).DEFAULT
+        except (ValueError, KeyError, AttributeError):
+            source = None
+    if source is not None:
+        base = Preprocessing.from_torchvision(source.transforms())
+    if base is None:
+        base = Preprocessing(
+            resize_size=256, crop_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD
+        )
+    crop = base.crop_size
+    resize = base.resize_size
+    # A randomly initialised ViT is built for its own image_size, not the default weights' size.
+    image_size = getattr(module, "image_size", None)
+    if enum is None and isinstance(image_size, int) and (image_size, image_size) != crop:
+        crop = (image_size, image_size)
+        resize = round(image_size * 256 / 224)
+    if cfg.input_size is not None:
+        crop = (int(cfg.input_size[0]), int(cfg.input_size[1]))
+        resize = round(min(crop) * 256 / 224) if cfg.resize_size is None else resize
+    if cfg.resize_size is not None:
+        resize = cfg.resize_size or None
+    return Preprocessing(
+        resize_size=resize,
+        crop_size=crop,
+        mean=tuple(cfg.mean) if cfg.mean else base.mean,  # type: ignore[arg-type]
+        std=tuple(cfg.std) if cfg.std else base.std,  # type: ignore[arg-type]
+        interpolation=cfg.interpolation or base.interpolation,
+        antialias=base.antialias,
+    )
+
+
+def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"weights file {path} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return dict(load_file(path, device="cpu"))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad/pickled files
+        raise ModelLoadError(f"cannot load {path} with weights_only=True: {exc}") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict")
+    return state
+
+
+def build_model(cfg: ModelConfig) -> LoadedWeights:
+    """Construct the module with weights on the CPU, in eval mode."""
+    enum = _resolve_enum(cfg)
+    random_init = False
+    note = ""
+    kwargs = dict(cfg.kwargs)
+    if cfg.arch is not None:
+        if cfg.arch not in classification_models():
+            raise ModelLoadError(
+                f"model {cfg.name!r}: unknown architecture {cfg.arch!r}; "
+                "use a torchvision classification model name or a factory"
+            )
+        if enum is not None and not cached_weights_path(enum).is_file():
+            if not cfg.allow_random:
+                raise ModelLoadError(
+                    f"model {cfg.name!r}: weights {enum} are not cached at "
+                    f"{cached_weights_path(enum)} (no downloads at run time); place the file "
+                    "there, or set allow_random = true"
+                )
+            note = f"weights {enum} not cached at {cached_weights_path(enum)}: random init"
+            log.warning("model %s: %s", cfg.name, note)
+            enum, random_init = None, True
+        if cfg.weights.lower() == "none":
+            if not cfg.allow_random:
+                raise ModelLoadError(
+                    f"model {cfg.name!r}: weights = 'none' needs allow_random = true"
+                )
+            random_init, note = True, "random init (weights = none)"
+        # Force weights_only even inside torchvision's own loader.
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        module = torchvision.models.get_model(cfg.arch, weights=enum, **kwargs)
+    else:
+        assert cfg.factory is not None
+        factory: Callable[..., nn.Module] = import_object(cfg.factory)
+        module = factory(**kwargs)
+        if not isinstance(module, nn.Module):
+            raise ModelLoadError(f"factory {cfg.factory} returned {type(module).__name__}, not a Module")
+        if cfg.weights.lower() in ("none", "default"):
+            random_init = cfg.weights.lower() == "none"
+            note = "factory weights" if not random_init else "random init (weights = none)"
+            if random_init and not cfg.allow_random:
+                raise ModelLoadError(f"model {cfg.name!r}: weights = 'none' needs allow_random = true")
+
+    sha, weights_id = RANDOM, RANDOM
+    if enum is not None:
+        weights_id = f"{type(enum).__name__}.{enum.name}"
+        sha = sha256_file(cached_weights_path(enum))
+    elif _is_file_spec(cfg.weights):
+        state = _load_state_dict_file(cfg.weights)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"model {cfg.name!r}: {cfg.weights} does not fit: {exc}") from exc
+        weights_id, sha = os.path.basename(cfg.weights), sha256_file(cfg.weights)
+    elif cfg.factory is not None and not random_init:
+        weights_id, sha = "factory", "factory"
+    module.eval()
+    return LoadedWeights(
+        module=module,
+        weights_id=weights_id,
+        sha256=sha,
+        random=random_init,
+        note=note,
+        preprocessing=_default_preprocessing(cfg, module, enum),
+    )

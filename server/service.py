@@ -1,0 +1,300 @@
+"""The gRPC transport: protobuf in, protobuf out, statuses from one table. Never torch.
+
+Each RPC is validate → decode (thread pool) → submit (batcher) → encode (thread pool). Domain
+errors raised anywhere below become gRPC statuses in `_STATUS`, applied by `@rpc`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+
+from layertap.v1 import layertap_pb2 as pb
+from layertap.v1 import layertap_pb2_grpc as pb_grpc
+
+from . import codec
+from .batcher import Batcher, BatchInfo
+from .errors import (
+    Cancelled,
+    ImageLimitExceeded,
+    InvalidArgument,
+    InvalidImage,
+    LayertapError,
+    LimitExceeded,
+    ModelNotFound,
+    Unavailable,
+)
+from .pooling import DTYPES, OutputSpec, check_pool
+from .prepare import ImageInput, Prepared, encode_results, prepare_image
+from .preprocess import Preprocessing
+from .settings import Settings
+from .worker import Item, ModelRuntime, ModelStatus
+
+log = logging.getLogger(__name__)
+
+# The one table from domain errors to gRPC statuses (most specific first).
+_STATUS: list[tuple[type[LayertapError], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+]
+MAX_DETAILS = 2000
+
+_POOLS = {
+    pb.POOLING_RAW: "raw",
+    pb.POOLING_AVG: "avg",
+    pb.POOLING_MAX: "max",
+    pb.POOLING_GEM: "gem",
+    pb.POOLING_CLS: "cls",
+    pb.POOLING_MEAN: "mean",
+}
+
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+
+def status_for(exc: LayertapError) -> grpc.StatusCode:
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def rpc(handler: H) -> H:
+    """Map domain errors to statuses; anything else is a bug: INTERNAL, logged with traceback."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: FeatureService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except LayertapError as exc:
+            await context.abort(status_for(exc), str(exc)[:MAX_DETAILS])
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            log.exception("bug in %s", handler.__name__)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"internal error in {handler.__name__}; this is a server bug, see the server log",
+            )
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _preprocessing_pb(p: Preprocessing | None) -> pb.Preprocessing:
+    if p is None:
+        return pb.Preprocessing()
+    return pb.Preprocessing(
+        resize_size=p.resize_size or 0,
+        crop_size=list(p.crop_size),
+        mean=list(p.mean),
+        std=list(p.std),
+        interpolation=p.interpolation,
+        antialias=p.antialias,
+    )
+
+
+def _model_info_pb(s: ModelStatus) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=s.name,
+        architecture=s.architecture,
+        weights=s.weights,
+        weights_sha256=s.weights_sha256,
+        input_size=list(s.input_size),
+        preprocessing=_preprocessing_pb(s.preprocessing),
+        device=s.device,
+        ready=s.ready,
+        status_message=s.message,
+        random_weights=s.random_weights,
+        compute_dtype=s.compute_dtype,
+    )
+
+
+def plan_outputs(nodes: Sequence[str], aliases: dict[str, str]) -> list[tuple[str, str]]:
+    """(output key, requested name) in request order; aliased nodes not in `nodes` come last."""
+    requested = list(nodes) + sorted(n for n in aliases if n not in set(nodes))
+    if not requested:
+        raise InvalidArgument("no nodes requested; name at least one (see DescribeModel)")
+    plan: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for name in requested:
+        if not name:
+            raise InvalidArgument("empty node name in nodes")
+        key = aliases.get(name, name)
+        if not key:
+            raise InvalidArgument(f"alias for node {name!r} is empty")
+        if key in seen:
+            if seen[key] == name:
+                continue  # the same node twice: return it once
+            raise InvalidArgument(f"output key {key!r} is used for both {seen[key]!r} and {name!r}")
+        seen[key] = name
+        plan.append((key, name))
+    return plan
+
+
+def output_spec(options: pb.OutputOptions) -> OutputSpec:
+    pool = _POOLS.get(options.pool)
+    if pool is None:
+        raise InvalidArgument(f"unknown pool value {options.pool}; use one of {sorted(_POOLS)}")
+    p = options.gem_p or 3.0
+    if not math.isfinite(p) or not 0.1 <= p <= 100:
+        raise InvalidArgument(f"gem_p must be a finite number in [0.1, 100], got {options.gem_p}")
+    dtype = options.dtype or "float32"
+    if dtype not in DTYPES:
+        raise InvalidArgument(f"output dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
+    return OutputSpec(pool=pool, gem_p=float(p), normalize=options.normalize, dtype=dtype)
+
+
+def image_input(image: pb.Image, index: int) -> ImageInput:
+    which = image.WhichOneof("source")
+    if which == "encoded":
+        return ImageInput(encoded=image.encoded)
+    if which == "tensor":
+        t = image.tensor
+        return ImageInput(dtype=t.dtype, shape=tuple(t.shape), data=t.data)
+    raise InvalidImage("neither 'encoded' bytes nor a 'tensor' is set", index)
+
+
+class FeatureService(pb_grpc.FeatureServiceServicer):
+    """The layertap.v1.FeatureService implementation."""
+
+    def __init__(
+        self, settings: Settings, runtime: ModelRuntime, batcher: Batcher, decode_pool: Executor
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.batcher = batcher
+        self.decode_pool = decode_pool
+        self.limits = codec.DecodeLimits(
+            max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+        )
+
+    @rpc
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = [_model_info_pb(self.runtime.status(n)) for n in self.runtime.names()]
+        return pb.ListModelsResponse(models=models)
+
+    @rpc
+    async def DescribeModel(
+        self, request: pb.DescribeModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DescribeModelResponse:
+        loaded = self.runtime.model(request.model)
+        nodes = [
+            pb.NodeInfo(name=n.name, shape=list(n.shape), dtype=n.dtype, layout=n.layout,
+                        op=n.op, target=n.target)
+            for n in loaded.catalog.nodes
+        ]
+        modules = [pb.ModuleInfo(name=n, type=t, own_parameters=c) for n, t, c in loaded.modules]
+        return pb.DescribeModelResponse(
+            model=_model_info_pb(self.runtime.status(request.model)),
+            nodes=nodes,
+            modules=modules,
+            extraction_mode="fx",
+        )
+
+    async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    @rpc
+    async def Extract(
+        self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExtractResponse:
+        received = time.perf_counter()
+        s = self.settings
+        if not request.model:
+            raise InvalidArgument("model is empty; call ListModels for the served names")
+        loaded = self.runtime.model(request.model)
+        count = len(request.images)
+        if count == 0:
+            raise InvalidArgument("no images in the request; send at least one")
+        if count > s.max_images_per_request:
+            raise LimitExceeded(
+                f"{count} images in one request exceed max_images_per_request="
+                f"{s.max_images_per_request}; split the request"
+            )
+        plan = plan_outputs(list(request.nodes), dict(request.aliases))
+        specs = self.runtime.resolve(request.model, [name for _, name in plan])
+        spec = output_spec(request.output)
+        for node in specs:
+            check_pool(spec.pool, node.layout, node.name)
+            if spec.pool == "cls" and loaded.n_prefix_tokens == 0:
+                raise InvalidArgument(f"model {request.model!r} has no CLS token; use pool 'mean'")
+        full_nodes = tuple(dict.fromkeys(n.name for n in specs))
+
+        inputs = [image_input(img, i) for i, img in enumerate(request.images)]
+        preprocessing = loaded.weights.preprocessing
+        prepared = await asyncio.gather(
+            *(self._in_pool(prepare_image, img, self.limits, preprocessing) for img in inputs),
+            return_exceptions=True,
+        )
+        for index, result in enumerate(prepared):
+            if isinstance(result, (InvalidImage, ImageLimitExceeded)):
+                raise result.at(index)
+            if isinstance(result, BaseException):
+                raise result
+        images: list[Prepared] = prepared  # type: ignore[assignment]
+
+        # one batch key per input shape: a batch must stack
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(tuple(image.tensor.shape), []).append(index)
+        futures: list[asyncio.Future[Any]] = [None] * count  # type: ignore[list-item]
+        try:
+            for shape, indices in groups.items():
+                key = (request.model, full_nodes, shape)
+                items = [Item(images[i].tensor, spec) for i in indices]
+                for i, fut in zip(indices, self.batcher.submit_many(key, items), strict=True):
+                    futures[i] = fut
+            done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            for fut in futures:
+                if fut is not None:
+                    fut.cancel()
+            raise
+        encoded = await self._in_pool(encode_results, [r for r, _ in done])
+
+        node_of = {name: n.name for (_, name), n in zip(plan, specs, strict=True)}
+        layout_of = {n.name: n.layout for n in specs}
+        out_layout = "NC" if spec.pool != "raw" else None
+        results = []
+        for row in encoded:
+            outputs = []
+            for key, name in plan:
+                full = node_of[name]
+                t = row[full]
+                outputs.append(
+                    pb.NamedTensor(
+                        key=key,
+                        node=full,
+                        tensor=pb.Tensor(dtype=t.dtype, shape=t.shape, data=t.data,
+                                         layout=out_layout or layout_of[full]),
+                    )
+                )
+            results.append(pb.ImageResult(outputs=outputs))
+        infos = [info for _, info in done]
+        metadata = pb.ExtractMetadata(
+            model=request.model,
+            weights_sha256=loaded.weights.sha256,
+            nodes=[pb.ResolvedNode(key=k, requested=n, node=node_of[n]) for k, n in plan],
+            preprocessing=_preprocessing_pb(preprocessing),
+            timings=pb.Timings(
+                queue_ms=1000 * max(i.queue_s for i in infos),
+                decode_ms=1000 * sum(p.decode_s for p in images),
+                compute_ms=1000 * sum({i.batch_id: i.run_s for i in infos}.values()),
+                total_ms=1000 * (time.perf_counter() - received),
+            ),
+            batch_size=max(i.batch_size for i in infos),
+            device=str(self.runtime.device),
+        )
+        return pb.ExtractResponse(results=results, metadata=metadata)

@@ -1,0 +1,230 @@
+"""One frozen Settings object: defaults < config file [server] table < LAYERTAP_* env < CLI flags.
+
+Every field has a default, a one-line reason, a CLI flag and an environment variable, all derived
+from the single FIELDS table below so the four can never drift apart. Models come from the
+config file's [[models]] entries (TOML); with no config file the embedded default_config.toml
+is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "LAYERTAP_"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One servable model. Only names listed here are reachable by clients."""
+
+    name: str
+    # A torchvision classification architecture name (torchvision.models.list_models()).
+    arch: str | None = None
+    # Or "package.module:callable" returning an nn.Module (custom, timm, face models).
+    factory: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # torchvision weights enum name ("DEFAULT", "IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V2"),
+    # a local .safetensors/.pth/.pt file, or "none" (random init).
+    weights: str = "DEFAULT"
+    # Serve random init when the weights are "none" or not cached locally (never downloads).
+    allow_random: bool = False
+    # Model input (H, W); default: the weights' own transforms.
+    input_size: tuple[int, int] | None = None
+    resize_size: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    interpolation: str | None = None
+    # torch.fx tracer settings: module classes kept as leaves and functions kept opaque,
+    # each as "package.module:Name".
+    leaf_modules: tuple[str, ...] = ()
+    autowrap_functions: tuple[str, ...] = ()
+    # Largest batch for this model (0: the server's max_batch_size).
+    max_batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings. Tests build Settings(...) directly."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    config: str | None = None
+    device: str = "auto"
+    max_batch_size: int = 8
+    max_wait_ms: float = 2.0
+    max_queue_images: int = 512
+    max_images_per_request: int = 64
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 40_000_000
+    max_message_bytes: int = 64 * MiB
+    decode_threads: int = 2
+    extractor_cache_size: int = 32
+    torch_threads: int = 0
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    models: tuple[ModelConfig, ...] = ()
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+# name -> why. The order is the order of --help.
+FIELDS: dict[str, str] = {
+    "host": "interface to bind; 0.0.0.0 to serve other machines (127.0.0.1 keeps it local)",
+    "port": "gRPC port; 0 picks a free one",
+    "config": "TOML file with [server] settings and [[models]]; empty uses the embedded default",
+    "device": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'",
+    "max_batch_size": "most images stacked into one forward (CPU: bigger batches are not faster)",
+    "max_wait_ms": "how long a batch stays open for more images once the worker is busy",
+    "max_queue_images": "images waiting for the worker before requests get RESOURCE_EXHAUSTED",
+    "max_images_per_request": "images one Extract call may carry",
+    "max_image_bytes": "encoded bytes one image may have",
+    "max_image_pixels": "width x height one image may have (checked from the header, pre-decode)",
+    "max_message_bytes": "gRPC send/receive message limit, both directions",
+    "decode_threads": "threads that decode and preprocess images (off the event loop)",
+    "extractor_cache_size": "FX graph modules kept per model (LRU); they share the weights",
+    "torch_threads": "torch intra-op threads on the worker; 0 leaves torch's default",
+    "shutdown_grace_s": "seconds in-flight requests get to finish on SIGTERM",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and what it accepts."""
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a string (env/CLI) or TOML value to the field's type."""
+    default = getattr(Settings(), name)
+    kind = type(default) if default is not None else str
+    if name == "config":
+        return str(value) if value not in (None, "") else None
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot read {value!r} as {kind.__name__}") from exc
+
+
+def _validate(s: Settings) -> None:
+    positive = (
+        "max_batch_size",
+        "max_queue_images",
+        "max_images_per_request",
+        "max_image_bytes",
+        "max_image_pixels",
+        "max_message_bytes",
+        "decode_threads",
+        "extractor_cache_size",
+    )
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
+    if s.max_wait_ms < 0 or s.torch_threads < 0 or not 0 <= s.port <= 65535:
+        raise ConfigError("max_wait_ms and torch_threads must be >= 0 and port in 0..65535")
+    names = [m.name for m in s.models]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"model names must be unique; repeated: {sorted(dupes)}")
+
+
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> ModelConfig:
+    """One [[models]] table → ModelConfig, with relative weight paths made absolute."""
+    unknown = set(entry) - _MODEL_KEYS
+    if unknown:
+        raise ConfigError(
+            f"model entry {entry.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
+            f"known: {sorted(_MODEL_KEYS)}"
+        )
+    if not entry.get("name"):
+        raise ConfigError("every [[models]] entry needs a 'name'")
+    values = dict(entry)
+    if bool(values.get("arch")) == bool(values.get("factory")):
+        raise ConfigError(f"model {values['name']!r}: give exactly one of 'arch' or 'factory'")
+    for key in ("input_size", "mean", "std", "leaf_modules", "autowrap_functions"):
+        if key in values and values[key] is not None:
+            values[key] = tuple(values[key])
+    if isinstance(values.get("input_size"), tuple) and len(values["input_size"]) == 1:
+        values["input_size"] = (values["input_size"][0], values["input_size"][0])
+    weights = str(values.get("weights", "DEFAULT"))
+    if base_dir is not None and weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        path = Path(weights).expanduser()
+        values["weights"] = str(path if path.is_absolute() else (base_dir / path).resolve())
+    return ModelConfig(**values)
+
+
+def _read_toml(path: str | None) -> tuple[dict[str, Any], Path | None]:
+    if path:
+        p = Path(path).expanduser()
+        try:
+            return tomllib.loads(p.read_text()), p.resolve().parent
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    text = resources.files("layertap.server").joinpath("default_config.toml").read_text()
+    return tomllib.loads(text), None
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build Settings from defaults, config file, environment and command-line flags."""
+    env = os.environ if env is None else env
+    args = build_arg_parser().parse_args(argv if argv is not None else [])
+    cli = {k: v for k, v in vars(args).items() if v is not None}
+    from_env = {
+        name: env[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in env
+    }
+    config_path = cli.get("config", from_env.get("config")) or None
+    data, base_dir = _read_toml(config_path)
+    server_table = data.get("server", {})
+    unknown = set(server_table) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"[server] has unknown keys {sorted(unknown)}; known: {list(FIELDS)}")
+    merged: dict[str, Any] = {}
+    for source in (server_table, from_env, cli):
+        for name, value in source.items():
+            merged[name] = _coerce(name, value)
+    merged["config"] = config_path
+    models = tuple(parse_model(m, base_dir) for m in data.get("models", []))
+    settings = Settings(**merged, models=models)
+    _validate(settings)
+    return settings
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layertap serve",
+        description="Serve intermediate layers of vision models over gRPC.",
+        epilog=f"Every flag also reads {ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}PORT).",
+    )
+    defaults = Settings()
+    for name, why in FIELDS.items():
+        default = getattr(defaults, name)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{why} (default: {default}; env {ENV_PREFIX}{name.upper()})",
+        )
+    return parser

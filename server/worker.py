@@ -1,0 +1,244 @@
+"""The model runtime: one worker thread per device owns every model, extractor and forward.
+
+Nothing here runs on the event loop: async methods only hand work to the worker thread. Building
+an extractor and running it happen on that same thread, so a build for a new node set happens
+once even when many requests ask at once, and no tracing can race a forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import fx
+
+from . import models as model_loading
+from .catalog import Catalog, NodeSpec, build_catalog, build_extractor, module_tree
+from .errors import InvalidArgument, ModelNotFound, Unavailable
+from .pooling import OutputSpec, pool
+from .preprocess import Preprocessing
+from .settings import ModelConfig, Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What ListModels reports; plain data, safe to read from the event loop."""
+
+    name: str
+    architecture: str
+    weights: str
+    weights_sha256: str
+    random_weights: bool
+    input_size: tuple[int, int]
+    preprocessing: Preprocessing | None
+    device: str
+    ready: bool
+    message: str
+    compute_dtype: str = "float32"
+
+
+@dataclass
+class Item:
+    """One image on its way through the batcher: model input plus what to do with the output."""
+
+    tensor: torch.Tensor  # float32 [3, H, W], preprocessed, CPU
+    spec: OutputSpec
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: model_loading.LoadedWeights
+    catalog: Catalog
+    modules: list[tuple[str, str, int]]
+    n_prefix_tokens: int
+    extractors: OrderedDict[tuple[str, ...], fx.GraphModule] = field(default_factory=OrderedDict)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise model_loading.ModelLoadError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _import_all(specs: Sequence[str]) -> list[Any]:
+    return [model_loading.import_object(s) for s in specs]
+
+
+class ModelRuntime:
+    """Every configured model on one device, behind one worker thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = pick_device(settings.device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{self.device}")
+        self._models: dict[str, LoadedModel] = {}
+        self._errors: dict[str, str] = {}
+        self._ready = threading.Event()
+        self._configs = {m.name: m for m in settings.models}
+        self.worker_thread_ident: int | None = None
+
+    # --- plumbing -------------------------------------------------------------------------
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _on_worker_start(self) -> None:
+        self.worker_thread_ident = threading.get_ident()
+        if self.settings.torch_threads > 0:
+            torch.set_num_threads(self.settings.torch_threads)
+
+    # --- loading --------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        """Load every configured model on the worker, one by one; each is ready when loaded."""
+        await self._call(self._on_worker_start)
+        for cfg in self.settings.models:
+            try:
+                self._models[cfg.name] = await self._call(self._load, cfg)
+                log.info("model %s ready on %s", cfg.name, self.device)
+            except Exception as exc:  # one bad entry must not stop the others
+                message = str(exc) or type(exc).__name__
+                self._errors[cfg.name] = message
+                log.error("model %s failed to load: %s", cfg.name, message, exc_info=True)
+        self._ready.set()
+
+    def _load(self, cfg: ModelConfig) -> LoadedModel:
+        started = time.monotonic()
+        loaded = model_loading.build_model(cfg)
+        module = loaded.module.to(self.device).eval()
+        loaded.module = module
+        try:
+            catalog = build_catalog(
+                module,
+                loaded.preprocessing.crop_size,
+                leaf_modules=_import_all(cfg.leaf_modules),
+                autowrap_functions=_import_all(cfg.autowrap_functions),
+            )
+        except Exception as exc:
+            raise model_loading.ModelLoadError(
+                f"model {cfg.name!r}: torch.fx cannot trace it ({type(exc).__name__}: {exc}); "
+                "mark the offending modules in leaf_modules or functions in autowrap_functions"
+            ) from exc
+        module.eval()
+        n_prefix = 1 if hasattr(module, "class_token") else 0
+        log.info("loaded %s (%s) in %.1fs", cfg.name, loaded.weights_id, time.monotonic() - started)
+        return LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix)
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until every model has finished loading (successfully or not)."""
+        await asyncio.get_running_loop().run_in_executor(None, self._ready.wait, timeout)
+
+    # --- lookups (plain data; event-loop safe) -------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._configs)
+
+    def status(self, name: str) -> ModelStatus:
+        cfg = self._configs.get(name)
+        if cfg is None:
+            raise ModelNotFound(self._not_found(name))
+        arch = cfg.arch or cfg.factory or ""
+        loaded = self._models.get(name)
+        if loaded is None:
+            message = self._errors.get(name, "loading")
+            return ModelStatus(name, arch, cfg.weights, "", False, (0, 0), None,
+                               str(self.device), False, message)
+        w = loaded.weights
+        return ModelStatus(
+            name=name,
+            architecture=arch,
+            weights=w.weights_id,
+            weights_sha256=w.sha256,
+            random_weights=w.random,
+            input_size=w.preprocessing.crop_size,
+            preprocessing=w.preprocessing,
+            device=str(self.device),
+            ready=True,
+            message=w.note,
+        )
+
+    def _not_found(self, name: str) -> str:
+        shown = repr(name[:80])
+        return f"model {shown} is not served here; available: {', '.join(self._configs) or 'none'}"
+
+    def model(self, name: str) -> LoadedModel:
+        """The loaded model, or ModelNotFound / Unavailable (still loading or failed)."""
+        if name not in self._configs:
+            raise ModelNotFound(self._not_found(name))
+        loaded = self._models.get(name)
+        if loaded is None:
+            if name in self._errors:
+                raise Unavailable(f"model {name!r} failed to load: {self._errors[name]}")
+            raise Unavailable(f"model {name!r} is still loading; retry shortly")
+        return loaded
+
+    def resolve(self, name: str, requested: Sequence[str]) -> list[NodeSpec]:
+        catalog = self.model(name).catalog
+        return [catalog.by_name[catalog.resolve(r)] for r in requested]
+
+    # --- compute (worker thread only) ---------------------------------------------------
+    async def run_batch(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
+        return await self._call(self._forward, key, items)
+
+    def _extractor(self, loaded: LoadedModel, nodes: tuple[str, ...]) -> fx.GraphModule:
+        cache = loaded.extractors
+        if nodes in cache:
+            cache.move_to_end(nodes)
+            return cache[nodes]
+        extractor = build_extractor(loaded.catalog, nodes)
+        cache[nodes] = extractor
+        while len(cache) > self.settings.extractor_cache_size:
+            cache.popitem(last=False)
+        return extractor
+
+    def _forward(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
+        model_name, nodes, shape = key  # type: ignore[misc]
+        loaded = self.model(model_name)
+        extractor = self._extractor(loaded, nodes)
+        batch = torch.stack([i.tensor for i in items]).to(self.device, non_blocking=True)
+        loaded.weights.module.eval()  # nothing may have flipped it, but BatchNorm must be eval
+        extractor.eval()
+        try:
+            with torch.inference_mode():
+                outputs = extractor(batch)
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            if tuple(shape[1:]) == tuple(loaded.catalog.input_size):
+                raise  # at the model's own input size this is a bug: INTERNAL
+            raise InvalidArgument(
+                f"model {model_name!r} cannot run on input {shape[1]}x{shape[2]} "
+                f"(its input size is {loaded.catalog.input_size[0]}x{loaded.catalog.input_size[1]}): "
+                f"{str(exc).splitlines()[0][:200]}"
+            ) from exc
+        results: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        groups: dict[OutputSpec, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(item.spec, []).append(index)
+        with torch.inference_mode():
+            for spec, indices in groups.items():
+                idx = torch.tensor(indices, device=self.device)
+                for name in nodes:
+                    layout = loaded.catalog.by_name[name].layout
+                    value = outputs[name]
+                    part = value if len(indices) == len(items) else value.index_select(0, idx)
+                    pooled = pool(part, layout, spec, loaded.n_prefix_tokens).cpu()
+                    for j, index in enumerate(indices):
+                        results[index][name] = pooled[j]
+        return results
+
+    async def describe(self, name: str) -> LoadedModel:
+        return self.model(name)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
