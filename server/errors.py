@@ -66,7 +66,7 @@ class QueueFull(LimitExceeded):
 
 
 class Unavailable(LayertapError):
-    """The model is still loading, failed to load, or the server is shutting down (→ UNAVAILABLE)."""
+    """The model is loading or failed to load, or the server is shutting down (→ UNAVAILABLE)."""
 
 
 class Cancelled(LayertapError):

@@ -86,7 +86,9 @@ def _resolve_enum(cfg: ModelConfig) -> WeightsEnum | None:
     try:
         enum_cls = torchvision.models.get_model_weights(cfg.arch)
     except (ValueError, KeyError) as exc:
-        raise ModelLoadError(f"model {cfg.name!r}: architecture {cfg.arch!r} has no weights") from exc
+        raise ModelLoadError(
+            f"model {cfg.name!r}: architecture {cfg.arch!r} has no weights"
+        ) from exc
     name = cfg.weights.split(".")[-1]
     try:
         return enum_cls[name] if name != "DEFAULT" else enum_cls.DEFAULT
@@ -102,7 +104,9 @@ def _is_file_spec(weights: str) -> bool:
     return weights.endswith((".safetensors", ".pth", ".pt", ".bin")) or os.sep in weights
 
 
-def _default_preprocessing(cfg: ModelConfig, module: nn.Module, enum: WeightsEnum | None) -> Preprocessing:
+def _default_preprocessing(
+    cfg: ModelConfig, module: nn.Module, enum: WeightsEnum | None
+) -> Preprocessing:
     """The weights' own transforms; for random/file weights, the architecture's default ones."""
     base: Preprocessing | None = None
     source = enum
@@ -194,12 +198,16 @@ def build_model(cfg: ModelConfig) -> LoadedWeights:
         factory: Callable[..., nn.Module] = import_object(cfg.factory)
         module = factory(**kwargs)
         if not isinstance(module, nn.Module):
-            raise ModelLoadError(f"factory {cfg.factory} returned {type(module).__name__}, not a Module")
+            raise ModelLoadError(
+                f"factory {cfg.factory} returned {type(module).__name__}, not a Module"
+            )
         if cfg.weights.lower() in ("none", "default"):
             random_init = cfg.weights.lower() == "none"
             note = "factory weights" if not random_init else "random init (weights = none)"
             if random_init and not cfg.allow_random:
-                raise ModelLoadError(f"model {cfg.name!r}: weights = 'none' needs allow_random = true")
+                raise ModelLoadError(
+                    f"model {cfg.name!r}: weights = 'none' needs allow_random = true"
+                )
 
     sha, weights_id = RANDOM, RANDOM
     if enum is not None:

@@ -35,8 +35,8 @@ def check_pool(pool: str, layout: str, node: str) -> None:
         return
     if pool in TOKEN_POOLS and layout != "NLC":
         raise InvalidArgument(
-            f"pool '{pool}' needs a token output (layout NLC); node {node!r} is {layout or 'unknown'}"
-            "; use avg, max or gem for feature maps"
+            f"pool '{pool}' needs a token output (layout NLC); node {node!r} is "
+            f"{layout or 'unknown'}; use avg, max or gem for feature maps"
         )
     if pool in SPATIAL_POOLS and layout not in ("NCHW", "NHWC", "NLC", "NC"):
         raise InvalidArgument(

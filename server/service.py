@@ -191,8 +191,14 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     ) -> pb.DescribeModelResponse:
         loaded = self.runtime.model(request.model)
         nodes = [
-            pb.NodeInfo(name=n.name, shape=list(n.shape), dtype=n.dtype, layout=n.layout,
-                        op=n.op, target=n.target)
+            pb.NodeInfo(
+                name=n.name,
+                shape=list(n.shape),
+                dtype=n.dtype,
+                layout=n.layout,
+                op=n.op,
+                target=n.target,
+            )
             for n in loaded.catalog.nodes
         ]
         modules = [pb.ModuleInfo(name=n, type=t, own_parameters=c) for n, t, c in loaded.modules]
@@ -257,28 +263,38 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 for i, fut in zip(indices, self.batcher.submit_many(key, items), strict=True):
                     futures[i] = fut
             done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*futures)
-        except asyncio.CancelledError:
+        except BaseException:  # client gone, queue full or a failed batch: drop our other items
             for fut in futures:
-                if fut is not None:
+                if fut is not None and not fut.done():
                     fut.cancel()
             raise
         encoded = await self._in_pool(encode_results, [r for r, _ in done])
-
         node_of = {name: n.name for (_, name), n in zip(plan, specs, strict=True)}
+        size = sum(len(row[node_of[name]].data) for row in encoded for _, name in plan)
+        if size > s.max_message_bytes - 64 * 1024:
+            raise LimitExceeded(
+                f"the response would carry {size} bytes of tensors, over max_message_bytes="
+                f"{s.max_message_bytes}; request pooled outputs, fewer nodes or fewer images"
+            )
+
         layout_of = {n.name: n.layout for n in specs}
         out_layout = "NC" if spec.pool != "raw" else None
         results = []
         for row in encoded:
             outputs = []
-            for key, name in plan:
+            for out_key, name in plan:
                 full = node_of[name]
                 t = row[full]
                 outputs.append(
                     pb.NamedTensor(
-                        key=key,
+                        key=out_key,
                         node=full,
-                        tensor=pb.Tensor(dtype=t.dtype, shape=t.shape, data=t.data,
-                                         layout=out_layout or layout_of[full]),
+                        tensor=pb.Tensor(
+                            dtype=t.dtype,
+                            shape=t.shape,
+                            data=t.data,
+                            layout=out_layout or layout_of[full],
+                        ),
                     )
                 )
             results.append(pb.ImageResult(outputs=outputs))

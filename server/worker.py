@@ -85,7 +85,9 @@ class ModelRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = pick_device(settings.device)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{self.device}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"worker-{self.device}"
+        )
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, str] = {}
         self._ready = threading.Event()
@@ -153,8 +155,9 @@ class ModelRuntime:
         loaded = self._models.get(name)
         if loaded is None:
             message = self._errors.get(name, "loading")
-            return ModelStatus(name, arch, cfg.weights, "", False, (0, 0), None,
-                               str(self.device), False, message)
+            return ModelStatus(
+                name, arch, cfg.weights, "", False, (0, 0), None, str(self.device), False, message
+            )
         w = loaded.weights
         return ModelStatus(
             name=name,
@@ -204,6 +207,9 @@ class ModelRuntime:
         return extractor
 
     def _forward(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
+        model_name: str
+        nodes: tuple[str, ...]
+        shape: tuple[int, ...]
         model_name, nodes, shape = key  # type: ignore[misc]
         loaded = self.model(model_name)
         extractor = self._extractor(loaded, nodes)
@@ -216,9 +222,10 @@ class ModelRuntime:
         except (RuntimeError, AssertionError, ValueError) as exc:
             if tuple(shape[1:]) == tuple(loaded.catalog.input_size):
                 raise  # at the model's own input size this is a bug: INTERNAL
+            size = loaded.catalog.input_size
             raise InvalidArgument(
                 f"model {model_name!r} cannot run on input {shape[1]}x{shape[2]} "
-                f"(its input size is {loaded.catalog.input_size[0]}x{loaded.catalog.input_size[1]}): "
+                f"(its input size is {size[0]}x{size[1]}): "
                 f"{str(exc).splitlines()[0][:200]}"
             ) from exc
         results: list[dict[str, torch.Tensor]] = [{} for _ in items]

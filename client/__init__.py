@@ -1,0 +1,52 @@
+"""Python SDK for a layertap server: intermediate-layer activations of vision models over gRPC.
+
+Usage::
+
+    from layertap.client import FeatureClient
+
+    with FeatureClient("127.0.0.1:50051") as client:
+        out = client.extract(["cat.jpg", "dog.png"], model="resnet50", nodes="layer4", pool="gem")
+        print(out["layer4"].shape)  # (2, 2048)
+
+Only grpcio, protobuf and numpy are needed: PIL and torch are imported only when you pass
+their objects. :class:`AsyncFeatureClient` offers the same API for asyncio.
+"""
+
+from __future__ import annotations
+
+from ._aio import AsyncFeatureClient
+from ._convert import ImageLike, bfloat16_to_float32
+from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT
+from ._sync import FeatureClient
+from .errors import FeatureServiceError
+from .types import (
+    ExtractMetadata,
+    ExtractResult,
+    ModelDescription,
+    ModelInfo,
+    ModuleInfo,
+    NodeInfo,
+    Preprocessing,
+    ResolvedNode,
+    Timings,
+)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT",
+    "AsyncFeatureClient",
+    "ExtractMetadata",
+    "ExtractResult",
+    "FeatureClient",
+    "FeatureServiceError",
+    "ImageLike",
+    "ModelDescription",
+    "ModelInfo",
+    "ModuleInfo",
+    "NodeInfo",
+    "Preprocessing",
+    "ResolvedNode",
+    "Timings",
+    "bfloat16_to_float32",
+]

@@ -1,0 +1,148 @@
+"""Blocking client over one reusable gRPC channel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from layertap.v1 import layertap_pb2 as pb
+from layertap.v1 import layertap_pb2_grpc as pb_grpc
+
+from ._convert import (
+    ImageLike,
+    NodesArg,
+    build_extract_request,
+    description_from_proto,
+    models_from_proto,
+    parse_extract_response,
+)
+from ._options import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    UNSET,
+    Timeout,
+    call_metadata,
+    channel_options,
+    check_timeout,
+    resolve_timeout,
+)
+from .errors import FeatureServiceError
+from .types import ExtractResult, ModelDescription, ModelInfo
+
+_R = TypeVar("_R")
+
+
+class FeatureClient:
+    """Blocking client for a layertap server.
+
+    One channel is opened per client and reused by every call (channels are expensive and
+    multiplex calls), so create one client and share it; it is thread-safe. Use it as a
+    context manager or call :meth:`close`. Every call raises :class:`FeatureServiceError`
+    for RPC failures and ValueError/TypeError for bad arguments (before any RPC).
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> None:
+        """``timeout`` is the default per-call deadline in seconds (``None``: none);
+        ``credentials`` switches to a TLS channel; ``metadata`` is sent with every call."""
+        self.target = target
+        self.timeout = check_timeout(timeout)
+        self._metadata = call_metadata(metadata)
+        options = channel_options(max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stub = pb_grpc.FeatureServiceStub(self._channel)
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the channel; idempotent. Calls made afterwards raise RuntimeError."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def __enter__(self) -> FeatureClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"FeatureClient({self.target!r}, timeout={self.timeout}, {state})"
+
+    # ------------------------------------------------------------------ calls
+
+    def _call(self, method: Callable[..., _R], request: Any, timeout: Timeout) -> _R:
+        if self._closed:
+            raise RuntimeError("FeatureClient is closed")
+        try:
+            return method(
+                request,
+                timeout=resolve_timeout(timeout, self.timeout),
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise FeatureServiceError.from_rpc_error(exc) from exc
+
+    def list_models(self, *, timeout: Timeout = UNSET) -> list[ModelInfo]:
+        """The models the server is configured with (ready or not)."""
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return models_from_proto(response)
+
+    def describe(self, model: str, *, timeout: Timeout = UNSET) -> ModelDescription:
+        """A model's extractable nodes (with shapes for one image) and its modules."""
+        response = self._call(
+            self._stub.DescribeModel, pb.DescribeModelRequest(model=model), timeout
+        )
+        return description_from_proto(response)
+
+    def extract(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        *,
+        model: str,
+        nodes: NodesArg,
+        pool: str | None = None,
+        gem_p: float = 3.0,
+        normalize: bool = False,
+        dtype: str = "float32",
+        timeout: Timeout = UNSET,
+    ) -> ExtractResult:
+        """Activations of ``nodes`` for one image or a list of images.
+
+        ``images``: file paths, encoded bytes, PIL images, numpy arrays or torch tensors
+        (a list/tuple is several images; anything else is one). ``nodes``: a name, a list of
+        names, or a mapping node -> output key. ``pool``: None/"raw", "avg", "max", "gem",
+        "cls" or "mean". ``dtype``: "float32", "float16" or "bfloat16" on the wire
+        (bfloat16 is returned widened to float32, exactly). Returns output key -> [N, ...].
+        """
+        request, n_images = build_extract_request(
+            images, model=model, nodes=nodes, pool=pool, gem_p=gem_p,
+            normalize=normalize, dtype=dtype,
+        )
+        response = self._call(self._stub.Extract, request, timeout)
+        return parse_extract_response(response, n_images)

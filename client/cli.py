@@ -1,0 +1,221 @@
+"""The ``layertap`` command: start a server, or query one (models, nodes, extract).
+
+Client subcommands need only the client dependencies; ``serve`` imports the server lazily so
+a client-only install still gets a helpful message instead of a torch ImportError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from ._convert import OUTPUT_DTYPES, POOLING
+from ._options import DEFAULT_TARGET
+from ._sync import FeatureClient
+from .errors import FeatureServiceError
+
+_GLOBAL_WITH_VALUE = ("--target", "--timeout")
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _default_target() -> str:
+    return os.environ.get("LAYERTAP_TARGET") or DEFAULT_TARGET
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    # Global options are accepted before or after the subcommand; SUPPRESS keeps a value given
+    # before it from being reset by the subparser's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target", default=argparse.SUPPRESS,
+        help=f"server address host:port (default: $LAYERTAP_TARGET or {DEFAULT_TARGET})",
+    )
+    common.add_argument(
+        "--timeout", type=_positive_float, default=argparse.SUPPRESS,
+        help="per-call deadline in seconds (default: 30)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="layertap", parents=[common],
+        description="Serve or query intermediate layers of PyTorch vision models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "serve", add_help=False,
+        help="start a server (needs `pip install layertap[server]`); "
+             "all further arguments go to the server",
+    )
+    sub.add_parser("models", parents=[common], help="list the server's models")
+
+    nodes = sub.add_parser("nodes", parents=[common], help="list a model's extractable nodes")
+    nodes.add_argument("model")
+    nodes.add_argument("--shapes", action="store_true", help="also show shape, dtype, layout")
+    nodes.add_argument("--filter", metavar="SUBSTR", help="only nodes whose name contains this")
+
+    ext = sub.add_parser("extract", parents=[common], help="extract activations of images")
+    ext.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    ext.add_argument("--model", required=True)
+    ext.add_argument("--node", action="append", required=True, dest="nodes",
+                     help="node name (repeat for several)")
+    ext.add_argument("--pool", choices=list(POOLING), default=None)
+    ext.add_argument("--gem-p", type=_positive_float, default=3.0)
+    ext.add_argument("--normalize", action="store_true", help="L2-normalise each output")
+    ext.add_argument("--dtype", choices=OUTPUT_DTYPES, default="float32")
+    ext.add_argument("-o", "--output", type=Path, help="write the outputs to this .npz file")
+    return parser
+
+
+def _serve_args(argv: Sequence[str]) -> list[str] | None:
+    """The arguments after ``serve`` if that is the subcommand, else None.
+
+    Scanned by hand so every server option passes through untouched (argparse would try to
+    interpret or abbreviate them).
+    """
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL_WITH_VALUE:
+            i += 2
+        elif any(arg.startswith(opt + "=") for opt in _GLOBAL_WITH_VALUE):
+            i += 1
+        else:
+            return list(argv[i + 1:]) if arg == "serve" else None
+    return None
+
+
+def _serve(args: list[str]) -> int:
+    try:
+        from layertap.server.app import main as serve_main
+    except ImportError as exc:
+        print(f"error: the server needs `pip install layertap[server]` ({exc})", file=sys.stderr)
+        return 2
+    code = serve_main(args)
+    return int(code) if code is not None else 0
+
+
+def _cmd_models(client: FeatureClient, args: argparse.Namespace) -> int:
+    models = client.list_models()
+    rows = [
+        [
+            m.name, m.architecture, m.weights, m.weights_sha256[:12],
+            "x".join(str(s) for s in m.input_size), m.device,
+            "yes" if m.ready else f"no ({m.status_message})" if m.status_message else "no",
+        ]
+        for m in models
+    ]
+    header = ["NAME", "ARCHITECTURE", "WEIGHTS", "SHA256", "INPUT", "DEVICE", "READY"]
+    print(_format_table(header, rows) if rows else "no models configured")
+    return 0
+
+
+def _cmd_nodes(client: FeatureClient, args: argparse.Namespace) -> int:
+    desc = client.describe(args.model)
+    nodes = [n for n in desc.nodes if not args.filter or args.filter in n.name]
+    if args.shapes:
+        rows = [[n.name, str(list(n.shape)), n.dtype, n.layout or "-"] for n in nodes]
+        if rows:
+            print(_format_table(["NODE", "SHAPE", "DTYPE", "LAYOUT"], rows))
+    else:
+        for n in nodes:
+            print(n.name)
+    return 0
+
+
+def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
+    result = client.extract(
+        [Path(p) for p in args.images], model=args.model, nodes=args.nodes, pool=args.pool,
+        gem_p=args.gem_p, normalize=args.normalize, dtype=args.dtype,
+    )
+    rows = [[key, str(list(arr.shape)), str(arr.dtype), result.nodes.get(key, "")]
+            for key, arr in result.items()]
+    print(_format_table(["KEY", "SHAPE", "DTYPE", "NODE"], rows))
+    meta = result.metadata
+    print(f"model {meta.model} on {meta.device or '?'}: {len(result.per_image)} image(s), "
+          f"{meta.timings.total_ms:.1f} ms server time")
+    if args.output is not None:
+        path: Path = args.output
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")  # what np.savez would do; report it
+        _save_npz(path, result)
+        print(f"wrote {path}")
+    return 0
+
+
+def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """What ``np.savez(path, **arrays)`` writes, without keys clashing with its parameters."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, array in arrays.items():
+            with zf.open(key + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+_COMMANDS: dict[str, Callable[[FeatureClient, argparse.Namespace], int]] = {
+    "models": _cmd_models,
+    "nodes": _cmd_nodes,
+    "extract": _cmd_extract,
+}
+
+
+def _unreachable(exc: FeatureServiceError) -> bool:
+    """UNAVAILABLE because nothing answered, as opposed to a server saying "still loading"."""
+    if exc.code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    text = exc.details.lower()
+    return any(s in text for s in (
+        "failed to connect", "connection refused", "connect failed", "dns resolution failed",
+        "errors resolving", "lookup", "no address", "socket closed", "unreachable",
+    ))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``layertap`` and ``python -m layertap.client``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_args = _serve_args(argv)
+    if serve_args is not None:
+        return _serve(serve_args)
+    args = _build_parser().parse_args(argv)
+    target = getattr(args, "target", None) or _default_target()
+    timeout = getattr(args, "timeout", None)
+    try:
+        with FeatureClient(target, **({"timeout": timeout} if timeout else {})) as client:
+            return _COMMANDS[args.command](client, args)
+    except FeatureServiceError as exc:
+        if _unreachable(exc):
+            print(
+                f"error: the server at {target} is not reachable ({exc.details}).\n"
+                "Start one with `layertap serve`, or point --target / $LAYERTAP_TARGET at a "
+                "running server.",
+                file=sys.stderr,
+            )
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""Plain-Python mirrors of the protocol's messages, as the SDK returns them.
+
+Protobuf objects stay behind the SDK boundary so user code does not depend on the generated
+stubs (repeated-field containers, default-valued submessages) and results pickle and
+compare like ordinary values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the server turns pixels into the model's input tensor."""
+
+    resize_size: int
+    """Shorter side is resized to this many pixels before the crop (0: no resize)."""
+    crop_size: tuple[int, ...]
+    """Centre crop (height, width)."""
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    antialias: bool
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model the server is configured with."""
+
+    name: str
+    architecture: str
+    weights: str
+    weights_sha256: str
+    input_size: tuple[int, ...]
+    """(height, width)."""
+    preprocessing: Preprocessing
+    device: str
+    ready: bool
+    status_message: str
+    """Why the model is not ready; empty when it is."""
+    random_weights: bool
+    compute_dtype: str
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node of a model's eval graph."""
+
+    name: str
+    """Full node name, usable in ``extract(nodes=...)``."""
+    shape: tuple[int, ...]
+    """Shape for one image at the model's input size (leading dimension 1)."""
+    dtype: str
+    layout: str
+    """"NCHW", "NHWC", "NLC", "NC" or "" (unknown)."""
+    op: str
+    target: str
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One module of the model (depth first); ``name`` "" is the root."""
+
+    name: str
+    type: str
+    own_parameters: int
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What ``describe()`` returns: the model and its extractable nodes."""
+
+    model: ModelInfo
+    nodes: list[NodeInfo]
+    modules: list[ModuleInfo]
+    extraction_mode: str
+
+    @property
+    def node_names(self) -> list[str]:
+        """The node names in execution order."""
+        return [n.name for n in self.nodes]
+
+
+class ResolvedNode(NamedTuple):
+    """How one requested name was resolved: output key, name as requested, full node name."""
+
+    key: str
+    requested: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Server-side timings of one Extract call, in milliseconds."""
+
+    queue_ms: float
+    decode_ms: float
+    compute_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class ExtractMetadata:
+    """What the server ran for an Extract call (for provenance and debugging)."""
+
+    model: str
+    weights_sha256: str
+    device: str
+    batch_size: int
+    """Largest batch (in images) any image of the request rode in."""
+    nodes: list[ResolvedNode]
+    preprocessing: Preprocessing
+    timings: Timings
+
+
+class ExtractResult(Mapping[str, np.ndarray]):
+    """Output key -> activations of all images stacked along a new first axis ([N, ...]).
+
+    Keys are in request order. Arrays are writable float32/float16 (bfloat16 outputs are
+    widened to float32, which is exact). ``per_image[i][key]`` is image ``i``'s array
+    without the batch axis; when all images share a shape it is a view into the stacked one.
+    """
+
+    def __init__(
+        self,
+        stacked: Mapping[str, np.ndarray | None],
+        per_image: Sequence[dict[str, np.ndarray]],
+        layouts: Mapping[str, str],
+        nodes: Mapping[str, str],
+        metadata: ExtractMetadata,
+    ) -> None:
+        self._stacked = dict(stacked)
+        self.per_image: list[dict[str, np.ndarray]] = list(per_image)
+        self.layouts: dict[str, str] = dict(layouts)
+        """Output key -> layout of its node ("NCHW", "NLC", ... or "")."""
+        self.nodes: dict[str, str] = dict(nodes)
+        """Output key -> the full node name it resolved to."""
+        self.metadata = metadata
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        array = self._stacked[key]
+        if array is None:
+            shapes = sorted({tuple(img[key].shape) for img in self.per_image})
+            raise ValueError(
+                f"output {key!r} has different shapes per image {shapes} and cannot be "
+                "stacked; use result.per_image[i][key]"
+            )
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._stacked)
+
+    def __len__(self) -> int:
+        return len(self._stacked)
+
+    def __repr__(self) -> str:
+        parts = []
+        for key, array in self._stacked.items():
+            desc = f"{list(array.shape)} {array.dtype}" if array is not None else "ragged"
+            parts.append(f"{key!r}: {desc}")
+        return f"ExtractResult({{{', '.join(parts)}}}, model={self.metadata.model!r})"
+
+
+__all__ = [
+    "ExtractMetadata",
+    "ExtractResult",
+    "ModelDescription",
+    "ModelInfo",
+    "ModuleInfo",
+    "NodeInfo",
+    "Preprocessing",
+    "ResolvedNode",
+    "Timings",
+]

@@ -1,0 +1,140 @@
+"""Shared fixtures: a real layertap server on 127.0.0.1:0 in a background thread, real photos.
+
+The server runs its own asyncio loop in a thread so tests can use plain synchronous gRPC
+channels and clients, exactly as users do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from layertap.server.app import Server, channel_options, create_server
+from layertap.server.settings import ModelConfig, Settings
+from layertap.v1 import layertap_pb2_grpc as pb_grpc
+
+
+@dataclass
+class RunningServer:
+    server: Server
+    port: int
+    loop: asyncio.AbstractEventLoop
+    thread: threading.Thread
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target, options=channel_options(self.server.settings))
+
+    def stub(self) -> pb_grpc.FeatureServiceStub:
+        return pb_grpc.FeatureServiceStub(self.channel())
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run a coroutine on the server's loop (e.g. to inspect the batcher)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServer:
+    """Start a server in a thread and wait until all its models have loaded."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
+    thread.start()
+
+    async def boot() -> tuple[Server, int]:
+        server, port = await create_server(settings)
+        await server.start()
+        await server.wait_ready(ready_timeout)
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(boot(), loop).result(ready_timeout)
+    return RunningServer(server, port, loop, thread)
+
+
+def save_random_weights(arch: str, path: Path, **kwargs: Any) -> Path:
+    """Random-init weights saved to a file, so the server and the test share the exact model."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_random_weights("resnet18", tmp_path_factory.mktemp("w") / "resnet18.pth")
+
+
+@pytest.fixture(scope="session")
+def small_server(resnet18_weights: Path) -> Iterator[RunningServer]:
+    """resnet18 (random weights from a file), mobilenet_v2 (real ImageNet weights), a factory."""
+    settings = Settings(
+        port=0,
+        max_batch_size=8,
+        max_wait_ms=20,
+        max_images_per_request=16,
+        max_image_pixels=30_000_000,
+        models=(
+            ModelConfig(name="resnet18", arch="resnet18", weights=str(resnet18_weights)),
+            ModelConfig(name="mobilenet_v2", arch="mobilenet_v2", weights="IMAGENET1K_V1"),
+            ModelConfig(
+                name="tiny",
+                factory="factories:tiny_net",
+                kwargs={"width": 6},
+                weights="none",
+                allow_random=True,
+                input_size=(64, 64),
+            ),
+        ),
+    )
+    running = start_server(settings)
+    yield running
+    running.stop()
+
+
+# --- real photos -------------------------------------------------------------------------
+def photo(name: str) -> np.ndarray:
+    """A real RGB photo as uint8 HWC: astronaut, chelsea, coffee, rocket, china, grace_hopper."""
+    if name == "china":
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image("china.jpg"))
+    if name == "grace_hopper":
+        import matplotlib.cbook
+        from PIL import Image
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as fh:
+            return np.asarray(Image.open(fh).convert("RGB"))
+    import skimage.data
+
+    return np.asarray(getattr(skimage.data, name)())
+
+
+def encode(array: np.ndarray, fmt: str = "JPEG", **save_kwargs: Any) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **save_kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def jpegs() -> dict[str, bytes]:
+    return {n: encode(photo(n)) for n in ("astronaut", "chelsea", "coffee", "china")}
