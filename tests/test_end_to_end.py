@@ -1,0 +1,208 @@
+"""The real client SDK and CLI against a real server with real photos and real ImageNet weights."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import RunningServer, encode, photo
+
+from layertap.client import AsyncFeatureClient, FeatureClient, FeatureServiceError
+from layertap.client.cli import main as cli_main
+
+MOBILENET_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+
+
+def top1(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def test_real_weights_classify_real_photos(small_server: RunningServer) -> None:
+    """mobilenet_v2's logits node on real photos gives ImageNet's right answers."""
+    with FeatureClient(small_server.target) as client:
+        info = {m.name: m for m in client.list_models()}["mobilenet_v2"]
+        assert info.weights_sha256 == MOBILENET_SHA256 and info.ready and not info.random_weights
+        out = client.extract(
+            [photo("chelsea"), encode(photo("coffee"))], model="mobilenet_v2", nodes="classifier"
+        )
+    logits = out["classifier"]
+    assert logits.shape == (2, 1000)
+    assert top1(logits[0]) in {281, 282, 285}  # tabby / tiger cat / Egyptian cat
+    assert top1(logits[1]) in {504, 967, 968}  # coffee mug / espresso / cup
+    assert out.nodes["classifier"] == "classifier.1"
+    assert out.metadata.weights_sha256 == MOBILENET_SHA256
+
+
+def test_quickstart_gem_cosine(small_server: RunningServer) -> None:
+    """The README quickstart: GeM descriptors of two real photos and their cosine similarity."""
+    from sklearn.datasets import load_sample_image
+
+    china, flower = load_sample_image("china.jpg"), load_sample_image("flower.jpg")
+    with FeatureClient(small_server.target) as client:
+        out = client.extract(
+            [china, flower, china[:, ::-1].copy()],
+            model="mobilenet_v2",
+            nodes="features.18",
+            pool="gem",
+            normalize=True,
+        )
+    d = out["features.18"]
+    assert d.shape == (3, 1280)
+    assert np.allclose(np.linalg.norm(d, axis=1), 1, atol=1e-5)
+    different, mirrored = float(d[0] @ d[1]), float(d[0] @ d[2])
+    assert mirrored > 0.9 and mirrored > different + 0.1
+
+
+def test_every_input_kind_gives_the_same_features(small_server: RunningServer, tmp_path: Path) -> None:
+    from PIL import Image
+
+    arr = photo("astronaut")
+    png = encode(arr, "PNG")
+    path = tmp_path / "astronaut.png"
+    path.write_bytes(png)
+    with FeatureClient(small_server.target) as client:
+        out = client.extract(
+            [arr, png, str(path), Image.fromarray(arr)], model="resnet18", nodes=["layer2"],
+            pool="avg",
+        )
+    d = out["layer2"]
+    for row in d[1:]:
+        np.testing.assert_allclose(row, d[0], atol=1e-5)
+
+
+def test_raw_output_dtypes_and_layout(small_server: RunningServer) -> None:
+    with FeatureClient(small_server.target) as client:
+        f32 = client.extract(photo("rocket"), model="resnet18", nodes={"layer3": "mid"})
+        f16 = client.extract(photo("rocket"), model="resnet18", nodes={"layer3": "mid"},
+                             dtype="float16")
+        bf16 = client.extract(photo("rocket"), model="resnet18", nodes={"layer3": "mid"},
+                              dtype="bfloat16")
+    assert f32["mid"].shape == (1, 256, 14, 14) and f32.layouts["mid"] == "NCHW"
+    assert f16["mid"].dtype == np.float16
+    np.testing.assert_allclose(f16["mid"].astype(np.float32), f32["mid"], rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(bf16["mid"], f32["mid"], rtol=2e-2, atol=2e-2)
+
+
+def test_async_client_and_batching_under_concurrency(small_server: RunningServer) -> None:
+    images = [photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+
+    async def run() -> list[int]:
+        async with AsyncFeatureClient(small_server.target) as client:
+            calls = [
+                client.extract(images[i % 4], model="resnet18", nodes="layer4", pool="gem")
+                for i in range(24)
+            ]
+            results = await asyncio.gather(*calls)
+        for i, r in enumerate(results):
+            assert r["layer4"].shape == (1, 512)
+            np.testing.assert_allclose(r["layer4"], results[i % 4]["layer4"], atol=1e-5)
+        return [r.metadata.batch_size for r in results]
+
+    sizes = asyncio.run(run())
+    assert max(sizes) > 1, "concurrent requests should have shared a forward"
+
+
+def test_client_errors_carry_code_and_details(small_server: RunningServer) -> None:
+    import grpc
+
+    with FeatureClient(small_server.target) as client, pytest.raises(FeatureServiceError) as info:
+        client.extract(photo("coffee"), model="resnet18", nodes="layer9")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "DescribeModel" in info.value.details
+
+
+def test_cli_models_nodes_extract(
+    small_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = ["--target", small_server.target]
+    assert cli_main([*target, "models"]) == 0
+    assert "mobilenet_v2" in capsys.readouterr().out
+    assert cli_main([*target, "nodes", "resnet18", "--shapes", "--filter", "layer4.1"]) == 0
+    assert "layer4.1.relu_1" in capsys.readouterr().out
+    img = tmp_path / "cat.jpg"
+    img.write_bytes(encode(photo("chelsea")))
+    out = tmp_path / "out.npz"
+    code = cli_main([*target, "extract", str(img), str(img), "--model", "mobilenet_v2",
+                     "--node", "features.18", "--pool", "gem", "-o", str(out)])
+    assert code == 0
+    saved = np.load(out)
+    assert saved["features.18"].shape == (2, 1280)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_layertap_serve_command_with_config_file(tmp_path: Path, resnet18_weights: Path) -> None:
+    """`layertap serve --config` as users run it, stopped with SIGTERM (graceful)."""
+    config = tmp_path / "layertap.toml"
+    config.write_text(
+        f'[server]\nmax_batch_size = 4\n\n[[models]]\nname = "r18"\narch = "resnet18"\n'
+        f'weights = "{resnet18_weights.name}"\n'
+    )
+    (tmp_path / resnet18_weights.name).write_bytes(resnet18_weights.read_bytes())
+    port = _free_port()
+    env = {**os.environ, "LAYERTAP_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layertap.client.cli", "serve", "--config", str(config)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        with FeatureClient(f"127.0.0.1:{port}", timeout=5) as client:
+            while True:
+                try:
+                    models = client.list_models()
+                    if models and models[0].ready:
+                        break
+                except FeatureServiceError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout
+                time.sleep(0.5)
+            assert models[0].weights == "resnet18.pth"
+            out = client.extract(photo("coffee"), model="r18", nodes="layer1", pool="max")
+            assert out["layer1"].shape == (1, 64)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert proc.returncode == 0
+
+
+def test_embedded_default_config_serves_real_and_marked_random_models() -> None:
+    from conftest import start_server
+
+    from layertap.server.models import cached_weights_path
+    from layertap.server.settings import load_settings
+
+    settings = load_settings(["--port", "0"], env={})
+    running = start_server(settings)
+    try:
+        with FeatureClient(running.target) as client:
+            models = {m.name: m for m in client.list_models()}
+            assert set(models) == {"mobilenet_v2", "resnet50", "vgg16"}
+            assert all(m.ready for m in models.values())
+            assert models["mobilenet_v2"].weights_sha256 == MOBILENET_SHA256
+            for name in ("resnet50", "vgg16"):
+                import torchvision
+
+                enum = torchvision.models.get_model_weights(name).DEFAULT
+                if cached_weights_path(enum).is_file():
+                    assert not models[name].random_weights
+                else:
+                    assert models[name].random_weights
+                    assert models[name].weights_sha256 == "random"
+                    assert "not cached" in models[name].status_message
+            out = client.extract(photo("chelsea"), model="vgg16", nodes=["features.22"],
+                                 pool="gem", normalize=True)
+            assert out["features.22"].shape == (1, 512)
+    finally:
+        running.stop()

@@ -1,0 +1,75 @@
+"""Settings precedence (defaults < config [server] < LAYERTAP_* env < flags) and the default config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from layertap.server.settings import FIELDS, ConfigError, Settings, build_arg_parser, load_settings
+
+
+def test_every_field_has_a_reason_a_flag_and_an_env_var() -> None:
+    fields = set(Settings.__dataclass_fields__) - {"models"}
+    assert fields == set(FIELDS)
+    help_text = build_arg_parser().format_help()
+    for name in FIELDS:
+        assert "--" + name.replace("_", "-") in help_text
+        assert "LAYERTAP_" + name.upper() in help_text
+
+
+def test_precedence(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nport = 1111\nmax_batch_size = 3\nmax_wait_ms = 7\n")
+    s = load_settings(
+        ["--config", str(config), "--max-batch-size", "5"],
+        env={"LAYERTAP_PORT": "2222", "LAYERTAP_MAX_BATCH_SIZE": "4"},
+    )
+    assert (s.port, s.max_batch_size, s.max_wait_ms) == (2222, 5, 7.0)
+    assert s.models == ()
+
+
+def test_embedded_default_config_serves_the_three_models() -> None:
+    s = load_settings([], env={})
+    by_name = {m.name: m for m in s.models}
+    assert list(by_name) == ["mobilenet_v2", "resnet50", "vgg16"]
+    assert by_name["mobilenet_v2"].weights == "IMAGENET1K_V1"
+    assert not by_name["mobilenet_v2"].allow_random
+    assert by_name["resnet50"].allow_random and by_name["vgg16"].allow_random
+
+
+def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[[models]]\nname = "m"\narch = "resnet18"\nweights = "w/model.safetensors"\n')
+    s = load_settings(["--config", str(config)], env={})
+    assert s.models[0].weights == str(tmp_path / "w/model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nprot = 1\n", "unknown keys ['prot']"),
+        ('[[models]]\nname = "a"\n', "exactly one of 'arch' or 'factory'"),
+        ('[[models]]\nname = "a"\narch = "x"\nwieghts = "none"\n', "unknown keys ['wieghts']"),
+        ('[[models]]\nname = "a"\narch = "x"\n[[models]]\nname = "a"\narch = "y"\n', "unique"),
+        ("[server]\nmax_batch_size = 0\n", "max_batch_size"),
+        ("[server\n", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(["--config", str(config)], env={})
+
+
+def test_bad_env_value_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        load_settings([], env={"LAYERTAP_MAX_BATCH_SIZE": "lots"})
+
+
+def test_serve_exits_2_on_bad_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from layertap.server.app import main
+
+    assert main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
