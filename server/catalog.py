@@ -105,14 +105,24 @@ def _tracer(leaf_modules: Sequence[type], autowrap_functions: Sequence[object]) 
 
 
 def _propagate(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]] | None:
-    """Shapes of every tensor node for an input of `shape`, on fake tensors (no compute)."""
+    """Shapes of every tensor node for an input of `shape`, on fake tensors (no compute).
+
+    Leaf modules with data-dependent control flow cannot run on fake tensors; for those alone
+    we fall back to one real forward on a zero input (at load time, never per request)."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     try:
         if device.type == "meta":
             ShapeProp(gm).propagate(torch.empty(shape, device="meta"))
         else:
-            fake = FakeTensorMode(allow_non_fake_inputs=True)
-            ShapeProp(gm, fake_mode=fake).propagate(torch.empty(shape, device=device))
+            try:
+                fake = FakeTensorMode(allow_non_fake_inputs=True)
+                # ShapeProp prints the traceback of errors it re-raises; we handle them
+                with contextlib.redirect_stderr(io.StringIO()):
+                    ShapeProp(gm, fake_mode=fake).propagate(torch.empty(shape, device=device))
+            except Exception as exc:
+                log.debug("fake shape propagation failed (%s); one real forward instead", exc)
+                with torch.inference_mode():
+                    ShapeProp(gm).propagate(torch.zeros(shape, device=device))
     except Exception as exc:  # a model that fixes its input size refuses other shapes
         log.debug("shape propagation at %s failed: %s", shape, exc)
         return None
@@ -165,7 +175,7 @@ def build_catalog(
     h, w = input_size
     # The probe (a larger input) tells spatial dims from channels; models that fix their input
     # size (ViT) refuse it, which is fine. Base runs last so node.meta keeps the real shapes.
-    with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks it re-raises
+    with contextlib.redirect_stderr(io.StringIO()):
         probe = _propagate(gm, (2, 3, h + 64, w + 64))
     base = _propagate(gm, (2, 3, h, w))
     if base is None:

@@ -57,6 +57,14 @@ def _to_nc_positions(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise InvalidArgument(f"cannot pool layout {layout!r}")
 
 
+def gem(pos: torch.Tensor, p: float) -> torch.Tensor:
+    """GeM over the last dim, `x.clamp(min=eps).pow(p).mean().pow(1/p)`, computed relative to
+    the max so that large p or large activations do not overflow float32."""
+    x = pos.clamp(min=EPS)
+    scale = x.amax(-1, keepdim=True)
+    return (x / scale).pow(p).mean(-1).pow(1.0 / p) * scale.squeeze(-1)
+
+
 def pool(x: torch.Tensor, layout: str, spec: OutputSpec, n_prefix: int = 1) -> torch.Tensor:
     """Pool a [N, ...] activation to [N, C] (or return it as is for raw), compute in float32."""
     if spec.pool == "raw":
@@ -74,8 +82,7 @@ def pool(x: torch.Tensor, layout: str, spec: OutputSpec, n_prefix: int = 1) -> t
             elif spec.pool == "max":
                 out = pos.amax(-1)
             elif spec.pool == "gem":
-                p = spec.gem_p
-                out = pos.clamp(min=EPS).pow(p).mean(-1).pow(1.0 / p)
+                out = gem(pos, spec.gem_p)
             else:
                 raise InvalidArgument(f"unknown pool {spec.pool!r}")
     if spec.normalize:

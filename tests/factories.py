@@ -21,3 +21,27 @@ class TinyNet(nn.Module):
 
 def tiny_net(width: int = 8) -> nn.Module:
     return TinyNet(width)
+
+
+class Gate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace through it (it must be a leaf)."""
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        if x.mean() > 0:
+            return x * 2
+        return -x
+
+
+class GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = Gate()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.head(self.gate(self.conv(x)).mean((2, 3)))
+
+
+def gated_net() -> nn.Module:
+    return GatedNet()

@@ -1,0 +1,98 @@
+"""Model entries: local weight files, factories, tracer settings, preprocessing overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import RunningServer, photo, start_server
+
+from layertap.client import FeatureClient, FeatureServiceError
+from layertap.server.models import sha256_file
+from layertap.server.settings import ModelConfig, Settings
+
+
+@pytest.fixture(scope="module")
+def config_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(1)
+    model = torchvision.models.get_model("squeezenet1_1")
+    save_file(model.state_dict(), folder / "squeeze.safetensors")
+    settings = Settings(
+        port=0,
+        models=(
+            ModelConfig(
+                name="squeeze",
+                arch="squeezenet1_1",
+                weights=str(folder / "squeeze.safetensors"),
+                input_size=(160, 160),
+            ),
+            ModelConfig(
+                name="gated-untraceable",
+                factory="factories:gated_net",
+                weights="none",
+                allow_random=True,
+            ),
+            ModelConfig(
+                name="gated",
+                factory="factories:gated_net",
+                weights="none",
+                allow_random=True,
+                leaf_modules=("factories:Gate",),
+            ),
+            ModelConfig(name="strict", arch="resnet18", weights="none"),
+        ),
+    )
+    running = start_server(settings)
+    running.folder = folder  # type: ignore[attr-defined]
+    running.model = model  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+
+
+def test_safetensors_weights_and_preprocessing_override(config_server: RunningServer) -> None:
+    folder: Path = config_server.folder  # type: ignore[attr-defined]
+    with FeatureClient(config_server.target) as client:
+        info = {m.name: m for m in client.list_models()}["squeeze"]
+        assert info.weights == "squeeze.safetensors"
+        assert info.weights_sha256 == sha256_file(folder / "squeeze.safetensors")
+        assert tuple(info.input_size) == (160, 160)
+        x = np.random.default_rng(0).standard_normal((1, 3, 160, 160)).astype(np.float32)
+        out = client.extract(x, model="squeeze", nodes="features.12")
+    model = config_server.model.eval()  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        ref = model.features(torch.from_numpy(x))
+    np.testing.assert_allclose(out["features.12"], ref.numpy(), atol=1e-4)
+
+
+def test_untraceable_model_reports_why_and_leaf_modules_fix_it(
+    config_server: RunningServer,
+) -> None:
+    import grpc
+
+    with FeatureClient(config_server.target) as client:
+        models = {m.name: m for m in client.list_models()}
+        assert not models["gated-untraceable"].ready
+        assert "leaf_modules" in models["gated-untraceable"].status_message
+        with pytest.raises(FeatureServiceError) as info:
+            client.extract(photo("coffee"), model="gated-untraceable", nodes="conv")
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+        assert models["gated"].ready
+        names = client.describe("gated").node_names
+        assert names == ["conv", "gate", "mean", "head"]
+        out = client.extract(photo("coffee"), model="gated", nodes=["gate", "conv"])
+        conv, gate = out["conv"], out["gate"]
+        expected = conv * 2 if conv.mean() > 0 else -conv
+        np.testing.assert_allclose(gate, expected, atol=1e-5)
+
+
+def test_weights_none_without_allow_random_is_refused(config_server: RunningServer) -> None:
+    with FeatureClient(config_server.target) as client:
+        strict = {m.name: m for m in client.list_models()}["strict"]
+    assert not strict.ready and "allow_random" in strict.status_message
