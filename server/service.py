@@ -22,6 +22,7 @@ from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 from . import codec
 from .batcher import Batcher, BatchInfo
+from .catalog import NodeSpec
 from .errors import (
     Cancelled,
     ImageLimitExceeded,
@@ -164,6 +165,19 @@ def image_input(image: pb.Image, index: int) -> ImageInput:
     raise InvalidImage("neither 'encoded' bytes nor a 'tensor' is set", index)
 
 
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _bytes_per_image(node: NodeSpec, spec: OutputSpec) -> int:
+    """Output bytes of one image at the model's input size (from the catalogue's shapes)."""
+    if spec.pool == "raw":
+        elements = math.prod(node.shape[1:])
+    else:
+        channel_dim = {"NHWC": 3, "NLC": 2}.get(node.layout, 1)
+        elements = node.shape[channel_dim] if len(node.shape) > channel_dim else 1
+    return elements * _ITEMSIZE[spec.dtype]
+
+
 class FeatureService(pb_grpc.FeatureServiceServicer):
     """The layertap.v1.FeatureService implementation."""
 
@@ -239,6 +253,15 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         full_nodes = tuple(dict.fromkeys(n.name for n in specs))
 
         inputs = [image_input(img, i) for i, img in enumerate(request.images)]
+        # Inputs at the model's own size have known output sizes: refuse oversize answers
+        # before spending compute on them (raw float inputs of other sizes are checked after).
+        estimate = count * sum(_bytes_per_image(n, spec) for n in specs)
+        if estimate > s.max_message_bytes - 64 * 1024:
+            raise LimitExceeded(
+                f"the response would carry about {estimate} bytes of tensors, over "
+                f"max_message_bytes={s.max_message_bytes}; request pooled outputs, fewer nodes "
+                "or fewer images"
+            )
         preprocessing = loaded.weights.preprocessing
         prepared = await asyncio.gather(
             *(self._in_pool(prepare_image, img, self.limits, preprocessing) for img in inputs),
