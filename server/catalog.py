@@ -64,6 +64,7 @@ class Catalog:
     # every qualified node name of the eval graph, in execution order (torchvision's eval names)
     all_names: list[str]
     fx_nodes: dict[str, fx.Node] = field(repr=False)
+    input_name: str = "x"
     by_name: dict[str, NodeSpec] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +88,11 @@ class Catalog:
         close = difflib.get_close_matches(requested, names + prefixes, n=5, cutoff=0.5)
         shown = repr(requested[:80]) + ("…" if len(requested) > 80 else "")
         hint = f"; closest valid names: {', '.join(close)}" if close else ""
+        if requested == self.input_name:
+            return (
+                f"node {shown} is the model input itself, not an activation{hint}. "
+                "Hint: call DescribeModel for the list."
+            )
         if requested in self.all_names:
             return (
                 f"node {shown} exists but does not produce a batch-dependent tensor "
@@ -140,17 +146,12 @@ def _layout(base: tuple[int, ...], probe: tuple[int, ...] | None) -> str:
     if rank == 2:
         return "NC"
     spatial = [probe is not None and probe[i] != base[i] for i in range(rank)]
-    if rank == 3:
-        if probe is None or spatial[1]:
-            return "NLC"
-        return ""
-    if rank == 4:
-        if probe is None:
-            return "NCHW"
-        if spatial[2] and spatial[3] and not spatial[1]:
-            return "NCHW"
+    if rank == 3:  # tokens unless the last dim is the one that follows the image size
+        return "" if spatial[2] and not spatial[1] else "NLC"
+    if rank == 4:  # channels-first unless there is evidence of NHWC (Swin); 1x1 maps stay NCHW
         if spatial[1] and spatial[2] and not spatial[3]:
             return "NHWC"
+        return "" if spatial[1] else "NCHW"
     return ""
 
 
@@ -219,6 +220,10 @@ def build_catalog(
         nodes=nodes,
         all_names=list(tracer.node_to_qualname.values()),
         fx_nodes=fx_nodes,
+        input_name=next(
+            (tracer.node_to_qualname.get(n, n.name) for n in graph.nodes if n.op == "placeholder"),
+            "x",
+        ),
     )
 
 
