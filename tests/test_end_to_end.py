@@ -60,7 +60,9 @@ def test_quickstart_gem_cosine(small_server: RunningServer) -> None:
     assert mirrored > 0.9 and mirrored > different + 0.1
 
 
-def test_every_input_kind_gives_the_same_features(small_server: RunningServer, tmp_path: Path) -> None:
+def test_every_input_kind_gives_the_same_features(
+    small_server: RunningServer, tmp_path: Path
+) -> None:
     from PIL import Image
 
     arr = photo("astronaut")
@@ -69,7 +71,9 @@ def test_every_input_kind_gives_the_same_features(small_server: RunningServer, t
     path.write_bytes(png)
     with FeatureClient(small_server.target) as client:
         out = client.extract(
-            [arr, png, str(path), Image.fromarray(arr)], model="resnet18", nodes=["layer2"],
+            [arr, png, str(path), Image.fromarray(arr)],
+            model="resnet18",
+            nodes=["layer2"],
             pool="avg",
         )
     d = out["layer2"]
@@ -80,10 +84,12 @@ def test_every_input_kind_gives_the_same_features(small_server: RunningServer, t
 def test_raw_output_dtypes_and_layout(small_server: RunningServer) -> None:
     with FeatureClient(small_server.target) as client:
         f32 = client.extract(photo("rocket"), model="resnet18", nodes={"layer3": "mid"})
-        f16 = client.extract(photo("rocket"), model="resnet18", nodes={"layer3": "mid"},
-                             dtype="float16")
-        bf16 = client.extract(photo("rocket"), model="resnet18", nodes={"layer3": "mid"},
-                              dtype="bfloat16")
+        f16 = client.extract(
+            photo("rocket"), model="resnet18", nodes={"layer3": "mid"}, dtype="float16"
+        )
+        bf16 = client.extract(
+            photo("rocket"), model="resnet18", nodes={"layer3": "mid"}, dtype="bfloat16"
+        )
     assert f32["mid"].shape == (1, 256, 14, 14) and f32.layouts["mid"] == "NCHW"
     assert f16["mid"].dtype == np.float16
     np.testing.assert_allclose(f16["mid"].astype(np.float32), f32["mid"], rtol=1e-2, atol=1e-2)
@@ -129,8 +135,22 @@ def test_cli_models_nodes_extract(
     img = tmp_path / "cat.jpg"
     img.write_bytes(encode(photo("chelsea")))
     out = tmp_path / "out.npz"
-    code = cli_main([*target, "extract", str(img), str(img), "--model", "mobilenet_v2",
-                     "--node", "features.18", "--pool", "gem", "-o", str(out)])
+    code = cli_main(
+        [
+            *target,
+            "extract",
+            str(img),
+            str(img),
+            "--model",
+            "mobilenet_v2",
+            "--node",
+            "features.18",
+            "--pool",
+            "gem",
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     saved = np.load(out)
     assert saved["features.18"].shape == (2, 1280)
@@ -154,7 +174,10 @@ def test_layertap_serve_command_with_config_file(tmp_path: Path, resnet18_weight
     env = {**os.environ, "LAYERTAP_PORT": str(port)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "layertap.client.cli", "serve", "--config", str(config)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -201,8 +224,9 @@ def test_embedded_default_config_serves_real_and_marked_random_models() -> None:
                     assert models[name].random_weights
                     assert models[name].weights_sha256 == "random"
                     assert "not cached" in models[name].status_message
-            out = client.extract(photo("chelsea"), model="vgg16", nodes=["features.22"],
-                                 pool="gem", normalize=True)
+            out = client.extract(
+                photo("chelsea"), model="vgg16", nodes=["features.22"], pool="gem", normalize=True
+            )
             assert out["features.22"].shape == (1, 512)
     finally:
         running.stop()

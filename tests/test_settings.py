@@ -1,4 +1,4 @@
-"""Settings precedence (defaults < config [server] < LAYERTAP_* env < flags) and the default config."""
+"""Settings precedence (defaults < config [server] < env < flags) and the default config."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def test_embedded_default_config_serves_the_three_models() -> None:
 
 def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text('[[models]]\nname = "m"\narch = "resnet18"\nweights = "w/model.safetensors"\n')
+    config.write_text(
+        '[[models]]\nname = "m"\narch = "resnet18"\nweights = "w/model.safetensors"\n'
+    )
     s = load_settings(["--config", str(config)], env={})
     assert s.models[0].weights == str(tmp_path / "w/model.safetensors")
 

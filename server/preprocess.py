@@ -1,0 +1,229 @@
+"""The model's input transform, reproducing torchvision's ImageClassification preset on tensors.
+
+Weights were evaluated with ``weights.transforms()``; any drift here (resize on float instead of
+uint8, other rounding, other crop offsets) shifts every embedding, so the same torchvision
+functions are called in the same order: resize on uint8 (rounded back to uint8), centre crop
+(zero-padding when too small), scale to [0, 1], normalise.
+
+One deliberate departure: when the resized image would be huge (very thin inputs such as 1x4000,
+whose shorter side is scaled up 256x), only the strip that survives the centre crop is resized.
+The result then matches torchvision up to sub-pixel alignment instead of bit-for-bit, but memory
+stays bounded; ordinary aspect ratios (up to ~64:1 at 256 px) take the exact path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.functional as F
+from torchvision.transforms import InterpolationMode
+
+from .errors import InvalidImage
+
+__all__ = ["Preprocessing", "preprocess"]
+
+# Above this many resized pixels, resize only the centre strip (see module docstring).
+_MAX_RESIZED_PIXELS = 1 << 22
+
+_INTERPOLATIONS = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
+# Kernel radius in input pixels at scale 1 (antialiased downscaling widens it by the scale).
+_KERNEL_RADIUS = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 1.0}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the model expects: resize shorter side, centre crop, normalise.
+
+    Frozen and hashable so it can key caches and be reported verbatim by DescribeModel.
+    """
+
+    resize_size: int | None  # shorter side resized to this (None or 0: no resize)
+    crop_size: tuple[int, int]  # centre crop (H, W) = model input size
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # "bilinear" | "bicubic" | "nearest"
+    antialias: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize_size == 0:
+            object.__setattr__(self, "resize_size", None)
+        if self.resize_size is not None and self.resize_size < 0:
+            raise ValueError(f"resize_size must be positive or None, got {self.resize_size}")
+        if len(self.crop_size) != 2 or min(self.crop_size) <= 0:
+            raise ValueError(f"crop_size must be two positive ints (H, W), got {self.crop_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need 3 values, got {self.mean} and {self.std}")
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"std must be non-zero, got {self.std}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {sorted(_INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
+
+    @classmethod
+    def from_torchvision(cls, transforms: object) -> Preprocessing:
+        """From ``weights.transforms()`` (ImageClassification preset); needs no weight download."""
+        crop_attr = getattr(transforms, "crop_size", None)
+        mean_attr = getattr(transforms, "mean", None)
+        std_attr = getattr(transforms, "std", None)
+        if crop_attr is None or mean_attr is None or std_attr is None:
+            raise ValueError(
+                f"{type(transforms).__name__} is not an image-classification preset "
+                "(needs crop_size, resize_size, mean, std)"
+            )
+        crop = [crop_attr] if isinstance(crop_attr, int) else list(crop_attr)
+        resize = getattr(transforms, "resize_size", None)
+        mean = tuple(float(m) for m in mean_attr)
+        std = tuple(float(s) for s in std_attr)
+        if len(crop) == 1:
+            crop = [crop[0], crop[0]]
+        if isinstance(resize, (list, tuple)):
+            if len(resize) != 1:
+                raise ValueError(f"only a shorter-side resize is supported, got {resize}")
+            resize = resize[0]
+        interp = getattr(transforms, "interpolation", InterpolationMode.BILINEAR)
+        interp_name = interp.value if isinstance(interp, InterpolationMode) else str(interp)
+        antialias = getattr(transforms, "antialias", True)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"expected 3-channel mean/std, got {mean} and {std}")
+        return cls(
+            resize_size=None if resize is None else int(resize),
+            crop_size=(int(crop[0]), int(crop[1])),
+            mean=(mean[0], mean[1], mean[2]),
+            std=(std[0], std[1], std[2]),
+            interpolation=interp_name,
+            antialias=bool(antialias),  # torchvision treats None as False for tensors
+        )
+
+    def describe(self) -> str:
+        """One line for logs and DescribeModel."""
+        if self.resize_size is None:
+            resize = "no resize"
+        else:
+            aa = " (antialias)" if self.antialias and self.interpolation != "nearest" else ""
+            resize = f"resize {self.resize_size} {self.interpolation}{aa}"
+        h, w = self.crop_size
+        mean = ", ".join(f"{m:g}" for m in self.mean)
+        std = ", ".join(f"{s:g}" for s in self.std)
+        return f"{resize}, center-crop {h}x{w}, normalize mean=({mean}) std=({std})"
+
+
+def _resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Same arithmetic as torchvision's ``_compute_resized_output_size`` for a one-int size."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return new_h, new_w
+
+
+def _interpolate(
+    x: torch.Tensor,
+    spec: Preprocessing,
+    size: tuple[int, int] | None = None,
+    scale_factor: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """torch interpolate with the arguments torchvision's tensor resize passes."""
+    mode = spec.interpolation
+    return torch.nn.functional.interpolate(
+        x,
+        size=size,
+        scale_factor=scale_factor,
+        mode=mode,
+        align_corners=False if mode in ("bilinear", "bicubic") else None,
+        antialias=spec.antialias and mode in ("bilinear", "bicubic"),
+        recompute_scale_factor=False if scale_factor is not None else None,
+    )
+
+
+def _resize_center_strip(
+    image: torch.Tensor, out_hw: tuple[int, int], spec: Preprocessing
+) -> torch.Tensor:
+    """Resize only the part of the long axis that the centre crop keeps.
+
+    Separable, in float like torchvision's tensor resize: the long axis at torchvision's exact
+    scale (``scale_factor`` with ``recompute_scale_factor=False``), on a window whose start maps
+    to an integer output position when one can be found cheaply (then the result equals the full
+    resize up to float rounding; otherwise it is off by under half an output pixel), then the
+    short axis exactly as torchvision does it. Returns the long axis already cropped to the crop
+    length, so the following centre crop only trims the short axis.
+    """
+    axis = 2 if out_hw[0] > out_hw[1] else 3  # long axis, in NCHW
+    in_len = int(image.shape[axis - 1])
+    out_len, out_short = (out_hw[0], out_hw[1]) if axis == 2 else (out_hw[1], out_hw[0])
+    crop_len = spec.crop_size[axis - 2]
+    c0 = round((out_len - crop_len) / 2.0)  # torchvision center_crop offset
+    scale = in_len / out_len  # input pixels per output pixel
+    margin = _KERNEL_RADIUS[spec.interpolation] * max(1.0, scale) + 2.0
+    a_max = max(0, math.floor(c0 * scale - margin))
+    b = min(in_len, math.ceil((c0 + crop_len) * scale + margin))
+    # Output position of input pixel a is a * q / p; pick a (<= a_max) where that is an integer,
+    # or nearly, searching no further than the pixel budget allows.
+    g = math.gcd(in_len, out_len)
+    p, q = in_len // g, out_len // g
+    in_short = int(image.shape[1 if axis == 3 else 2])
+    max_window = int(_MAX_RESIZED_PIXELS / (in_short * (1.0 + 1.0 / scale)))  # input + output
+    search = max(0, max_window - (b - a_max))
+    a, best = a_max, p
+    for cand in range(a_max, max(-1, a_max - search - 1), -1):
+        r = (cand * q) % p
+        dist = min(r, p - r)
+        if dist < best:
+            a, best = cand, dist
+            if dist == 0:
+                break
+    shift = round(a * q / p)  # output index of the window's first output pixel
+    x = image[None].narrow(axis, a, b - a).to(torch.float32)
+    sf = out_len / in_len
+    # Long axis last: torch 2.14's antialiased interpolate with scale_factor mis-resizes H when W
+    # is 1 (returns the first row), while the W pass with H == 1 is right.
+    if axis == 2:
+        x = _interpolate(x.transpose(2, 3), spec, scale_factor=(1.0, sf)).transpose(2, 3)
+    else:
+        x = _interpolate(x, spec, scale_factor=(1.0, sf))
+    start = min(max(c0 - shift, 0), int(x.shape[axis]) - crop_len)
+    x = x.narrow(axis, start, crop_len)
+    size = (out_short, crop_len) if axis == 3 else (crop_len, out_short)
+    x = _interpolate(x, spec, size=size)
+    if spec.interpolation == "bicubic":
+        x = x.clamp(0, 255)
+    return x.round().to(torch.uint8)[0]
+
+
+def preprocess(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """uint8 [3, H, W] -> float32 [3, crop_h, crop_w], normalised.
+
+    Same result as torchvision's ImageClassification preset applied to the uint8 tensor.
+    """
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"preprocess expects a uint8 [3, H, W] tensor, got {image.dtype} {list(image.shape)}"
+        )
+    h, w = int(image.shape[1]), int(image.shape[2])
+    if h == 0 or w == 0:
+        raise InvalidImage(f"image is empty ({w}x{h})")
+    img = image
+    if spec.resize_size is not None:
+        out_hw = _resized_size(h, w, spec.resize_size)
+        long_idx = 0 if out_hw[0] > out_hw[1] else 1
+        if (
+            out_hw[0] * out_hw[1] > _MAX_RESIZED_PIXELS
+            and out_hw[long_idx] > spec.crop_size[long_idx]
+        ):
+            img = _resize_center_strip(img, out_hw, spec)
+        else:
+            img = F.resize(
+                img,
+                [spec.resize_size],
+                interpolation=_INTERPOLATIONS[spec.interpolation],
+                antialias=spec.antialias,
+            )
+    img = F.center_crop(img, list(spec.crop_size))
+    img = F.convert_image_dtype(img, torch.float)
+    return F.normalize(img, mean=list(spec.mean), std=list(spec.std))
