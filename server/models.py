@@ -116,7 +116,10 @@ def _default_preprocessing(
         except (ValueError, KeyError, AttributeError):
             source = None
     if source is not None:
-        base = Preprocessing.from_torchvision(source.transforms())
+        try:
+            base = Preprocessing.from_torchvision(source.transforms())
+        except ValueError:  # not an image-classification preset: use the ImageNet default
+            base = None
     if base is None:
         base = Preprocessing(
             resize_size=256, crop_size=(224, 224), mean=IMAGENET_MEAN, std=IMAGENET_STD
