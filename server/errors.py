@@ -22,8 +22,8 @@ class InvalidArgument(LayertapError):
     """A field of the request is malformed or inconsistent (→ INVALID_ARGUMENT)."""
 
 
-class InvalidImage(InvalidArgument):
-    """One image cannot be decoded or used; carries the image index once known."""
+class PerImageError(LayertapError):
+    """An error about one image; `at(index)` names the image's position in the request."""
 
     def __init__(self, reason: str, index: int | None = None) -> None:
         self.reason = reason
@@ -31,9 +31,12 @@ class InvalidImage(InvalidArgument):
         prefix = f"image {index}: " if index is not None else ""
         super().__init__(prefix + reason)
 
-    def at(self, index: int) -> InvalidImage:
-        """The same error, naming the image's position in the request."""
+    def at(self, index: int) -> PerImageError:
         return type(self)(self.reason, index)
+
+
+class InvalidImage(PerImageError, InvalidArgument):
+    """One image cannot be decoded or used (→ INVALID_ARGUMENT)."""
 
 
 class UnknownNode(InvalidArgument):
@@ -48,17 +51,8 @@ class LimitExceeded(LayertapError):
     """A configured limit was hit: images per request, bytes, pixels (→ RESOURCE_EXHAUSTED)."""
 
 
-class ImageLimitExceeded(LimitExceeded):
-    """A per-image limit (bytes or pixels); carries the image index once known."""
-
-    def __init__(self, reason: str, index: int | None = None) -> None:
-        self.reason = reason
-        self.index = index
-        prefix = f"image {index}: " if index is not None else ""
-        super().__init__(prefix + reason)
-
-    def at(self, index: int) -> ImageLimitExceeded:
-        return type(self)(self.reason, index)
+class ImageLimitExceeded(PerImageError, LimitExceeded):
+    """A per-image limit, bytes or pixels (→ RESOURCE_EXHAUSTED)."""
 
 
 class QueueFull(LimitExceeded):

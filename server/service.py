@@ -25,12 +25,12 @@ from .batcher import Batcher, BatchInfo
 from .catalog import NodeSpec
 from .errors import (
     Cancelled,
-    ImageLimitExceeded,
     InvalidArgument,
     InvalidImage,
     LayertapError,
     LimitExceeded,
     ModelNotFound,
+    PerImageError,
     Unavailable,
 )
 from .pooling import DTYPES, OutputSpec, check_pool
@@ -268,7 +268,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             return_exceptions=True,
         )
         for index, result in enumerate(prepared):
-            if isinstance(result, (InvalidImage, ImageLimitExceeded)):
+            if isinstance(result, PerImageError):
                 raise result.at(index)
             if isinstance(result, BaseException):
                 raise result
