@@ -7,6 +7,7 @@ checkpoint is read with weights_only=True (no pickle code runs).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import logging
@@ -44,6 +45,20 @@ class LoadedWeights:
     random: bool
     note: str
     preprocessing: Preprocessing
+    # the torchvision weights actually loaded (their transforms define the preprocessing)
+    enum: WeightsEnum | None = None
+
+    def for_entry(self, cfg: ModelConfig) -> LoadedWeights:
+        """The same module and weights under another entry's preprocessing (shared weights)."""
+        return dataclasses.replace(
+            self, preprocessing=_default_preprocessing(cfg, self.module, self.enum)
+        )
+
+
+def base_key(cfg: ModelConfig) -> tuple[object, ...]:
+    """Entries with equal keys share one base model (and its memory) on the device."""
+    kwargs = tuple(sorted((k, repr(v)) for k, v in cfg.kwargs.items()))
+    return (cfg.arch, cfg.factory, kwargs, cfg.weights, cfg.allow_random)
 
 
 def classification_models() -> list[str]:
@@ -233,4 +248,5 @@ def build_model(cfg: ModelConfig) -> LoadedWeights:
         random=random_init,
         note=note,
         preprocessing=_default_preprocessing(cfg, module, enum),
+        enum=enum,
     )

@@ -90,6 +90,7 @@ class ModelRuntime:
         )
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, str] = {}
+        self._bases: dict[tuple[object, ...], model_loading.LoadedWeights] = {}
         self._ready = threading.Event()
         self._configs = {m.name: m for m in settings.models}
         self.worker_thread_ident: int | None = None
@@ -119,9 +120,15 @@ class ModelRuntime:
 
     def _load(self, cfg: ModelConfig) -> LoadedModel:
         started = time.monotonic()
-        loaded = model_loading.build_model(cfg)
-        module = loaded.module.to(self.device).eval()
-        loaded.module = module
+        key = model_loading.base_key(cfg)
+        shared = self._bases.get(key)
+        if shared is not None:  # same architecture and weights as an earlier entry
+            loaded = shared.for_entry(cfg)
+        else:
+            loaded = model_loading.build_model(cfg)
+            loaded.module = loaded.module.to(self.device).eval()
+            self._bases[key] = loaded
+        module = loaded.module
         try:
             catalog = build_catalog(
                 module,

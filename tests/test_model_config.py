@@ -96,3 +96,31 @@ def test_weights_none_without_allow_random_is_refused(config_server: RunningServ
     with FeatureClient(config_server.target) as client:
         strict = {m.name: m for m in client.list_models()}["strict"]
     assert not strict.ready and "allow_random" in strict.status_message
+
+
+def test_entries_with_the_same_weights_share_one_base_model(resnet18_weights: Path) -> None:
+    settings = Settings(
+        port=0,
+        models=(
+            ModelConfig(name="r18-224", arch="resnet18", weights=str(resnet18_weights)),
+            ModelConfig(
+                name="r18-320",
+                arch="resnet18",
+                weights=str(resnet18_weights),
+                input_size=(320, 320),
+            ),
+        ),
+    )
+    running = start_server(settings)
+    try:
+        runtime = running.server.runtime
+        small, large = runtime.model("r18-224"), runtime.model("r18-320")
+        assert small.weights.module is large.weights.module
+        assert small.catalog.by_name["layer4.1.relu_1"].shape == (1, 512, 7, 7)
+        assert large.catalog.by_name["layer4.1.relu_1"].shape == (1, 512, 10, 10)
+        with FeatureClient(running.target) as client:
+            a = client.extract(photo("chelsea"), model="r18-224", nodes="layer4")
+            b = client.extract(photo("chelsea"), model="r18-320", nodes="layer4")
+        assert a["layer4"].shape == (1, 512, 7, 7) and b["layer4"].shape == (1, 512, 10, 10)
+    finally:
+        running.stop()
