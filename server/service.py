@@ -145,7 +145,8 @@ def plan_outputs(nodes: Sequence[str], aliases: dict[str, str]) -> list[tuple[st
 def output_spec(options: pb.OutputOptions) -> OutputSpec:
     pool = _POOLS.get(options.pool)
     if pool is None:
-        raise InvalidArgument(f"unknown pool value {options.pool}; use one of {sorted(_POOLS)}")
+        names = ", ".join(f"{pb.Pooling.Name(k)} ({k})" for k in sorted(_POOLS))
+        raise InvalidArgument(f"unknown pool value {options.pool}; use one of {names}")
     p = options.gem_p or 3.0
     if not math.isfinite(p) or not 0.1 <= p <= 100:
         raise InvalidArgument(f"gem_p must be a finite number in [0.1, 100], got {options.gem_p}")
@@ -232,8 +233,6 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     ) -> pb.ExtractResponse:
         received = time.perf_counter()
         s = self.settings
-        if not request.model:
-            raise InvalidArgument("model is empty; call ListModels for the served names")
         loaded = self.runtime.model(request.model)
         count = len(request.images)
         if count == 0:

@@ -185,6 +185,8 @@ class ModelRuntime:
 
     def model(self, name: str) -> LoadedModel:
         """The loaded model, or ModelNotFound / Unavailable (still loading or failed)."""
+        if not name:
+            raise InvalidArgument("model is empty; call ListModels for the served names")
         if name not in self._configs:
             raise ModelNotFound(self._not_found(name))
         loaded = self._models.get(name)
