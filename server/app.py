@@ -6,6 +6,7 @@ Kept apart from main() so tests start a real server on 127.0.0.1:0 with a real c
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -14,14 +15,28 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 
-from layertap.v1 import layertap_pb2_grpc as pb_grpc
+from layertap.v1 import layertap_pb2, layertap_pb2_grpc
 
+from . import logs, security
 from .batcher import Batcher
-from .settings import ConfigError, Settings, load_settings
+from .metrics import Metrics
+from .settings import ConfigError, Settings, build_arg_parser, load_settings
 from .worker import ModelRuntime
 
 log = logging.getLogger("layertap.server")
+
+SERVICE_NAME = layertap_pb2.DESCRIPTOR.services_by_name["FeatureService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def model_health_name(model: str) -> str:
+    """The grpc.health.v1 service name of one model."""
+    return f"layertap.model.{model}"
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -30,6 +45,16 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
     ]
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    options = channel_options(settings)
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
 
 
 @dataclass
@@ -41,49 +66,100 @@ class Server:
     batcher: Batcher
     decode_pool: ThreadPoolExecutor
     settings: Settings
+    health: HealthServicer
+    metrics: Metrics | None
+    metrics_port: int | None = None
     _load_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start serving; models load on the worker in the background (ListModels shows ready)."""
+        """Start serving; models load and warm up on the worker in the background, and health
+        says SERVING once loading finished with at least one model ready."""
+        if self.metrics is not None:
+            host = self.settings.metrics_host or self.settings.host
+            self.metrics_port = self.metrics.serve(host, self.settings.metrics_port)
         await self.grpc_server.start()
         self.batcher.start()
-        self._load_task = asyncio.get_running_loop().create_task(self.runtime.load_all())
+        self._load_task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        async def report(name: str, ok: bool) -> None:
+            await self.health.set(model_health_name(name), SERVING if ok else NOT_SERVING)
+
+        await self.runtime.load_all(report)
+        overall = SERVING if self.runtime.ready_models() else NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, overall)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         await self.runtime.wait_ready(timeout)
+        if self._load_task is not None:  # health is updated right after loading
+            await asyncio.wait_for(asyncio.shield(self._load_task), timeout)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new work, let in-flight requests finish within `grace`, then release threads."""
+        """Health NOT_SERVING first, then refuse new RPCs (UNAVAILABLE) and let in-flight ones
+        finish within `grace`, then release threads."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
         await self.batcher.close(drain=False)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.runtime.shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 async def create_server(settings: Settings) -> tuple[Server, int]:
     """Build every stage and bind the port; returns the server and the port actually bound."""
-    runtime = ModelRuntime(settings)
+    metrics = Metrics(m.name for m in settings.models) if settings.metrics else None
+    runtime = ModelRuntime(settings, metrics)
+    if metrics is not None:
+        metrics.set_build_info(str(runtime.device))
     batcher = Batcher(
         runtime.run_batch,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue_images,
         batch_limit=lambda key: _batch_limit(settings, key),
+        on_queue_depth=metrics.queue_depth.set if metrics else None,
+        on_batch=metrics.observe_batch if metrics else None,
     )
     decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-    grpc_server = grpc.aio.server(options=channel_options(settings))
+    grpc_server = grpc.aio.server(
+        options=server_options(settings), interceptors=security.interceptors(settings)
+    )
     # imported here: the servicer module pulls in protobuf stubs and codec
     from .service import FeatureService
 
-    pb_grpc.add_FeatureServiceServicer_to_server(
-        FeatureService(settings, runtime, batcher, decode_pool), grpc_server
+    layertap_pb2_grpc.add_FeatureServiceServicer_to_server(
+        FeatureService(settings, runtime, batcher, decode_pool, metrics), grpc_server
     )
+    health = HealthServicer()
+    for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in settings.models)):
+        await health.set(name, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    if settings.reflection:
+        names = (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, grpc_server)
+
     address = f"{settings.host}:{settings.port}"
-    port = grpc_server.add_insecure_port(address)
+    credentials = security.server_credentials(settings)
+    try:
+        if credentials is None:
+            port = grpc_server.add_insecure_port(address)
+        else:
+            port = grpc_server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot bind {address}: {exc}") from exc
     if port == 0:
         raise ConfigError(f"cannot bind {address}")
-    return Server(grpc_server, runtime, batcher, decode_pool, settings), port
+    server = Server(grpc_server, runtime, batcher, decode_pool, settings, health, metrics)
+    return server, port
 
 
 def _batch_limit(settings: Settings, key: object) -> int:
@@ -95,7 +171,14 @@ def _batch_limit(settings: Settings, key: object) -> int:
 async def serve(settings: Settings) -> None:
     server, port = await create_server(settings)
     await server.start()
-    log.info("layertap serving on %s:%d (device %s)", settings.host, port, server.runtime.device)
+    scheme = "tls" if settings.tls_cert else "plaintext"
+    log.info(
+        "layertap serving on %s:%d (%s, device %s)",
+        settings.host,
+        port,
+        scheme,
+        server.runtime.device,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -103,19 +186,21 @@ async def serve(settings: Settings) -> None:
     await stop.wait()
     log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_s)
     await server.stop()
+    log.info("stopped")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`layertap serve`: settings from flags, LAYERTAP_* and the config file, then serve."""
+    args = list(argv) if argv is not None else sys.argv[1:]
     try:
-        settings = load_settings(list(argv) if argv is not None else sys.argv[1:])
+        settings = load_settings(args)
     except ConfigError as exc:
         print(f"layertap serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if build_arg_parser().parse_args(args).print_config:
+        print(json.dumps(settings.redacted(), indent=2, default=str))
+        return 0
+    logs.configure(settings.log_level, settings.log_format)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

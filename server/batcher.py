@@ -57,6 +57,9 @@ class Batcher:
     max_wait_s: float = 0.002
     max_queue: int = 512
     batch_limit: Callable[[Hashable], int] | None = None
+    # observers (metrics): queue depth after every change, size of every batch run
+    on_queue_depth: Callable[[int], None] | None = None
+    on_batch: Callable[[Hashable, int], None] | None = None
     _pending: list[_Item[Any]] = field(default_factory=list, init=False)
     _wakeup: asyncio.Event | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
@@ -94,7 +97,12 @@ class Batcher:
             futures.append(fut)
         assert self._wakeup is not None
         self._wakeup.set()
+        self._report_depth()
         return futures
+
+    def _report_depth(self) -> None:
+        if self.on_queue_depth is not None:
+            self.on_queue_depth(len(self._pending))
 
     async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
         return await self.submit_many(key, [payload])[0]
@@ -147,6 +155,9 @@ class Batcher:
 
     async def _run(self, key: Hashable, batch: list[_Item[Any]]) -> None:
         self._busy = True
+        self._report_depth()
+        if self.on_batch is not None:
+            self.on_batch(key, len(batch))
         started = time.monotonic()
         try:
             results = await self.run_batch(key, [i.payload for i in batch])

@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from .errors import (
     PerImageError,
     Unavailable,
 )
+from .metrics import Metrics, layertap_version
 from .pooling import DTYPES, OutputSpec, check_pool
 from .prepare import ImageInput, Prepared, encode_results, prepare_image
 from .preprocess import Preprocessing
@@ -70,23 +72,66 @@ def status_for(exc: LayertapError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The client's x-request-id (64 chars at most), or a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and value.strip():
+            return value.strip()[:64]
+    return uuid.uuid4().hex
+
+
 def rpc(handler: H) -> H:
-    """Map domain errors to statuses; anything else is a bug: INTERNAL, logged with traceback."""
+    """Map domain errors to statuses (anything else is a bug: INTERNAL, logged with traceback),
+    and give every RPC a request id, a log line and its metrics."""
+    method = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(self: FeatureService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        rid = request_id(context)
+        trailer = (("x-request-id", rid),)
+        model = str(getattr(request, "model", "") or "")
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        details = ""
+        m = self.metrics
+        if m is not None:
+            m.in_flight.labels(method).inc()
         try:
-            return await handler(self, request, context)
+            response = await handler(self, request, context)
+            context.set_trailing_metadata(trailer)
+            return response
         except LayertapError as exc:
-            await context.abort(status_for(exc), str(exc)[:MAX_DETAILS])
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+            code, details = status_for(exc), str(exc)[:MAX_DETAILS]
+            await context.abort(code, details, trailing_metadata=trailer)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
             raise
         except Exception:
-            log.exception("bug in %s", handler.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"internal error in {handler.__name__}; this is a server bug, see the server log",
-            )
+            code = grpc.StatusCode.INTERNAL
+            details = f"internal error in {method}; this is a server bug, see the server log"
+            log.exception("bug in %s", method, extra={"request_id": rid})
+            await context.abort(code, details, trailing_metadata=trailer)
+        finally:
+            seconds = time.perf_counter() - started
+            if m is not None:
+                m.in_flight.labels(method).dec()
+                m.requests.labels(method, m.model(model), code.name).inc()
+                m.request_seconds.labels(method).observe(seconds)
+            fields = {
+                "request_id": rid,
+                "method": method,
+                "model": model[:80],
+                "code": code.name,
+                "duration_ms": round(seconds * 1000, 2),
+            }
+            if code == grpc.StatusCode.OK:
+                log.debug("%s OK", method, extra=fields)
+            elif code == grpc.StatusCode.INTERNAL:
+                pass  # logged with its traceback above
+            else:
+                log.warning("%s %s: %s", method, code.name, details[:300], extra=fields)
 
     return wrapper  # type: ignore[return-value]
 
@@ -183,9 +228,15 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     """The layertap.v1.FeatureService implementation."""
 
     def __init__(
-        self, settings: Settings, runtime: ModelRuntime, batcher: Batcher, decode_pool: Executor
+        self,
+        settings: Settings,
+        runtime: ModelRuntime,
+        batcher: Batcher,
+        decode_pool: Executor,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.runtime = runtime
         self.batcher = batcher
         self.decode_pool = decode_pool
@@ -197,8 +248,19 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        s = self.settings
         models = [_model_info_pb(self.runtime.status(n)) for n in self.runtime.names()]
-        return pb.ListModelsResponse(models=models)
+        limits = pb.ServerLimits(
+            max_images_per_request=s.max_images_per_request,
+            max_image_bytes=s.max_image_bytes,
+            max_image_pixels=s.max_image_pixels,
+            max_message_bytes=s.max_message_bytes,
+            max_batch_size=s.max_batch_size,
+            max_queue_images=s.max_queue_images,
+        )
+        return pb.ListModelsResponse(
+            models=models, limits=limits, server_version=layertap_version()
+        )
 
     @rpc
     async def DescribeModel(
@@ -223,6 +285,26 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             modules=modules,
             extraction_mode="fx",
         )
+
+    def _observe(
+        self,
+        model: str,
+        images: Sequence[Prepared],
+        infos: Sequence[BatchInfo],
+        encode_s: float,
+        size: int,
+    ) -> None:
+        m = self.metrics
+        assert m is not None
+        for info in infos:
+            m.stage_seconds.labels("queue").observe(info.queue_s)
+        for image in images:
+            m.stage_seconds.labels("decode").observe(image.decode_s)
+        for run_s in {i.batch_id: i.run_s for i in infos}.values():
+            m.stage_seconds.labels("compute").observe(run_s)
+        m.stage_seconds.labels("encode").observe(encode_s)
+        m.images.labels(model).inc(len(images))
+        m.output_bytes.labels(model).inc(size)
 
     async def _in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
@@ -290,7 +372,9 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 if fut is not None and not fut.done():
                     fut.cancel()
             raise
+        encode_started = time.perf_counter()
         encoded = await self._in_pool(encode_results, [r for r, _ in done])
+        encode_s = time.perf_counter() - encode_started
         node_of = {name: n.name for (_, name), n in zip(plan, specs, strict=True)}
         size = sum(len(row[node_of[name]].data) for row in encoded for _, name in plan)
         if size > s.max_message_bytes - 64 * 1024:
@@ -321,6 +405,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 )
             results.append(pb.ImageResult(outputs=outputs))
         infos = [info for _, info in done]
+        if self.metrics is not None:
+            self._observe(request.model, images, infos, encode_s, size)
         metadata = pb.ExtractMetadata(
             model=request.model,
             weights_sha256=loaded.weights.sha256,

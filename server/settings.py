@@ -72,10 +72,43 @@ class Settings:
     torch_threads: int = 0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "json"
+    metrics: bool = True
+    metrics_host: str = ""
+    metrics_port: int = 9464
+    reflection: bool = True
+    warmup: bool = True
+    max_connection_age_s: float = 0.0
+    max_connection_age_grace_s: float = 10.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_tokens: str = ""
+    auth_tokens_file: str = ""
+    auth_open_health: bool = True
     models: tuple[ModelConfig, ...] = ()
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def tokens(self) -> frozenset[str]:
+        """Every accepted bearer token (from auth_tokens and auth_tokens_file)."""
+        tokens = {t.strip() for t in self.auth_tokens.split(",")}
+        if self.auth_tokens_file:
+            text = Path(self.auth_tokens_file).expanduser().read_text()
+            tokens |= {line.strip() for line in text.splitlines()}
+        return frozenset(t for t in tokens if t and not t.startswith("#"))
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings as plain data, secrets replaced (for --print-config)."""
+        data = dataclasses.asdict(self)
+        for name in SECRETS:
+            if data[name]:
+                data[name] = "<redacted>"
+        data["models"] = [
+            {k: v for k, v in m.items() if v not in (None, (), {}, "")} for m in data["models"]
+        ]
+        return data
 
 
 # name -> why. The order is the order of --help.
@@ -96,7 +129,23 @@ FIELDS: dict[str, str] = {
     "torch_threads": "torch intra-op threads on the worker; 0 leaves torch's default",
     "shutdown_grace_s": "seconds in-flight requests get to finish on SIGTERM",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "json (one object per line, for log pipelines) or text",
+    "metrics": "serve Prometheus metrics over HTTP",
+    "metrics_host": "interface for /metrics; empty uses host",
+    "metrics_port": "HTTP port for /metrics; 0 picks a free one",
+    "reflection": "gRPC server reflection (grpcurl and friends list and describe services)",
+    "warmup": "run one real forward per model before health says SERVING",
+    "max_connection_age_s": "close connections after this age so clients re-resolve; 0 = never",
+    "max_connection_age_grace_s": "time in-flight RPCs get when a connection is aged out",
+    "tls_cert": "PEM server certificate; with tls_key enables TLS (plaintext otherwise)",
+    "tls_key": "PEM private key of tls_cert",
+    "tls_client_ca": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    "auth_tokens": "comma-separated bearer tokens clients must send (secret; empty: no auth)",
+    "auth_tokens_file": "file with one bearer token per line (secret), added to auth_tokens",
+    "auth_open_health": "leave health and reflection open without a token (for probes)",
 }
+
+SECRETS = ("auth_tokens",)
 
 
 class ConfigError(ValueError):
@@ -112,7 +161,12 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if kind is bool:
             if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
+                word = value.strip().lower()
+                if word in ("1", "true", "yes", "on"):
+                    return True
+                if word in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(word)
             return bool(value)
         if kind is int:
             return int(value)
@@ -139,6 +193,18 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
     if s.max_wait_ms < 0 or s.torch_threads < 0 or not 0 <= s.port <= 65535:
         raise ConfigError("max_wait_ms and torch_threads must be >= 0 and port in 0..65535")
+    if not 0 <= s.metrics_port <= 65535:
+        raise ConfigError(f"metrics_port must be in 0..65535, got {s.metrics_port}")
+    if s.log_format not in ("json", "text"):
+        raise ConfigError(f"log_format must be 'json' or 'text', got {s.log_format!r}")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: set both or neither")
+    if s.tls_client_ca and not s.tls_cert:
+        raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
+        path = getattr(s, name)
+        if path and not Path(path).expanduser().is_file():
+            raise ConfigError(f"{name}: {path} is not a readable file")
     names = [m.name for m in s.models]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -192,7 +258,7 @@ def load_settings(
     """Build Settings from defaults, config file, environment and command-line flags."""
     env = os.environ if env is None else env
     args = build_arg_parser().parse_args(argv if argv is not None else [])
-    cli = {k: v for k, v in vars(args).items() if v is not None}
+    cli = {k: v for k, v in vars(args).items() if v is not None and k in FIELDS}
     from_env = {
         name: env[ENV_PREFIX + name.upper()] for name in FIELDS if ENV_PREFIX + name.upper() in env
     }
@@ -218,6 +284,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="layertap serve",
         description="Serve intermediate layers of vision models over gRPC.",
         epilog=f"Every flag also reads {ENV_PREFIX}<NAME> (e.g. {ENV_PREFIX}PORT).",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective settings (secrets redacted) as JSON and exit",
     )
     defaults = Settings()
     for name, why in FIELDS.items():

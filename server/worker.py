@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,6 +23,7 @@ from torch import fx
 from . import models as model_loading
 from .catalog import Catalog, NodeSpec, build_catalog, build_extractor, module_tree
 from .errors import InvalidArgument, ModelNotFound, Unavailable
+from .metrics import Metrics
 from .pooling import OutputSpec, pool
 from .preprocess import Preprocessing
 from .settings import ModelConfig, Settings
@@ -82,8 +83,9 @@ def _import_all(specs: Sequence[str]) -> list[Any]:
 class ModelRuntime:
     """Every configured model on one device, behind one worker thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.device = pick_device(settings.device)
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"worker-{self.device}"
@@ -105,18 +107,35 @@ class ModelRuntime:
             torch.set_num_threads(self.settings.torch_threads)
 
     # --- loading --------------------------------------------------------------------------
-    async def load_all(self) -> None:
-        """Load every configured model on the worker, one by one; each is ready when loaded."""
+    async def load_all(
+        self, on_model: Callable[[str, bool], Awaitable[None]] | None = None
+    ) -> None:
+        """Load (and warm up) every configured model on the worker, one by one; each is ready
+        when loaded. `on_model(name, ok)` hears about each (health status, for one)."""
         await self._call(self._on_worker_start)
         for cfg in self.settings.models:
+            ok = False
             try:
-                self._models[cfg.name] = await self._call(self._load, cfg)
+                loaded = await self._call(self._load, cfg)
+                self._models[cfg.name] = loaded
+                ok = True
                 log.info("model %s ready on %s", cfg.name, self.device)
+                if self.metrics is not None:
+                    module = loaded.weights.module
+                    size = sum(t.numel() * t.element_size() for t in module.parameters())
+                    size += sum(t.numel() * t.element_size() for t in module.buffers())
+                    self.metrics.model_memory.labels(cfg.name).set(size)
+                    self.metrics.model_ready.labels(cfg.name).set(1)
             except Exception as exc:  # one bad entry must not stop the others
                 message = str(exc) or type(exc).__name__
                 self._errors[cfg.name] = message
                 log.error("model %s failed to load: %s", cfg.name, message, exc_info=True)
+            if on_model is not None:
+                await on_model(cfg.name, ok)
         self._ready.set()
+
+    def ready_models(self) -> list[str]:
+        return list(self._models)
 
     def _load(self, cfg: ModelConfig) -> LoadedModel:
         started = time.monotonic()
@@ -143,8 +162,19 @@ class ModelRuntime:
             ) from exc
         module.eval()
         n_prefix = 1 if hasattr(module, "class_token") else 0
+        result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix)
+        if self.settings.warmup and catalog.nodes:
+            self._warm_up(result)
         log.info("loaded %s (%s) in %.1fs", cfg.name, loaded.weights_id, time.monotonic() - started)
-        return LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix)
+        return result
+
+    def _warm_up(self, loaded: LoadedModel) -> None:
+        """One real forward of a zero image through the whole graph before serving."""
+        h, w = loaded.catalog.input_size
+        last = (loaded.catalog.nodes[-1].name,)
+        extractor = self._extractor(loaded, last)
+        with torch.inference_mode():
+            extractor(torch.zeros(1, 3, h, w, device=self.device))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every model has finished loading (successfully or not)."""
@@ -206,13 +236,25 @@ class ModelRuntime:
 
     def _extractor(self, loaded: LoadedModel, nodes: tuple[str, ...]) -> fx.GraphModule:
         cache = loaded.extractors
+        name = loaded.config.name
+        m = self.metrics
         if nodes in cache:
             cache.move_to_end(nodes)
+            if m is not None:
+                m.cache_hits.labels(name).inc()
             return cache[nodes]
+        started = time.perf_counter()
         extractor = build_extractor(loaded.catalog, nodes)
         cache[nodes] = extractor
+        evicted = 0
         while len(cache) > self.settings.extractor_cache_size:
             cache.popitem(last=False)
+            evicted += 1
+        if m is not None:
+            m.cache_misses.labels(name).inc()
+            m.build_seconds.labels(name).observe(time.perf_counter() - started)
+            m.cache_evictions.labels(name).inc(evicted)
+            m.cache_entries.labels(name).set(len(cache))
         return extractor
 
     def _forward(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:

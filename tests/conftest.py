@@ -7,6 +7,7 @@ channels and clients, exactly as users do.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import threading
 from collections.abc import Iterator
@@ -51,7 +52,11 @@ class RunningServer:
 
 
 def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServer:
-    """Start a server in a thread and wait until all its models have loaded."""
+    """Start a server in a thread and wait until all its models have loaded.
+
+    Tests never bind fixed ports: a default metrics port becomes 0 (any free port)."""
+    if settings.metrics_port == Settings().metrics_port:
+        settings = dataclasses.replace(settings, metrics_port=0)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
     thread.start()

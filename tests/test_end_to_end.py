@@ -173,7 +173,16 @@ def test_layertap_serve_command_with_config_file(tmp_path: Path, resnet18_weight
     port = _free_port()
     env = {**os.environ, "LAYERTAP_PORT": str(port)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "layertap.client.cli", "serve", "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "layertap.client.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--metrics-port",
+            "0",
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
