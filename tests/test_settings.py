@@ -75,3 +75,40 @@ def test_serve_exits_2_on_bad_config(tmp_path: Path, capsys: pytest.CaptureFixtu
 
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_print_config_redacts_secrets(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from layertap.server.app import main
+
+    assert main(["--print-config", "--auth-tokens", "s3cret,other", "--port", "6000"]) == 0
+    printed = capsys.readouterr().out
+    assert "s3cret" not in printed
+    data = json.loads(printed)
+    assert data["auth_tokens"] == "<redacted>" and data["port"] == 6000
+    assert [m["name"] for m in data["models"]] == ["mobilenet_v2", "resnet50", "vgg16"]
+
+
+@pytest.mark.parametrize(("word", "value"), [("true", True), ("0", False), ("off", False)])
+def test_boolean_settings(word: str, value: bool) -> None:
+    assert load_settings(["--reflection", word], env={}).reflection is value
+
+
+def test_unclear_boolean_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="reflection"):
+        load_settings([], env={"LAYERTAP_REFLECTION": "maybe"})
+
+
+def test_tls_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tls_cert and tls_key"):
+        load_settings(["--tls-cert", str(tmp_path / "c.pem")], env={})
+    with pytest.raises(ConfigError, match="not a readable file"):
+        load_settings(["--tls-cert", str(tmp_path / "c.pem"), "--tls-key", "k"], env={})
+
+
+def test_tokens_from_setting_and_file(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# operators\nfile-token\n\n")
+    s = load_settings(["--auth-tokens-file", str(tokens)], env={"LAYERTAP_AUTH_TOKENS": "a, b"})
+    assert s.tokens() == {"a", "b", "file-token"}
