@@ -9,7 +9,8 @@ Usage::
         print(out["layer4"].shape)  # (2, 2048)
 
 Only grpcio, protobuf and numpy are needed: PIL and torch are imported only when you pass
-their objects. :class:`AsyncFeatureClient` offers the same API for asyncio.
+their objects. :class:`AsyncFeatureClient` offers the same API for asyncio. For a secured
+server pass ``token="..."`` and/or ``credentials=tls_credentials(ca="ca.pem")``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from ._aio import AsyncFeatureClient
 from ._convert import ImageLike, bfloat16_to_float32
 from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT
+from ._security import tls_credentials
 from ._sync import FeatureClient
 from .errors import FeatureServiceError
 from .types import (
@@ -49,4 +51,5 @@ __all__ = [
     "ResolvedNode",
     "Timings",
     "bfloat16_to_float32",
+    "tls_credentials",
 ]

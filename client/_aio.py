@@ -32,6 +32,7 @@ from ._options import (
     check_timeout,
     resolve_timeout,
 )
+from ._security import with_token
 from .errors import FeatureServiceError
 from .types import ExtractResult, ModelDescription, ModelInfo
 
@@ -57,11 +58,12 @@ class AsyncFeatureClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
+        token: str | None = None,
     ) -> None:
         """Same arguments as :class:`FeatureClient`."""
         self.target = target
         self.timeout = check_timeout(timeout)
-        self._metadata = call_metadata(metadata)
+        self._metadata = with_token(call_metadata(metadata), token)
         self._options = channel_options(max_message_bytes)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None

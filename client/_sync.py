@@ -30,6 +30,7 @@ from ._options import (
     check_timeout,
     resolve_timeout,
 )
+from ._security import with_token
 from .errors import FeatureServiceError
 from .types import ExtractResult, ModelDescription, ModelInfo
 
@@ -53,12 +54,14 @@ class FeatureClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
+        token: str | None = None,
     ) -> None:
         """``timeout`` is the default per-call deadline in seconds (``None``: none);
-        ``credentials`` switches to a TLS channel; ``metadata`` is sent with every call."""
+        ``credentials`` switches to a TLS channel (see :func:`tls_credentials`); ``metadata``
+        is sent with every call; ``token`` adds ``authorization: Bearer <token>`` to it."""
         self.target = target
         self.timeout = check_timeout(timeout)
-        self._metadata = call_metadata(metadata)
+        self._metadata = with_token(call_metadata(metadata), token)
         options = channel_options(max_message_bytes)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)

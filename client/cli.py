@@ -12,16 +12,18 @@ import sys
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
 from ._convert import OUTPUT_DTYPES, POOLING
 from ._options import DEFAULT_TARGET
+from ._security import tls_credentials
 from ._sync import FeatureClient
 from .errors import FeatureServiceError
 
-_GLOBAL_WITH_VALUE = ("--target", "--timeout")
+_GLOBAL_WITH_VALUE = ("--target", "--timeout", "--token", "--tls-ca", "--tls-cert", "--tls-key")
 
 
 def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -56,6 +58,24 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--timeout", type=_positive_float, default=argparse.SUPPRESS,
         help="per-call deadline in seconds (default: 30)",
+    )
+    common.add_argument(
+        "--token", default=argparse.SUPPRESS,
+        help="bearer token for a server with auth_tokens (default: $LAYERTAP_TOKEN; prefer the "
+             "variable: command lines are visible to other users)",
+    )
+    common.add_argument(
+        "--tls-ca", type=Path, default=argparse.SUPPRESS, metavar="PEM",
+        help="CA bundle that signed the server certificate; any --tls-* option uses TLS "
+             "(with only --tls-cert/--tls-key the system roots are trusted)",
+    )
+    common.add_argument(
+        "--tls-cert", type=Path, default=argparse.SUPPRESS, metavar="PEM",
+        help="client certificate, for servers requiring mutual TLS (with --tls-key)",
+    )
+    common.add_argument(
+        "--tls-key", type=Path, default=argparse.SUPPRESS, metavar="PEM",
+        help="private key of --tls-cert",
     )
     parser = argparse.ArgumentParser(
         prog="layertap", parents=[common],
@@ -189,6 +209,29 @@ def _unreachable(exc: FeatureServiceError) -> bool:
     ))
 
 
+def _client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """FeatureClient keyword arguments for --token/$LAYERTAP_TOKEN and the --tls-* options."""
+    options: dict[str, Any] = {}
+    token = getattr(args, "token", None) or os.environ.get("LAYERTAP_TOKEN") or None
+    if token is not None:
+        options["token"] = token
+    tls = {name: getattr(args, "tls_" + name, None) for name in ("ca", "cert", "key")}
+    if any(v is not None for v in tls.values()):
+        options["credentials"] = tls_credentials(**tls)
+    return options
+
+
+def _tls_failure(exc: FeatureServiceError) -> bool:
+    """The connection most likely failed in the TLS handshake (wrong CA, host name, client
+    certificate, or TLS on one side only): gRPC often reports these only as a closed socket."""
+    if exc.code != grpc.StatusCode.UNAVAILABLE:
+        return False
+    text = exc.details.lower()
+    if any(s in text for s in ("ssl", "handshake", "certificate", "tls")):
+        return True
+    return "socket closed" in text and "refused" not in text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``layertap`` and ``python -m layertap.client``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -198,11 +241,31 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     target = getattr(args, "target", None) or _default_target()
     timeout = getattr(args, "timeout", None)
+    options: dict[str, Any] = {}
     try:
-        with FeatureClient(target, **({"timeout": timeout} if timeout else {})) as client:
+        options = _client_options(args)
+        if timeout:
+            options["timeout"] = timeout
+        with FeatureClient(target, **options) as client:
             return _COMMANDS[args.command](client, args)
     except FeatureServiceError as exc:
-        if _unreachable(exc):
+        if _tls_failure(exc) and "credentials" in options:
+            print(
+                f"error: TLS with {target} failed ({exc.details}).\n"
+                "Check --tls-ca (the CA that signed the server certificate), that the server "
+                "certificate names this host, and --tls-cert/--tls-key if the server requires "
+                "client certificates.",
+                file=sys.stderr,
+            )
+        elif _tls_failure(exc):
+            print(
+                f"error: the connection to {target} was closed ({exc.details}).\n"
+                "If the server uses TLS, pass --tls-ca (and --tls-cert/--tls-key for mutual TLS).",
+                file=sys.stderr,
+            )
+        elif exc.code == grpc.StatusCode.UNAUTHENTICATED:
+            print(f"error: {exc}\nPass --token or set $LAYERTAP_TOKEN.", file=sys.stderr)
+        elif _unreachable(exc):
             print(
                 f"error: the server at {target} is not reachable ({exc.details}).\n"
                 "Start one with `layertap serve`, or point --target / $LAYERTAP_TARGET at a "

@@ -112,6 +112,9 @@ class Server:
 
 async def create_server(settings: Settings) -> tuple[Server, int]:
     """Build every stage and bind the port; returns the server and the port actually bound."""
+    # settings problems (bad PEM files, unreadable token file) surface before any thread starts
+    credentials = security.server_credentials(settings)
+    interceptors = security.interceptors(settings)
     metrics = Metrics(m.name for m in settings.models) if settings.metrics else None
     runtime = ModelRuntime(settings, metrics)
     if metrics is not None:
@@ -126,9 +129,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         on_batch=metrics.observe_batch if metrics else None,
     )
     decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-    grpc_server = grpc.aio.server(
-        options=server_options(settings), interceptors=security.interceptors(settings)
-    )
+    grpc_server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     # imported here: the servicer module pulls in protobuf stubs and codec
     from .service import FeatureService
 
@@ -148,7 +149,6 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         reflection.enable_server_reflection(names, grpc_server)
 
     address = f"{settings.host}:{settings.port}"
-    credentials = security.server_credentials(settings)
     try:
         if credentials is None:
             port = grpc_server.add_insecure_port(address)
@@ -184,7 +184,13 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: draining for up to %.0fs", settings.shutdown_grace_s)
+    log.info(
+        "shutting down: health NOT_SERVING for %.1fs, then draining for up to %.0fs",
+        settings.shutdown_delay_s,
+        settings.shutdown_grace_s,
+    )
+    await server.health.enter_graceful_shutdown()
+    await asyncio.sleep(settings.shutdown_delay_s)
     await server.stop()
     log.info("stopped")
 

@@ -71,6 +71,7 @@ class Settings:
     extractor_cache_size: int = 32
     torch_threads: int = 0
     shutdown_grace_s: float = 10.0
+    shutdown_delay_s: float = 1.0
     log_level: str = "INFO"
     log_format: str = "json"
     metrics: bool = True
@@ -128,6 +129,8 @@ FIELDS: dict[str, str] = {
     "extractor_cache_size": "FX graph modules kept per model (LRU); they share the weights",
     "torch_threads": "torch intra-op threads on the worker; 0 leaves torch's default",
     "shutdown_grace_s": "seconds in-flight requests get to finish on SIGTERM",
+    "shutdown_delay_s": "on SIGTERM, seconds health says NOT_SERVING while still serving, so "
+    "probes and load balancers see it before the port closes",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "json (one object per line, for log pipelines) or text",
     "metrics": "serve Prometheus metrics over HTTP",
@@ -191,6 +194,8 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
+    if s.shutdown_delay_s < 0 or s.shutdown_grace_s < 0:
+        raise ConfigError("shutdown_delay_s and shutdown_grace_s must be >= 0")
     if s.max_wait_ms < 0 or s.torch_threads < 0 or not 0 <= s.port <= 65535:
         raise ConfigError("max_wait_ms and torch_threads must be >= 0 and port in 0..65535")
     if not 0 <= s.metrics_port <= 65535:
