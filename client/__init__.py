@@ -30,6 +30,7 @@ from .types import (
     NodeInfo,
     Preprocessing,
     ResolvedNode,
+    ServerInfo,
     Timings,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "NodeInfo",
     "Preprocessing",
     "ResolvedNode",
+    "ServerInfo",
     "Timings",
     "bfloat16_to_float32",
     "tls_credentials",

@@ -28,6 +28,7 @@ from .types import (
     NodeInfo,
     Preprocessing,
     ResolvedNode,
+    ServerInfo,
     Timings,
 )
 
@@ -401,6 +402,19 @@ def model_info_from_proto(m: pb.ModelInfo) -> ModelInfo:
 
 def models_from_proto(response: pb.ListModelsResponse) -> list[ModelInfo]:
     return [model_info_from_proto(m) for m in response.models]
+
+
+def server_info_from_proto(response: pb.ListModelsResponse) -> ServerInfo:
+    lim = response.limits
+    return ServerInfo(
+        version=response.server_version,
+        max_images_per_request=lim.max_images_per_request,
+        max_image_bytes=lim.max_image_bytes,
+        max_image_pixels=lim.max_image_pixels,
+        max_message_bytes=lim.max_message_bytes,
+        max_batch_size=lim.max_batch_size,
+        max_queue_images=lim.max_queue_images,
+    )
 
 
 def description_from_proto(response: pb.DescribeModelResponse) -> ModelDescription:

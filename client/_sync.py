@@ -18,6 +18,7 @@ from ._convert import (
     description_from_proto,
     models_from_proto,
     parse_extract_response,
+    server_info_from_proto,
 )
 from ._options import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -32,7 +33,7 @@ from ._options import (
 )
 from ._security import with_token
 from .errors import FeatureServiceError
-from .types import ExtractResult, ModelDescription, ModelInfo
+from .types import ExtractResult, ModelDescription, ModelInfo, ServerInfo
 
 _R = TypeVar("_R")
 
@@ -115,6 +116,11 @@ class FeatureClient:
         """The models the server is configured with (ready or not)."""
         response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
         return models_from_proto(response)
+
+    def server_info(self, *, timeout: Timeout = UNSET) -> ServerInfo:
+        """The server's version and request limits (images per request, bytes, pixels, ...)."""
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        return server_info_from_proto(response)
 
     def describe(self, model: str, *, timeout: Timeout = UNSET) -> ModelDescription:
         """A model's extractable nodes (with shapes for one image) and its modules."""

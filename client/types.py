@@ -48,6 +48,19 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class ServerInfo:
+    """The server's version and the request limits it enforces, so callers can size requests."""
+
+    version: str
+    max_images_per_request: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_message_bytes: int
+    max_batch_size: int
+    max_queue_images: int
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     """One node of a model's eval graph."""
 

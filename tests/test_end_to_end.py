@@ -239,3 +239,42 @@ def test_embedded_default_config_serves_real_and_marked_random_models() -> None:
             assert out["features.22"].shape == (1, 512)
     finally:
         running.stop()
+
+
+def test_server_info_reports_limits(small_server: RunningServer) -> None:
+    s = small_server.server.settings
+    with FeatureClient(small_server.target) as client:
+        info = client.server_info()
+    assert info.version
+    assert info.max_images_per_request == s.max_images_per_request == 16
+    assert info.max_image_pixels == s.max_image_pixels
+    assert info.max_message_bytes == s.max_message_bytes
+    assert info.max_batch_size == s.max_batch_size
+
+
+def test_connections_are_aged_out_when_configured(resnet18_weights: Path) -> None:
+    """max_connection_age_s: the server sends GOAWAY; the client reconnects transparently."""
+    from conftest import start_server
+
+    from layertap.server.app import server_options
+    from layertap.server.settings import ModelConfig, Settings
+
+    settings = Settings(
+        port=0,
+        metrics=False,
+        max_connection_age_s=0.5,
+        max_connection_age_grace_s=5,
+        models=(ModelConfig(name="r18", arch="resnet18", weights=str(resnet18_weights)),),
+    )
+    assert ("grpc.max_connection_age_ms", 500) in server_options(settings)
+    assert ("grpc.max_connection_age_grace_ms", 5000) in server_options(settings)
+    assert not any("connection_age" in k for k, _ in server_options(Settings()))
+    running = start_server(settings)
+    try:
+        with FeatureClient(running.target) as client:
+            for _ in range(4):  # spans several connection lifetimes
+                out = client.extract(photo("coffee"), model="r18", nodes="layer1", pool="avg")
+                assert out["layer1"].shape == (1, 64)
+                time.sleep(0.4)
+    finally:
+        running.stop()
