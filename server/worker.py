@@ -295,8 +295,5 @@ class ModelRuntime:
                         results[index][name] = pooled[j]
         return results
 
-    async def describe(self, name: str) -> LoadedModel:
-        return self.model(name)
-
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
