@@ -124,7 +124,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
         max_queue=settings.max_queue_images,
-        batch_limit=lambda key: _batch_limit(settings, key),
+        batch_limit=lambda key: _batch_limit(settings, runtime, key),
         on_queue_depth=metrics.queue_depth.set if metrics else None,
         on_batch=metrics.observe_batch if metrics else None,
     )
@@ -162,10 +162,13 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     return server, port
 
 
-def _batch_limit(settings: Settings, key: object) -> int:
+def _batch_limit(settings: Settings, runtime: ModelRuntime, key: object) -> int:
+    """The model's own max_batch_size (else the server's), lowered after out-of-memory."""
     name = key[0] if isinstance(key, tuple) and key else None
     cfg = settings.model(name) if isinstance(name, str) else None
-    return cfg.max_batch_size if cfg and cfg.max_batch_size > 0 else settings.max_batch_size
+    limit = cfg.max_batch_size if cfg and cfg.max_batch_size > 0 else settings.max_batch_size
+    cap = runtime.batch_cap(name) if isinstance(name, str) else None
+    return min(limit, cap) if cap else limit
 
 
 async def serve(settings: Settings) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 ENV_PREFIX = "LAYERTAP_"
 MiB = 1024 * 1024

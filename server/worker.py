@@ -22,7 +22,7 @@ from torch import fx
 
 from . import models as model_loading
 from .catalog import Catalog, NodeSpec, build_catalog, build_extractor, module_tree
-from .errors import InvalidArgument, ModelNotFound, Unavailable
+from .errors import InvalidArgument, LimitExceeded, ModelNotFound, Unavailable
 from .metrics import Metrics
 from .pooling import OutputSpec, pool
 from .preprocess import Preprocessing
@@ -67,6 +67,16 @@ class LoadedModel:
     extractors: OrderedDict[tuple[str, ...], fx.GraphModule] = field(default_factory=OrderedDict)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's equivalent RuntimeError."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,6 +103,7 @@ class ModelRuntime:
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, str] = {}
         self._bases: dict[tuple[object, ...], model_loading.LoadedWeights] = {}
+        self._batch_caps: dict[str, int] = {}
         self._ready = threading.Event()
         self._configs = {m.name: m for m in settings.models}
         self.worker_thread_ident: int | None = None
@@ -257,7 +268,37 @@ class ModelRuntime:
             m.cache_entries.labels(name).set(len(cache))
         return extractor
 
+    def batch_cap(self, model: str) -> int | None:
+        """A lower batch limit learnt from out-of-memory errors, if any (read by the batcher)."""
+        return self._batch_caps.get(model)
+
     def _forward(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
+        """Run one batch; on device out-of-memory, split it in halves (and remember the smaller
+        size for that model) rather than fail every request in it."""
+        try:
+            return self._forward_once(key, items)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            model_name = key[0]  # type: ignore[index]
+            if len(items) == 1:
+                raise LimitExceeded(
+                    f"model {model_name!r} ran out of {self.device.type} memory on a single "
+                    "image; send a smaller image or fewer/pooled nodes"
+                ) from exc
+            half = len(items) // 2
+            self._batch_caps[model_name] = min(self._batch_caps.get(model_name, half), half)
+            log.warning(
+                "model %s: out of memory at batch %d; splitting, batch limit now %d",
+                model_name,
+                len(items),
+                self._batch_caps[model_name],
+            )
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self._forward(key, items[:half]) + self._forward(key, items[half:])
+
+    def _forward_once(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
         model_name: str
         nodes: tuple[str, ...]
         shape: tuple[int, ...]
@@ -271,7 +312,7 @@ class ModelRuntime:
             with torch.inference_mode():
                 outputs = extractor(batch)
         except (RuntimeError, AssertionError, ValueError) as exc:
-            if tuple(shape[1:]) == tuple(loaded.catalog.input_size):
+            if _is_oom(exc) or tuple(shape[1:]) == tuple(loaded.catalog.input_size):
                 raise  # at the model's own input size this is a bug: INTERNAL
             size = loaded.catalog.input_size
             raise InvalidArgument(

@@ -62,7 +62,7 @@ def _cert(
     server: bool = False,
 ) -> x509.Certificate:
     """A certificate for `key`, self-signed when `issuer` is None."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     issuer_name, signing_key = (issuer[0].subject, issuer[1]) if issuer else (_name(subject), key)
     builder = (
         x509.CertificateBuilder()
