@@ -11,13 +11,23 @@ Usage::
 Only grpcio, protobuf and numpy are needed: PIL and torch are imported only when you pass
 their objects. :class:`AsyncFeatureClient` offers the same API for asyncio. For a secured
 server pass ``token="..."`` and/or ``credentials=tls_credentials(ca="ca.pem")``.
+
+For several replicas give a target that resolves to all of them (``dns:///headless-svc:50051``
+or ``10.0.0.1:50051,10.0.0.2:50051``): calls are spread round robin and a call that fails
+with UNAVAILABLE is retried on another replica (``load_balancing=``, ``retries=``).
 """
 
 from __future__ import annotations
 
 from ._aio import AsyncFeatureClient
 from ._convert import ImageLike, bfloat16_to_float32
-from ._options import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, DEFAULT_TIMEOUT
+from ._options import (
+    DEFAULT_LOAD_BALANCING,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RETRIES,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+)
 from ._security import tls_credentials
 from ._sync import FeatureClient
 from .errors import FeatureServiceError
@@ -35,7 +45,9 @@ from .types import (
 )
 
 __all__ = [
+    "DEFAULT_LOAD_BALANCING",
     "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_RETRIES",
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
     "AsyncFeatureClient",

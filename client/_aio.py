@@ -23,13 +23,16 @@ from ._convert import (
     server_info_from_proto,
 )
 from ._options import (
+    DEFAULT_LOAD_BALANCING,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RETRIES,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     UNSET,
     Timeout,
     call_metadata,
     channel_options,
+    channel_target,
     check_timeout,
     resolve_timeout,
 )
@@ -60,12 +63,19 @@ class AsyncFeatureClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
         token: str | None = None,
+        load_balancing: str | None = DEFAULT_LOAD_BALANCING,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
-        """Same arguments as :class:`FeatureClient`."""
+        """Same arguments as :class:`FeatureClient`, including ``load_balancing``
+        (default ``"round_robin"``; ``None``: pick_first) and ``retries`` (default 4
+        retries on UNAVAILABLE for requests up to 16 MiB; 0 disables)."""
         self.target = target
         self.timeout = check_timeout(timeout)
         self._metadata = with_token(call_metadata(metadata), token)
-        self._options = channel_options(max_message_bytes)
+        self._options = channel_options(
+            max_message_bytes, load_balancing=load_balancing, retries=retries
+        )
+        self._address = channel_target(target)
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
@@ -82,10 +92,10 @@ class AsyncFeatureClient:
             raise RuntimeError("AsyncFeatureClient is closed")
         if self._stub is None:
             if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+                self._channel = grpc.aio.insecure_channel(self._address, options=self._options)
             else:
                 self._channel = grpc.aio.secure_channel(
-                    self.target, self._credentials, options=self._options
+                    self._address, self._credentials, options=self._options
                 )
             self._stub = pb_grpc.FeatureServiceStub(self._channel)
         return self._stub

@@ -3,12 +3,43 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
+import json
+import re
 from collections.abc import Sequence
+from typing import Any
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """64 MiB each way: gRPC's own 4 MiB receive default is too small for raw activations."""
+
+DEFAULT_LOAD_BALANCING = "round_robin"
+"""Spread calls over every address the target resolves to (all pods behind a headless Service,
+every address of an ``ipv4:`` list); gRPC's own default, pick_first, sends everything to one."""
+DEFAULT_RETRIES = 4
+"""Retries of a call that failed with UNAVAILABLE (gRPC caps attempts at 5, so at most 4)."""
+MAX_RETRIES = 4
+RETRY_BUFFER_BYTES = 16 * 1024 * 1024
+"""``grpc.per_rpc_retry_buffer_size``: a call is retried only while its request fits in this
+buffer (gRPC's default is 256 KiB, less than one uncompressed photo batch); bigger requests are
+sent once. The buffer holds a copy of the request only until the call is committed."""
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+RETRY_POLICY: dict[str, Any] = {
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+"""gRPC's built-in retry policy (``maxAttempts`` = retries + 1 is added per client); backoff is
+randomised in [0, 0.1 s], [0, 0.2 s], [0, 0.4 s] ... and every attempt stays within the call's
+deadline."""
+
+_SERVICE = "layertap.v1.FeatureService"
+_IDEMPOTENT_METHODS = ("ListModels", "DescribeModel", "Extract")
+_POLICY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_PORT = re.compile(r"^[0-9]{1,5}$")
 
 
 class _Unset(enum.Enum):
@@ -25,16 +56,116 @@ Timeout = float | None | _Unset
 """Per-call timeout in seconds; ``None`` waits forever; unset uses the client's default."""
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Explicit send/receive limits so large batches fail loudly only past the chosen size."""
+def service_config(load_balancing: str | None, retries: int) -> dict[str, Any]:
+    """The gRPC service config both clients put on their channel (``grpc.service_config``).
+
+    ``loadBalancingConfig`` selects ``load_balancing`` (``None``: gRPC's default, pick_first);
+    ``methodConfig`` retries the three RPCs, all idempotent, on UNAVAILABLE ``retries`` times
+    (0: none). Empty when both are off.
+    """
+    if load_balancing is not None and (
+        not isinstance(load_balancing, str) or not _POLICY_NAME.match(load_balancing)
+    ):
+        raise ValueError(
+            "load_balancing must be a gRPC policy name such as 'round_robin' or 'pick_first', "
+            f"or None, got {load_balancing!r}"
+        )
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int, got {retries!r}")
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(
+            f"retries must be in 0..{MAX_RETRIES} (gRPC allows at most 5 attempts), got {retries}"
+        )
+    config: dict[str, Any] = {}
+    if load_balancing is not None:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    if retries > 0:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": _SERVICE, "method": m} for m in _IDEMPOTENT_METHODS],
+                "retryPolicy": {"maxAttempts": retries + 1, **RETRY_POLICY},
+            }
+        ]
+    return config
+
+
+def channel_options(
+    max_message_bytes: int,
+    *,
+    load_balancing: str | None = None,
+    retries: int = 0,
+) -> list[tuple[str, int | str]]:
+    """Channel arguments of both clients.
+
+    - explicit send/receive limits, so large batches fail loudly only past the chosen size;
+    - keepalive pings every 30 s, only while calls are in flight (``permit_without_calls`` 0),
+      10 s to answer: a replica that vanished without closing its connections (node failure)
+      is noticed during a long call. This is within the ping policy of a gRPC server with
+      default settings: without calls no pings are sent at all (the server would allow one per
+      2 hours), and a client sends at most 2 pings until the server sends data again
+      (``grpc.http2.max_pings_without_data``), below the server's 3 strikes before
+      GOAWAY ``too_many_pings``;
+    - the :func:`service_config` for ``load_balancing`` and ``retries``, and the retry buffer
+      (:data:`RETRY_BUFFER_BYTES`) when retries are on. Service configs published by the name
+      resolver (DNS TXT records) are ignored, so these settings hold for every target.
+    """
     if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
         raise TypeError(f"max_message_bytes must be an int, got {max_message_bytes!r}")
     if max_message_bytes <= 0:
         raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")
-    return [
+    config = service_config(load_balancing, retries)
+    options: list[tuple[str, int | str]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.service_config_disable_resolution", 1),
     ]
+    if config:
+        options.append(("grpc.service_config", json.dumps(config, separators=(",", ":"))))
+    if retries > 0:
+        options += [
+            ("grpc.enable_retries", 1),
+            ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+        ]
+    return options
+
+
+def channel_target(target: str) -> str:
+    """The gRPC target for ``target``; a plain comma-separated list of IP addresses with ports
+    (``10.0.0.1:50051,10.0.0.2:50051``, ``[::1]:5001,[::1]:5002``) becomes gRPC's ``ipv4:`` /
+    ``ipv6:`` list. Anything else is returned unchanged (``host:port``,
+    ``dns:///name:port``, ``ipv4:a:p,b:p``, ``unix:path``).
+    """
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a str, got {type(target).__name__}")
+    if "," not in target or "://" in target or target.startswith(("ipv4:", "ipv6:", "unix")):
+        return target
+    versions = set()
+    for part in target.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        try:
+            address = ipaddress.ip_address(host[1:-1] if host.startswith("[") else host)
+        except ValueError:
+            address = None
+        if (
+            address is None
+            or not sep
+            or not _PORT.match(port)
+            or not 0 < int(port) < 65536
+            or (address.version == 6) != host.startswith("[")
+        ):
+            raise ValueError(
+                f"cannot use {part.strip()!r} in the target list {target!r}: a comma-separated "
+                "target must list IP addresses with ports (10.0.0.1:50051 or [fd00::1]:50051); "
+                "for a DNS name use dns:///name:port (with load balancing over its addresses)"
+            )
+        versions.add(address.version)
+    if len(versions) > 1:
+        raise ValueError(f"a target list cannot mix IPv4 and IPv6 addresses: {target!r}")
+    parts = ",".join(p.strip() for p in target.split(","))
+    return f"ipv{versions.pop()}:{parts}"
 
 
 def check_timeout(timeout: float | None, what: str = "timeout") -> float | None:

@@ -21,13 +21,16 @@ from ._convert import (
     server_info_from_proto,
 )
 from ._options import (
+    DEFAULT_LOAD_BALANCING,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RETRIES,
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     UNSET,
     Timeout,
     call_metadata,
     channel_options,
+    channel_target,
     check_timeout,
     resolve_timeout,
 )
@@ -56,18 +59,45 @@ class FeatureClient:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
         token: str | None = None,
+        load_balancing: str | None = DEFAULT_LOAD_BALANCING,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
-        """``timeout`` is the default per-call deadline in seconds (``None``: none);
+        """Open a channel to ``target``.
+
+        ``target``: ``host:port``; ``dns:///name:port`` (every address the name resolves to,
+        e.g. a Kubernetes headless Service ``dns:///layertap-headless.ns.svc:50051``);
+        ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` (gRPC's address list); or the plain
+        ``10.0.0.1:50051,10.0.0.2:50051``, converted to that ``ipv4:``/``ipv6:`` list.
+
+        ``timeout`` is the default per-call deadline in seconds (``None``: none);
         ``credentials`` switches to a TLS channel (see :func:`tls_credentials`); ``metadata``
-        is sent with every call; ``token`` adds ``authorization: Bearer <token>`` to it."""
+        is sent with every call; ``token`` adds ``authorization: Bearer <token>`` to it.
+
+        ``load_balancing``: the gRPC policy over the target's addresses, ``"round_robin"``
+        (default: each call goes to the next ready replica, and a replica that goes away is
+        skipped) or ``"pick_first"``/``None`` (gRPC's default: one connection to the first
+        address that answers). A plain ``Service`` (one virtual IP) gets no balancing per
+        call whatever the policy; use a headless Service with ``dns:///``.
+
+        ``retries``: how often a call that failed with UNAVAILABLE (replica stopping or
+        unreachable, model still loading) is retried, with randomised exponential backoff
+        (0.1 s doubling up to 2 s) within the call's deadline; with round_robin a retry goes
+        to another replica. All three RPCs are idempotent. 0..4, 0 disables; only requests up
+        to 16 MiB (the channel's retry buffer, ``grpc.per_rpc_retry_buffer_size``) are
+        retried, bigger ones are sent once. Calls that reached the server's handler and then
+        failed otherwise (deadline, INVALID_ARGUMENT, ...) are never retried.
+        """
         self.target = target
         self.timeout = check_timeout(timeout)
         self._metadata = with_token(call_metadata(metadata), token)
-        options = channel_options(max_message_bytes)
+        options = channel_options(
+            max_message_bytes, load_balancing=load_balancing, retries=retries
+        )
+        address = channel_target(target)
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(address, options=options)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self._closed = False
 
