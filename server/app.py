@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from layertap.v1 import layertap_pb2, layertap_pb2_grpc
+from layertap.v1 import layertap_pb2
 
 from . import logs, security
 from .batcher import Batcher
@@ -131,11 +131,9 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     grpc_server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     # imported here: the servicer module pulls in protobuf stubs and codec
-    from .service import FeatureService
+    from .service import FeatureService, add_to_server
 
-    layertap_pb2_grpc.add_FeatureServiceServicer_to_server(
-        FeatureService(settings, runtime, batcher, decode_pool, metrics), grpc_server
-    )
+    add_to_server(FeatureService(settings, runtime, batcher, decode_pool, metrics), grpc_server)
     health = HealthServicer()
     for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in settings.models)):
         await health.set(name, NOT_SERVING)

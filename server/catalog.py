@@ -85,7 +85,9 @@ class Catalog:
     def _unknown_message(self, requested: str) -> str:
         names = [n.name for n in self.nodes]
         prefixes = sorted({".".join(n.split(".")[:k]) for n in names for k in (1, 2)})
-        close = difflib.get_close_matches(requested, names + prefixes, n=5, cutoff=0.5)
+        close = difflib.get_close_matches(
+            requested, sorted(set(names) | set(prefixes)), n=5, cutoff=0.5
+        )
         shown = repr(requested[:80]) + ("…" if len(requested) > 80 else "")
         hint = f"; closest valid names: {', '.join(close)}" if close else ""
         if requested == self.input_name:

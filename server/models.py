@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class ModelLoadError(RuntimeError):
-    """The model cannot be built as configured; the message says what to fix."""
+    """The model cannot be built as configured; the message says what to fix (plain text:
+    torch's own messages carry terminal colour codes, which are stripped)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_ANSI.sub("", message))
 
 
 @dataclass
@@ -210,7 +218,13 @@ def build_model(cfg: ModelConfig) -> LoadedWeights:
             random_init, note = True, "random init (weights = none)"
         # Force weights_only even inside torchvision's own loader.
         os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-        module = torchvision.models.get_model(cfg.arch, weights=enum, **kwargs)
+        try:
+            module = torchvision.models.get_model(cfg.arch, weights=enum, **kwargs)
+        except Exception as exc:  # a refused (weights_only) or corrupt cached file, bad kwargs
+            where = f" from {cached_weights_path(enum)}" if enum is not None else ""
+            raise ModelLoadError(
+                f"model {cfg.name!r}: cannot build {cfg.arch}{where}: {exc}"
+            ) from exc
     else:
         assert cfg.factory is not None
         factory: Callable[..., nn.Module] = import_object(cfg.factory)

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -72,6 +73,44 @@ def status_for(exc: LayertapError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message (grpc would say UNKNOWN)."""
+
+    reason: str
+
+
+def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: bad bytes become Undecodable, which `@rpc`
+    answers with INVALID_ARGUMENT instead of grpc's UNKNOWN."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError, bad UTF-8 in a string field, ...
+            return Undecodable(str(exc)[:200] or type(exc).__name__)
+
+    return deserialize
+
+
+def add_to_server(servicer: FeatureService, server: grpc.aio.Server) -> None:
+    """Register the FeatureService like the generated helper does, with tolerant parsing."""
+    service = pb.DESCRIPTOR.services_by_name["FeatureService"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=tolerant(request_cls.FromString),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
     """The client's x-request-id (64 chars at most), or a fresh one."""
     for key, value in context.invocation_metadata() or ():
@@ -97,6 +136,11 @@ def rpc(handler: H) -> H:
         if m is not None:
             m.in_flight.labels(method).inc()
         try:
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(
+                    f"the request is not a valid {method} message ({request.reason}); "
+                    "check the client's generated code matches layertap.v1"
+                )
             response = await handler(self, request, context)
             context.set_trailing_metadata(trailer)
             return response
