@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -64,6 +64,7 @@ class Batcher:
     _wakeup: asyncio.Event | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _busy: bool = field(default=False, init=False)
+    _reserved: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
     batches_run: int = field(default=0, init=False)
 
@@ -76,15 +77,37 @@ class Batcher:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit_many(self, key: Hashable, payloads: Sequence[Any]) -> list[asyncio.Future[Any]]:
-        """Queue all payloads of one request atomically, or refuse them all (RESOURCE_EXHAUSTED)."""
+    @contextlib.contextmanager
+    def reserve(self, count: int) -> Iterator[None]:
+        """Hold queue room for `count` items while they are being decoded, so a full queue
+        refuses a request before any decoding is spent on it (and decode backlog stays bounded).
+        Submit inside the block with `reserved=True`."""
+        self._check_room(count)
+        self._reserved += count
+        try:
+            yield
+        finally:
+            self._reserved -= count
+
+    def _check_room(self, count: int) -> None:
         if self._closed:
             raise Unavailable("server is shutting down; retry on another replica")
-        if len(self._pending) + len(payloads) > self.max_queue:
+        waiting = len(self._pending) + self._reserved
+        if waiting + count > self.max_queue:
             raise QueueFull(
-                f"batch queue is full ({len(self._pending)} images waiting, limit "
+                f"batch queue is full ({waiting} images waiting, limit "
                 f"max_queue_images={self.max_queue}); retry with backoff"
             )
+
+    def submit_many(
+        self, key: Hashable, payloads: Sequence[Any], reserved: bool = False
+    ) -> list[asyncio.Future[Any]]:
+        """Queue all payloads of one request atomically, or refuse them all (RESOURCE_EXHAUSTED).
+        `reserved`: the room was already taken with `reserve()` (inside its block)."""
+        if not reserved:
+            self._check_room(len(payloads))
+        elif self._closed:
+            raise Unavailable("server is shutting down; retry on another replica")
         self.start()
         loop = asyncio.get_running_loop()
         now = time.monotonic()

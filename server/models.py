@@ -169,17 +169,31 @@ def _default_preprocessing(
     )
 
 
+def _torch_reason(exc: BaseException) -> str:
+    """torch.load's refusal, without its advice to retry with weights_only=False (unsafe)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    unpickler = [ln for ln in lines if ln.startswith("WeightsUnpickler error")]
+    if unpickler:
+        return "the file holds pickled objects, not only tensors (" + unpickler[0] + ")"
+    safe = [ln for ln in lines if "weights_only" not in ln and "Re-running" not in ln]
+    return (safe or lines or [type(exc).__name__])[0][:300]
+
+
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ModelLoadError(f"weights file {path} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return dict(load_file(path, device="cpu"))
+        try:
+            return dict(load_file(path, device="cpu"))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"cannot load {path} as safetensors: {exc}") from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad/pickled files
-        raise ModelLoadError(f"cannot load {path} with weights_only=True: {exc}") from exc
+        reason = _torch_reason(exc)
+        raise ModelLoadError(f"cannot load {path} with weights_only=True: {reason}") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

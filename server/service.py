@@ -388,28 +388,33 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 "or fewer images"
             )
         preprocessing = loaded.weights.preprocessing
-        prepared = await asyncio.gather(
-            *(self._in_pool(prepare_image, img, self.limits, preprocessing) for img in inputs),
-            return_exceptions=True,
-        )
-        for index, result in enumerate(prepared):
-            if isinstance(result, PerImageError):
-                raise result.at(index)
-            if isinstance(result, BaseException):
-                raise result
-        images: list[Prepared] = prepared  # type: ignore[assignment]
-
-        # one batch key per input shape: a batch must stack
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(images):
-            groups.setdefault(tuple(image.tensor.shape), []).append(index)
         futures: list[asyncio.Future[Any]] = [None] * count  # type: ignore[list-item]
         try:
-            for shape, indices in groups.items():
-                key = (request.model, full_nodes, shape)
-                items = [Item(images[i].tensor, spec) for i in indices]
-                for i, fut in zip(indices, self.batcher.submit_many(key, items), strict=True):
-                    futures[i] = fut
+            # queue room is held from before decoding: a full queue refuses at once
+            with self.batcher.reserve(count):
+                prepared = await asyncio.gather(
+                    *(
+                        self._in_pool(prepare_image, img, self.limits, preprocessing)
+                        for img in inputs
+                    ),
+                    return_exceptions=True,
+                )
+                for index, result in enumerate(prepared):
+                    if isinstance(result, PerImageError):
+                        raise result.at(index)
+                    if isinstance(result, BaseException):
+                        raise result
+                images: list[Prepared] = prepared  # type: ignore[assignment]
+                # one batch key per input shape: a batch must stack
+                groups: dict[tuple[int, ...], list[int]] = {}
+                for index, image in enumerate(images):
+                    groups.setdefault(tuple(image.tensor.shape), []).append(index)
+                for shape, indices in groups.items():
+                    key = (request.model, full_nodes, shape)
+                    items = [Item(images[i].tensor, spec) for i in indices]
+                    submitted = self.batcher.submit_many(key, items, reserved=True)
+                    for i, fut in zip(indices, submitted, strict=True):
+                        futures[i] = fut
             done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*futures)
         except BaseException:  # client gone, queue full or a failed batch: drop our other items
             for fut in futures:

@@ -287,7 +287,9 @@ class ModelRuntime:
                     "image; send a smaller image or fewer/pooled nodes"
                 ) from exc
             half = len(items) // 2
-            self._batch_caps[model_name] = min(self._batch_caps.get(model_name, half), half)
+            # the largest batch not yet seen to fail; halves keep probing below it
+            cap = min(self._batch_caps.get(model_name, len(items)), len(items) - 1)
+            self._batch_caps[model_name] = cap
             log.warning(
                 "model %s: out of memory at batch %d; splitting, batch limit now %d",
                 model_name,

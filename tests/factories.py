@@ -45,3 +45,91 @@ class GatedNet(nn.Module):
 
 def gated_net() -> nn.Module:
     return GatedNet()
+
+
+# --- fault injection for tests/reliability/test_faults.py ----------------------------------
+# A leaf module (list "factories:Probe" in the model's leaf_modules) sees the raw input batch in
+# every real forward: it records what it saw, and can be slow, fail, or run "out of memory".
+# Fake/meta tensors (shape propagation while the catalogue is built) pass through unrecorded.
+
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+PROBE_LOG: dict[str, list[dict[str, object]]] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def probe_log(tag: str) -> list[dict[str, object]]:
+    """A copy of what the probe of model `tag` saw: one dict per real forward."""
+    with _PROBE_LOCK:
+        return list(PROBE_LOG.get(tag, []))
+
+
+class Probe(nn.Module):
+    """Records each real batch (size, per-image max); sleeps `delay_s`; raises
+    RuntimeError("injected fault ...") when any input value exceeds `fail_above`; raises
+    torch.cuda.OutOfMemoryError when the batch is larger than `oom_above` or any input value
+    exceeds `oom_value_above` (an image too large to fit even alone)."""
+
+    def __init__(
+        self,
+        tag: str,
+        delay_s: float = 0.0,
+        fail_above: float | None = None,
+        oom_above: int | None = None,
+        oom_value_above: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.tag, self.delay_s = tag, delay_s
+        self.fail_above, self.oom_above = fail_above, oom_above
+        self.oom_value_above = oom_value_above
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        if type(x) is not torch.Tensor or x.device.type == "meta":
+            return x.clone()
+        maxima = [float(v) for v in x.flatten(1).amax(1)]
+        event: dict[str, object] = {"batch": int(x.shape[0]), "max": maxima, "outcome": "ok"}
+        with _PROBE_LOCK:
+            PROBE_LOG.setdefault(self.tag, []).append(event)
+        too_big = self.oom_value_above is not None and max(maxima) > self.oom_value_above
+        if too_big or (self.oom_above is not None and x.shape[0] > self.oom_above):
+            event["outcome"] = "oom"
+            raise torch.cuda.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (injected, batch {x.shape[0]})"
+            )
+        if self.fail_above is not None and max(maxima) > self.fail_above:
+            event["outcome"] = "fault"
+            raise RuntimeError(f"injected fault: input value above {self.fail_above}")
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return x.clone()
+
+
+class ProbeNet(nn.Module):
+    """Probe → conv → ReLU → global average: nodes `probe`, `conv`, `relu`, `mean`."""
+
+    def __init__(self, probe: Probe, width: int = 4) -> None:
+        super().__init__()
+        self.probe = probe
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.relu(self.conv(self.probe(x))).mean((2, 3))
+
+
+def probe_net(
+    tag: str,
+    delay_s: float = 0.0,
+    fail_above: float | None = None,
+    oom_above: int | None = None,
+    oom_value_above: float | None = None,
+    width: int = 4,
+) -> nn.Module:
+    """The same weights on every call (seeded, without touching the global RNG), so a test can
+    build its own copy as the reference."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ProbeNet(Probe(tag, delay_s, fail_above, oom_above, oom_value_above), width)
