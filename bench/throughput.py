@@ -1,8 +1,8 @@
 """Images per second through layertap, for sizing replicas (docs/DEPLOY.md).
 
 Run: `.venv/bin/python bench/throughput.py [--seconds 15] [--device auto]`. Starts an in-process
-server on 127.0.0.1 with mobilenet_v2 (real weights when cached) and resnet50 (random init is fine
-for timing), then for each model sends real JPEG photos (8 per request, GeM of the last stage)
+server on 127.0.0.1 with mobilenet_v2 and resnet50 (random init: timing does not depend on
+weights), then for each model sends real JPEG photos (8 per request, GeM of the last stage)
 from 4 concurrent clients for the given time, after a warm-up. Also times the in-process forward
 at the same batch size (no gRPC, no JPEG decode) as a ceiling. Prints a Markdown table with the
 machine it ran on. Client and server share the machine's cores.
@@ -84,7 +84,7 @@ async def main(seconds: float, device: str) -> None:
         device=device,
         max_batch_size=IMAGES_PER_REQUEST,
         models=tuple(
-            ModelConfig(name=m, arch=m, weights="DEFAULT", allow_random=True) for m in MODELS
+            ModelConfig(name=m, arch=m, weights="none", allow_random=True) for m in MODELS
         ),
     )
     server, port = await create_server(settings)
