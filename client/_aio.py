@@ -124,9 +124,7 @@ class AsyncFeatureClient:
 
     # ------------------------------------------------------------------ calls
 
-    async def _call(
-        self, method_name: str, request: Any, timeout: Timeout
-    ) -> Any:
+    async def _call(self, method_name: str, request: Any, timeout: Timeout) -> Any:
         method: Callable[..., Awaitable[Any]] = getattr(self._get_stub(), method_name)
         try:
             return await method(
@@ -149,9 +147,7 @@ class AsyncFeatureClient:
 
     async def describe(self, model: str, *, timeout: Timeout = UNSET) -> ModelDescription:
         """A model's extractable nodes (with shapes for one image) and its modules."""
-        response = await self._call(
-            "DescribeModel", pb.DescribeModelRequest(model=model), timeout
-        )
+        response = await self._call("DescribeModel", pb.DescribeModelRequest(model=model), timeout)
         return description_from_proto(response)
 
     async def extract(
@@ -170,8 +166,13 @@ class AsyncFeatureClient:
         request, n_images = await _maybe_offload(
             _is_large_input(images),
             lambda: build_extract_request(
-                images, model=model, nodes=nodes, pool=pool, gem_p=gem_p,
-                normalize=normalize, dtype=dtype,
+                images,
+                model=model,
+                nodes=nodes,
+                pool=pool,
+                gem_p=gem_p,
+                normalize=normalize,
+                dtype=dtype,
             ),
         )
         response = await self._call("Extract", request, timeout)
@@ -185,8 +186,7 @@ def _is_large_input(images: object) -> bool:
     """Offload conversion when it may read files or copy many pixels (cheap to decide)."""
     items = images if isinstance(images, (list, tuple)) else [images]
     return any(
-        not isinstance(img, (bytes, bytearray, memoryview))
-        or len(img) > _OFFLOAD_BYTES
+        not isinstance(img, (bytes, bytearray, memoryview)) or len(img) > _OFFLOAD_BYTES
         for img in items
     )
 

@@ -449,7 +449,9 @@ def _metadata_from_proto(m: pb.ExtractMetadata) -> ExtractMetadata:
         nodes=[ResolvedNode(r.key, r.requested, r.node) for r in m.nodes],
         preprocessing=preprocessing_from_proto(m.preprocessing),
         timings=Timings(
-            queue_ms=t.queue_ms, decode_ms=t.decode_ms, compute_ms=t.compute_ms,
+            queue_ms=t.queue_ms,
+            decode_ms=t.decode_ms,
+            compute_ms=t.compute_ms,
             total_ms=t.total_ms,
         ),
     )

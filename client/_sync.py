@@ -90,9 +90,7 @@ class FeatureClient:
         self.target = target
         self.timeout = check_timeout(timeout)
         self._metadata = with_token(call_metadata(metadata), token)
-        options = channel_options(
-            max_message_bytes, load_balancing=load_balancing, retries=retries
-        )
+        options = channel_options(max_message_bytes, load_balancing=load_balancing, retries=retries)
         address = channel_target(target)
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
@@ -180,8 +178,13 @@ class FeatureClient:
         (bfloat16 is returned widened to float32, exactly). Returns output key -> [N, ...].
         """
         request, n_images = build_extract_request(
-            images, model=model, nodes=nodes, pool=pool, gem_p=gem_p,
-            normalize=normalize, dtype=dtype,
+            images,
+            model=model,
+            nodes=nodes,
+            pool=pool,
+            gem_p=gem_p,
+            normalize=normalize,
+            dtype=dtype,
         )
         response = self._call(self._stub.Extract, request, timeout)
         return parse_extract_response(response, n_images)

@@ -28,8 +28,10 @@ _GLOBAL_WITH_VALUE = ("--target", "--timeout", "--token", "--tls-ca", "--tls-cer
 
 def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -52,40 +54,55 @@ def _build_parser() -> argparse.ArgumentParser:
     # before it from being reset by the subparser's default.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--target", default=argparse.SUPPRESS,
+        "--target",
+        default=argparse.SUPPRESS,
         help=f"server address host:port (default: $LAYERTAP_TARGET or {DEFAULT_TARGET})",
     )
     common.add_argument(
-        "--timeout", type=_positive_float, default=argparse.SUPPRESS,
+        "--timeout",
+        type=_positive_float,
+        default=argparse.SUPPRESS,
         help="per-call deadline in seconds (default: 30)",
     )
     common.add_argument(
-        "--token", default=argparse.SUPPRESS,
+        "--token",
+        default=argparse.SUPPRESS,
         help="bearer token for a server with auth_tokens (default: $LAYERTAP_TOKEN; prefer the "
-             "variable: command lines are visible to other users)",
+        "variable: command lines are visible to other users)",
     )
     common.add_argument(
-        "--tls-ca", type=Path, default=argparse.SUPPRESS, metavar="PEM",
+        "--tls-ca",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="PEM",
         help="CA bundle that signed the server certificate; any --tls-* option uses TLS "
-             "(with only --tls-cert/--tls-key the system roots are trusted)",
+        "(with only --tls-cert/--tls-key the system roots are trusted)",
     )
     common.add_argument(
-        "--tls-cert", type=Path, default=argparse.SUPPRESS, metavar="PEM",
+        "--tls-cert",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="PEM",
         help="client certificate, for servers requiring mutual TLS (with --tls-key)",
     )
     common.add_argument(
-        "--tls-key", type=Path, default=argparse.SUPPRESS, metavar="PEM",
+        "--tls-key",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="PEM",
         help="private key of --tls-cert",
     )
     parser = argparse.ArgumentParser(
-        prog="layertap", parents=[common],
+        prog="layertap",
+        parents=[common],
         description="Serve or query intermediate layers of PyTorch vision models.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
-        "serve", add_help=False,
+        "serve",
+        add_help=False,
         help="start a server (needs `pip install layertap[server]`); "
-             "all further arguments go to the server",
+        "all further arguments go to the server",
     )
     sub.add_parser("models", parents=[common], help="list the server's models")
 
@@ -97,8 +114,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ext = sub.add_parser("extract", parents=[common], help="extract activations of images")
     ext.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     ext.add_argument("--model", required=True)
-    ext.add_argument("--node", action="append", required=True, dest="nodes",
-                     help="node name (repeat for several)")
+    ext.add_argument(
+        "--node",
+        action="append",
+        required=True,
+        dest="nodes",
+        help="node name (repeat for several)",
+    )
     ext.add_argument("--pool", choices=list(POOLING), default=None)
     ext.add_argument("--gem-p", type=_positive_float, default=3.0)
     ext.add_argument("--normalize", action="store_true", help="L2-normalise each output")
@@ -121,7 +143,7 @@ def _serve_args(argv: Sequence[str]) -> list[str] | None:
         elif any(arg.startswith(opt + "=") for opt in _GLOBAL_WITH_VALUE):
             i += 1
         else:
-            return list(argv[i + 1:]) if arg == "serve" else None
+            return list(argv[i + 1 :]) if arg == "serve" else None
     return None
 
 
@@ -139,8 +161,12 @@ def _cmd_models(client: FeatureClient, args: argparse.Namespace) -> int:
     models = client.list_models()
     rows = [
         [
-            m.name, m.architecture, m.weights, m.weights_sha256[:12],
-            "x".join(str(s) for s in m.input_size), m.device,
+            m.name,
+            m.architecture,
+            m.weights,
+            m.weights_sha256[:12],
+            "x".join(str(s) for s in m.input_size),
+            m.device,
             "yes" if m.ready else f"no ({m.status_message})" if m.status_message else "no",
         ]
         for m in models
@@ -165,15 +191,24 @@ def _cmd_nodes(client: FeatureClient, args: argparse.Namespace) -> int:
 
 def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
     result = client.extract(
-        [Path(p) for p in args.images], model=args.model, nodes=args.nodes, pool=args.pool,
-        gem_p=args.gem_p, normalize=args.normalize, dtype=args.dtype,
+        [Path(p) for p in args.images],
+        model=args.model,
+        nodes=args.nodes,
+        pool=args.pool,
+        gem_p=args.gem_p,
+        normalize=args.normalize,
+        dtype=args.dtype,
     )
-    rows = [[key, str(list(arr.shape)), str(arr.dtype), result.nodes.get(key, "")]
-            for key, arr in result.items()]
+    rows = [
+        [key, str(list(arr.shape)), str(arr.dtype), result.nodes.get(key, "")]
+        for key, arr in result.items()
+    ]
     print(_format_table(["KEY", "SHAPE", "DTYPE", "NODE"], rows))
     meta = result.metadata
-    print(f"model {meta.model} on {meta.device or '?'}: {len(result.per_image)} image(s), "
-          f"{meta.timings.total_ms:.1f} ms server time")
+    print(
+        f"model {meta.model} on {meta.device or '?'}: {len(result.per_image)} image(s), "
+        f"{meta.timings.total_ms:.1f} ms server time"
+    )
     if args.output is not None:
         path: Path = args.output
         if path.suffix != ".npz":
@@ -203,10 +238,20 @@ def _unreachable(exc: FeatureServiceError) -> bool:
     if exc.code != grpc.StatusCode.UNAVAILABLE:
         return False
     text = exc.details.lower()
-    return any(s in text for s in (
-        "failed to connect", "connection refused", "connect failed", "dns resolution failed",
-        "errors resolving", "lookup", "no address", "socket closed", "unreachable",
-    ))
+    return any(
+        s in text
+        for s in (
+            "failed to connect",
+            "connection refused",
+            "connect failed",
+            "dns resolution failed",
+            "errors resolving",
+            "lookup",
+            "no address",
+            "socket closed",
+            "unreachable",
+        )
+    )
 
 
 def _client_options(args: argparse.Namespace) -> dict[str, Any]:
