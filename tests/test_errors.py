@@ -151,7 +151,7 @@ def tight_server(
     missing = tmp_path_factory.mktemp("w") / "missing.pth"
     settings = Settings(
         port=0,
-        max_queue_images=4,  # the two good neighbours (2 images each) always fit
+        max_queue_images=6,  # two good neighbours + one bad request (2 images each) always fit
         max_image_bytes=300_000,
         max_message_bytes=1024 * 1024,
         models=(
@@ -174,11 +174,11 @@ def test_tight_limits(tight_server: RunningServer, jpegs: dict[str, bytes]) -> N
         "300000",
     )
     queue = good_request(jpegs)
-    queue.images.extend([pb.Image(encoded=jpegs["coffee"])] * 3)  # 5 images > queue bound 4
+    queue.images.extend([pb.Image(encoded=jpegs["coffee"])] * 5)  # 7 images > queue bound 6
     expect(
         run_with_neighbour(tight_server, queue, jpegs),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "max_queue_images=4",
+        "max_queue_images=6",
     )
     raw = good_request(jpegs)
     raw.nodes[:] = ["layer1"]
