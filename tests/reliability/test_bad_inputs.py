@@ -479,7 +479,7 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         details = r.details.replace("|", "\\|").replace("\n", " ")
         lines.append(
-            f"| {r.case} | {r.expected} | {r.status} | {details} | "
+            f"| {r.case.replace('|', chr(92) + '|')} | {r.expected} | {r.status} | {details} | "
             f"{'OK' if r.after_ok else 'FAILED'} |"
         )
     return "\n".join(lines)
