@@ -66,9 +66,11 @@ class Catalog:
     fx_nodes: dict[str, fx.Node] = field(repr=False)
     input_name: str = "x"
     by_name: dict[str, NodeSpec] = field(init=False, repr=False)
+    order: dict[str, int] = field(init=False, repr=False)  # execution position of each node
 
     def __post_init__(self) -> None:
         self.by_name = {n.name: n for n in self.nodes}
+        self.order = {n.name: i for i, n in enumerate(self.nodes)}
 
     def resolve(self, requested: str) -> str:
         """Full or truncated name → one full node name (torchvision's rule: the last node under

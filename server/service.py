@@ -418,8 +418,9 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 for index, image in enumerate(images):
                     groups.setdefault(tuple(image.tensor.shape), []).append(index)
                 for shape, indices in groups.items():
-                    key = (request.model, full_nodes, shape)
-                    items = [Item(images[i].tensor, spec) for i in indices]
+                    # requests for other node sets of the same model share the forward
+                    key = (request.model, shape)
+                    items = [Item(images[i].tensor, spec, full_nodes) for i in indices]
                     submitted = self.batcher.submit_many(key, items, reserved=True)
                     for i, fut in zip(indices, submitted, strict=True):
                         futures[i] = fut

@@ -55,6 +55,7 @@ class Item:
 
     tensor: torch.Tensor  # float32 [3, H, W], preprocessed, CPU
     spec: OutputSpec
+    nodes: tuple[str, ...]  # resolved full node names this image's request wants
 
 
 @dataclass
@@ -302,10 +303,13 @@ class ModelRuntime:
 
     def _forward_once(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
         model_name: str
-        nodes: tuple[str, ...]
         shape: tuple[int, ...]
-        model_name, nodes, shape = key  # type: ignore[misc]
+        model_name, shape = key  # type: ignore[misc]
         loaded = self.model(model_name)
+        # One forward serves every request in the batch: the extractor returns the union of
+        # their node sets (in execution order, so equal unions share one cached extractor).
+        order = loaded.catalog.order
+        nodes = tuple(sorted({n for item in items for n in item.nodes}, key=order.__getitem__))
         extractor = self._extractor(loaded, nodes)
         batch = torch.stack([i.tensor for i in items]).to(self.device, non_blocking=True)
         loaded.weights.module.eval()  # nothing may have flipped it, but BatchNorm must be eval
@@ -323,13 +327,13 @@ class ModelRuntime:
                 f"{str(exc).splitlines()[0][:200]}"
             ) from exc
         results: list[dict[str, torch.Tensor]] = [{} for _ in items]
-        groups: dict[OutputSpec, list[int]] = {}
+        groups: dict[tuple[OutputSpec, tuple[str, ...]], list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault(item.spec, []).append(index)
+            groups.setdefault((item.spec, item.nodes), []).append(index)
         with torch.inference_mode():
-            for spec, indices in groups.items():
+            for (spec, wanted), indices in groups.items():
                 idx = torch.tensor(indices, device=self.device)
-                for name in nodes:
+                for name in wanted:
                     layout = loaded.catalog.by_name[name].layout
                     value = outputs[name]
                     part = value if len(indices) == len(items) else value.index_select(0, idx)

@@ -278,3 +278,34 @@ def test_connections_are_aged_out_when_configured(resnet18_weights: Path) -> Non
                 time.sleep(0.4)
     finally:
         running.stop()
+
+
+def test_requests_for_different_node_sets_share_one_forward(small_server: RunningServer) -> None:
+    """The batch runs the union of its requests' node sets; each gets exactly its own outputs."""
+    node_sets = [["layer1"], ["layer2", "layer4"], ["layer4"], ["fc", "layer1"]]
+    images = [photo(n) for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    with FeatureClient(small_server.target) as client:  # each alone, for reference
+        alone = [
+            client.extract(images[i], model="resnet18", nodes=nodes, pool="avg")
+            for i, nodes in enumerate(node_sets)
+        ]
+    batcher = small_server.server.batcher
+    before = batcher.batches_run
+
+    async def together() -> list[object]:
+        async with AsyncFeatureClient(small_server.target) as client:
+            calls = [
+                client.extract(images[i % 4], model="resnet18", nodes=node_sets[i % 4], pool="avg")
+                for i in range(16)
+            ]
+            return await asyncio.gather(*calls)
+
+    results = asyncio.run(together())
+    forwards = batcher.batches_run - before
+    assert forwards < 16, "requests with different node sets should have shared forwards"
+    assert any(r.metadata.batch_size > 1 for r in results)  # type: ignore[attr-defined]
+    for i, result in enumerate(results):
+        reference = alone[i % 4]
+        assert list(result) == node_sets[i % 4]  # only its own keys, in its order
+        for key in reference:
+            np.testing.assert_allclose(result[key], reference[key], atol=1e-5)
