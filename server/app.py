@@ -129,7 +129,11 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         on_batch=metrics.observe_batch if metrics else None,
     )
     decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-    grpc_server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
+    grpc_server = grpc.aio.server(
+        options=server_options(settings),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
     # imported here: the servicer module pulls in protobuf stubs and codec
     from .service import FeatureService, add_to_server
 

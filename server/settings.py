@@ -66,6 +66,7 @@ class Settings:
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
     max_message_bytes: int = 64 * MiB
+    max_concurrent_rpcs: int = 1024
     decode_threads: int = 2
     extractor_cache_size: int = 32
     torch_threads: int = 0
@@ -124,6 +125,8 @@ FIELDS: dict[str, str] = {
     "max_image_bytes": "encoded bytes one image may have",
     "max_image_pixels": "width x height one image may have (checked from the header, pre-decode)",
     "max_message_bytes": "gRPC send/receive message limit, both directions",
+    "max_concurrent_rpcs": "RPCs served at once; more get RESOURCE_EXHAUSTED from gRPC (bounds "
+    "memory when clients do not wait)",
     "decode_threads": "threads that decode and preprocess images (off the event loop)",
     "extractor_cache_size": "FX graph modules kept per model (LRU); they share the weights",
     "torch_threads": "torch intra-op threads on the worker; 0 leaves torch's default",
@@ -187,6 +190,7 @@ def _validate(s: Settings) -> None:
         "max_image_bytes",
         "max_image_pixels",
         "max_message_bytes",
+        "max_concurrent_rpcs",
         "decode_threads",
         "extractor_cache_size",
     )

@@ -238,3 +238,34 @@ def test_server_keeps_serving_after_garbage(
             stub.Extract(junk, timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(stub.Extract(good_request(jpegs), timeout=60).results) == 2
+
+
+def test_concurrent_rpcs_beyond_the_bound_are_resource_exhausted(
+    resnet18_weights: Path, jpegs: dict[str, bytes]
+) -> None:
+    """max_concurrent_rpcs: gRPC refuses the excess at once, the rest are served."""
+    settings = Settings(
+        port=0,
+        metrics=False,
+        max_concurrent_rpcs=2,
+        models=(ModelConfig(name="resnet18", arch="resnet18", weights=str(resnet18_weights)),),
+    )
+    running = start_server(settings)
+    try:
+        stub = running.stub()
+        request = good_request(jpegs)
+        request.images.extend([pb.Image(encoded=jpegs["coffee"])] * 6)  # slow enough to overlap
+        calls = [stub.Extract.future(request, timeout=120) for _ in range(8)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert grpc.StatusCode.OK in codes
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert len(stub.Extract(good_request(jpegs), timeout=60).results) == 2
+    finally:
+        running.stop()
