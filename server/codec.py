@@ -225,6 +225,14 @@ def _decode_pillow(im: ImageFile.ImageFile, fmt: str) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def check_encoded_size(size: int, limits: DecodeLimits) -> None:
+    """The encoded-bytes limit; cheap, so callers may apply it before any other work."""
+    if size > limits.max_encoded_bytes:
+        raise ImageLimitExceeded(
+            f"{size} encoded bytes exceed max_image_bytes={limits.max_encoded_bytes}"
+        )
+
+
 def decode_encoded(data: bytes, limits: DecodeLimits) -> torch.Tensor:
     """Encoded image file -> uint8 [3, H, W] RGB tensor (contiguous), EXIF orientation applied.
 
@@ -235,11 +243,7 @@ def decode_encoded(data: bytes, limits: DecodeLimits) -> torch.Tensor:
         data = bytes(data)  # bytearray / memoryview from the transport
     if len(data) == 0:
         raise InvalidImage("empty image data")
-    if len(data) > limits.max_encoded_bytes:
-        raise ImageLimitExceeded(
-            f"encoded image is {len(data)} bytes, over the limit of "
-            f"{limits.max_encoded_bytes} bytes"
-        )
+    check_encoded_size(len(data), limits)
     fmt = _sniff(data)
     im = _probe(data, fmt, limits)
     animated_webp = fmt == "WEBP" and bool(getattr(im, "is_animated", False))

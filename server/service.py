@@ -27,7 +27,6 @@ from .batcher import Batcher, BatchInfo
 from .catalog import NodeSpec
 from .errors import (
     Cancelled,
-    ImageLimitExceeded,
     InvalidArgument,
     InvalidImage,
     LayertapError,
@@ -380,12 +379,11 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
 
         inputs = [image_input(img, i) for i, img in enumerate(request.images)]
         for index, given in enumerate(inputs):  # cheap size check before any queue room is held
-            if given.encoded is not None and len(given.encoded) > s.max_image_bytes:
-                raise ImageLimitExceeded(
-                    f"{len(given.encoded)} encoded bytes exceed max_image_bytes="
-                    f"{s.max_image_bytes}",
-                    index,
-                )
+            if given.encoded is not None:
+                try:
+                    codec.check_encoded_size(len(given.encoded), self.limits)
+                except PerImageError as exc:
+                    raise exc.at(index) from None
         # Inputs at the model's own size have known output sizes: refuse oversize answers
         # before spending compute on them (raw float inputs of other sizes are checked after).
         estimate = count * sum(_bytes_per_image(n, spec) for n in specs)
