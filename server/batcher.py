@@ -46,6 +46,7 @@ class _Item(Generic[P]):
     enqueued: float
     lone: bool  # arrived to an idle worker with nothing queued
     limit: int = 0
+    priority: int = 0  # 0 normal, 1 low (bulk)
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Batcher:
             )
 
     def submit_many(
-        self, key: Hashable, payloads: Sequence[Any], reserved: bool = False
+        self, key: Hashable, payloads: Sequence[Any], reserved: bool = False, priority: int = 0
     ) -> list[asyncio.Future[Any]]:
         """Queue all payloads of one request atomically, or refuse them all (RESOURCE_EXHAUSTED).
         `reserved`: the room was already taken with `reserve()` (inside its block)."""
@@ -116,7 +117,7 @@ class Batcher:
         futures = []
         for payload in payloads:
             fut: asyncio.Future[Any] = loop.create_future()
-            self._pending.append(_Item(key, payload, fut, now, lone, max(1, limit)))
+            self._pending.append(_Item(key, payload, fut, now, lone, max(1, limit), priority))
             futures.append(fut)
         assert self._wakeup is not None
         self._wakeup.set()

@@ -32,14 +32,17 @@ class Prepared:
     decode_s: float
 
 
-def prepare_image(image: ImageInput, limits: codec.DecodeLimits, spec: Preprocessing) -> Prepared:
-    """Decode and preprocess one image; raw float32 input is already normalised and kept as is."""
+def prepare_image(
+    image: ImageInput, limits: codec.DecodeLimits, spec: Preprocessing, native: bool = False
+) -> Prepared:
+    """Decode and preprocess one image; raw float32 input is already normalised and kept as is.
+    `native`: normalise only (no resize, no crop)."""
     started = time.perf_counter()
     if image.encoded is not None:
         pixels = codec.decode_encoded(image.encoded, limits)
     else:
         pixels = codec.decode_raw(image.dtype, image.shape, image.data, limits)
-    tensor = preprocess(pixels, spec) if pixels.dtype == torch.uint8 else pixels.float()
+    tensor = preprocess(pixels, spec, native) if pixels.dtype == torch.uint8 else pixels.float()
     if tensor.dim() != 3 or tensor.shape[0] != 3:
         raise InvalidImage(f"expected 3 channels after decoding, got shape {tuple(tensor.shape)}")
     return Prepared(tensor.contiguous(), time.perf_counter() - started)

@@ -196,10 +196,11 @@ def _resize_center_strip(
     return x.round().to(torch.uint8)[0]
 
 
-def preprocess(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -> torch.Tensor:
     """uint8 [3, H, W] -> float32 [3, crop_h, crop_w], normalised.
 
     Same result as torchvision's ImageClassification preset applied to the uint8 tensor.
+    `native`: no resize and no crop (normalise only), for features at the image's resolution.
     """
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(
@@ -209,6 +210,9 @@ def preprocess(image: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
     if h == 0 or w == 0:
         raise InvalidImage(f"image is empty ({w}x{h})")
     img = image
+    if native:
+        img = F.convert_image_dtype(img, torch.float)
+        return F.normalize(img, mean=list(spec.mean), std=list(spec.std))
     if spec.resize_size is not None:
         out_hw = _resized_size(h, w, spec.resize_size)
         long_idx = 0 if out_hw[0] > out_hw[1] else 1

@@ -63,6 +63,8 @@ _POOLS = {
     pb.POOLING_MEAN: "mean",
 }
 
+_PRIORITIES = (pb.PRIORITY_NORMAL, pb.PRIORITY_LOW)
+
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 
@@ -394,13 +396,19 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 "or fewer images"
             )
         preprocessing = loaded.weights.preprocessing
+        native = request.native_resolution
+        priority = request.priority
+        if priority not in _PRIORITIES:
+            raise InvalidArgument(
+                f"unknown priority {priority}; use PRIORITY_NORMAL (0) or PRIORITY_LOW (1)"
+            )
         futures: list[asyncio.Future[Any]] = [None] * count  # type: ignore[list-item]
         try:
             # queue room is held from before decoding: a full queue refuses at once
             with self.batcher.reserve(count):
                 prepared = await asyncio.gather(
                     *(
-                        self._in_pool(prepare_image, img, self.limits, preprocessing)
+                        self._in_pool(prepare_image, img, self.limits, preprocessing, native)
                         for img in inputs
                     ),
                     return_exceptions=True,
@@ -419,7 +427,9 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                     # requests for other node sets of the same model share the forward
                     key = (request.model, shape)
                     items = [Item(images[i].tensor, spec, full_nodes) for i in indices]
-                    submitted = self.batcher.submit_many(key, items, reserved=True)
+                    submitted = self.batcher.submit_many(
+                        key, items, reserved=True, priority=int(priority)
+                    )
                     for i, fut in zip(indices, submitted, strict=True):
                         futures[i] = fut
             done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*futures)

@@ -15,12 +15,19 @@ class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POOLING_GEM: _ClassVar[Pooling]
     POOLING_CLS: _ClassVar[Pooling]
     POOLING_MEAN: _ClassVar[Pooling]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_NORMAL: _ClassVar[Priority]
+    PRIORITY_LOW: _ClassVar[Priority]
 POOLING_RAW: Pooling
 POOLING_AVG: Pooling
 POOLING_MAX: Pooling
 POOLING_GEM: Pooling
 POOLING_CLS: Pooling
 POOLING_MEAN: Pooling
+PRIORITY_NORMAL: Priority
+PRIORITY_LOW: Priority
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "layout")
@@ -81,20 +88,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_message_bytes", "max_batch_size", "max_queue_images")
+    __slots__ = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_message_bytes", "max_batch_size", "max_queue_images", "max_stream_in_flight", "max_parameter_bytes")
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARAMETER_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_images_per_request: int
     max_image_bytes: int
     max_image_pixels: int
     max_message_bytes: int
     max_batch_size: int
     max_queue_images: int
-    def __init__(self, max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_images: _Optional[int] = ...) -> None: ...
+    max_stream_in_flight: int
+    max_parameter_bytes: int
+    def __init__(self, max_images_per_request: _Optional[int] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_queue_images: _Optional[int] = ..., max_stream_in_flight: _Optional[int] = ..., max_parameter_bytes: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models", "limits", "server_version")
@@ -171,7 +182,7 @@ class OutputOptions(_message.Message):
     def __init__(self, pool: _Optional[_Union[Pooling, str]] = ..., gem_p: _Optional[float] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
-    __slots__ = ("model", "images", "nodes", "aliases", "output")
+    __slots__ = ("model", "images", "nodes", "aliases", "output", "priority", "native_resolution")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,12 +195,16 @@ class ExtractRequest(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     nodes: _containers.RepeatedScalarFieldContainer[str]
     aliases: _containers.ScalarMap[str, str]
     output: OutputOptions
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ...) -> None: ...
+    priority: Priority
+    native_resolution: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., native_resolution: _Optional[bool] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("key", "node", "tensor")
@@ -254,3 +269,75 @@ class ExtractResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[ImageResult]
     metadata: ExtractMetadata
     def __init__(self, results: _Optional[_Iterable[_Union[ImageResult, _Mapping]]] = ..., metadata: _Optional[_Union[ExtractMetadata, _Mapping]] = ...) -> None: ...
+
+class ExtractStreamRequest(_message.Message):
+    __slots__ = ("id", "request")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    request: ExtractRequest
+    def __init__(self, id: _Optional[str] = ..., request: _Optional[_Union[ExtractRequest, _Mapping]] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "code_name", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    CODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    code_name: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., code_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ExtractStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    response: ExtractResponse
+    error: ItemError
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[ExtractResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("server_version", "limits", "image_formats", "input_dtypes", "pools", "output_dtypes", "models", "devices", "methods")
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
+    server_version: str
+    limits: ServerLimits
+    image_formats: _containers.RepeatedScalarFieldContainer[str]
+    input_dtypes: _containers.RepeatedScalarFieldContainer[str]
+    pools: _containers.RepeatedScalarFieldContainer[str]
+    output_dtypes: _containers.RepeatedScalarFieldContainer[str]
+    models: _containers.RepeatedScalarFieldContainer[str]
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    methods: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., image_formats: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., pools: _Optional[_Iterable[str]] = ..., output_dtypes: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetParametersRequest(_message.Message):
+    __slots__ = ("model", "names", "dtype")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    dtype: str
+    def __init__(self, model: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class GetParametersResponse(_message.Message):
+    __slots__ = ("model", "parameters")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, model: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,21 @@ class FeatureServiceStub:
                 request_serializer=layertap_dot_v1_dot_layertap__pb2.ExtractRequest.SerializeToString,
                 response_deserializer=layertap_dot_v1_dot_layertap__pb2.ExtractResponse.FromString,
                 _registered_method=True)
+        self.ExtractStream = channel.stream_stream(
+                '/layertap.v1.FeatureService/ExtractStream',
+                request_serializer=layertap_dot_v1_dot_layertap__pb2.ExtractStreamRequest.SerializeToString,
+                response_deserializer=layertap_dot_v1_dot_layertap__pb2.ExtractStreamResponse.FromString,
+                _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/layertap.v1.FeatureService/GetServerInfo',
+                request_serializer=layertap_dot_v1_dot_layertap__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=layertap_dot_v1_dot_layertap__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
+        self.GetParameters = channel.unary_unary(
+                '/layertap.v1.FeatureService/GetParameters',
+                request_serializer=layertap_dot_v1_dot_layertap__pb2.GetParametersRequest.SerializeToString,
+                response_deserializer=layertap_dot_v1_dot_layertap__pb2.GetParametersResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -75,6 +90,30 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtractStream(self, request_iterator, context):
+        """Bulk extraction: each request message is one tagged Extract; each answer (a result or
+        that item's error) comes back tagged with the same id, in completion order. One bad item
+        never ends the stream. The server reads at most ServerLimits.max_stream_in_flight
+        unanswered items per stream; clients should not send more than that ahead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """Version, limits and capabilities, so clients can size and shape their calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetParameters(self, request, context):
+        """Named parameter tensors (weights, biases) of a configured model, bounded in size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +131,21 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.Extract,
                     request_deserializer=layertap_dot_v1_dot_layertap__pb2.ExtractRequest.FromString,
                     response_serializer=layertap_dot_v1_dot_layertap__pb2.ExtractResponse.SerializeToString,
+            ),
+            'ExtractStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExtractStream,
+                    request_deserializer=layertap_dot_v1_dot_layertap__pb2.ExtractStreamRequest.FromString,
+                    response_serializer=layertap_dot_v1_dot_layertap__pb2.ExtractStreamResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=layertap_dot_v1_dot_layertap__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=layertap_dot_v1_dot_layertap__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetParameters': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetParameters,
+                    request_deserializer=layertap_dot_v1_dot_layertap__pb2.GetParametersRequest.FromString,
+                    response_serializer=layertap_dot_v1_dot_layertap__pb2.GetParametersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +229,87 @@ class FeatureService:
             '/layertap.v1.FeatureService/Extract',
             layertap_dot_v1_dot_layertap__pb2.ExtractRequest.SerializeToString,
             layertap_dot_v1_dot_layertap__pb2.ExtractResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtractStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/layertap.v1.FeatureService/ExtractStream',
+            layertap_dot_v1_dot_layertap__pb2.ExtractStreamRequest.SerializeToString,
+            layertap_dot_v1_dot_layertap__pb2.ExtractStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layertap.v1.FeatureService/GetServerInfo',
+            layertap_dot_v1_dot_layertap__pb2.GetServerInfoRequest.SerializeToString,
+            layertap_dot_v1_dot_layertap__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetParameters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layertap.v1.FeatureService/GetParameters',
+            layertap_dot_v1_dot_layertap__pb2.GetParametersRequest.SerializeToString,
+            layertap_dot_v1_dot_layertap__pb2.GetParametersResponse.FromString,
             options,
             channel_credentials,
             insecure,
