@@ -25,8 +25,10 @@ DEFAULT = ["vit_h_14", "resnet50", "swin_t", "convnext_large", "regnet_y_128gf"]
 
 
 def main(archs: list[str]) -> None:
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, {platform.python_version()}"
+    )
     print("| model | params (M) | nodes | describe, median of 3 (s) | build model (s) |")
     print("|---|---|---|---|---|")
     for arch in archs:
@@ -39,8 +41,10 @@ def main(archs: list[str]) -> None:
             catalog = build_catalog(loaded.module, loaded.preprocessing.crop_size)
             times.append(time.perf_counter() - started)
         params = sum(p.numel() for p in loaded.module.parameters()) / 1e6
-        print(f"| {arch} | {params:.0f} | {len(catalog.nodes)} | {statistics.median(times):.2f} "
-              f"| {build_s:.1f} |")
+        print(
+            f"| {arch} | {params:.0f} | {len(catalog.nodes)} | {statistics.median(times):.2f} "
+            f"| {build_s:.1f} |"
+        )
         del loaded, catalog
 
 

@@ -12,9 +12,14 @@ Only grpcio, protobuf and numpy are needed: PIL and torch are imported only when
 their objects. :class:`AsyncFeatureClient` offers the same API for asyncio. For a secured
 server pass ``token="..."`` and/or ``credentials=tls_credentials(ca="ca.pem")``.
 
+For thousands of images, ``extract_many(items, ...)`` streams them with bounded memory
+(a window of unanswered images), yields ``(id, result)`` in order, and retries transient
+failures; ``extract`` splits calls past the server's limits by itself.
+
 For several replicas give a target that resolves to all of them (``dns:///headless-svc:50051``
 or ``10.0.0.1:50051,10.0.0.2:50051``): calls are spread round robin and a call that fails
-with UNAVAILABLE is retried on another replica (``load_balancing=``, ``retries=``).
+with UNAVAILABLE (or a transient RESOURCE_EXHAUSTED) is retried, with backoff, on another
+replica (``load_balancing=``, ``retries=``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -13,13 +13,19 @@ import grpc.aio
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
+from ._bulk import BulkOptions, BulkResult, BulkRun, ErrorMode, Transport, bulk_options
 from ._convert import (
     ImageLike,
     NodesArg,
-    build_extract_request,
+    build_request_template,
     description_from_proto,
+    images_to_proto,
+    merge_results,
     models_from_proto,
+    parameters_from_proto,
+    parameters_request,
     parse_extract_response,
+    plan_requests,
     server_info_from_proto,
 )
 from ._options import (
@@ -33,9 +39,11 @@ from ._options import (
     call_metadata,
     channel_options,
     channel_target,
+    check_retries,
     check_timeout,
     resolve_timeout,
 )
+from ._retry import call_with_retries_async
 from ._security import with_token
 from .errors import FeatureServiceError
 from .types import ExtractResult, ModelDescription, ModelInfo, ServerInfo
@@ -67,10 +75,13 @@ class AsyncFeatureClient:
         retries: int = DEFAULT_RETRIES,
     ) -> None:
         """Same arguments as :class:`FeatureClient`, including ``load_balancing``
-        (default ``"round_robin"``; ``None``: pick_first) and ``retries`` (default 4
-        retries on UNAVAILABLE for requests up to 16 MiB; 0 disables)."""
+        (default ``"round_robin"``; ``None``: pick_first) and ``retries`` (default 4 retries
+        on UNAVAILABLE or a transient RESOURCE_EXHAUSTED, within the call's deadline)."""
         self.target = target
         self.timeout = check_timeout(timeout)
+        self.retries = check_retries(retries)
+        self._max_message_bytes = max_message_bytes
+        self._info: ServerInfo | None = None
         self._metadata = with_token(call_metadata(metadata), token)
         self._options = channel_options(
             max_message_bytes, load_balancing=load_balancing, retries=retries
@@ -125,30 +136,62 @@ class AsyncFeatureClient:
     # ------------------------------------------------------------------ calls
 
     async def _call(self, method_name: str, request: Any, timeout: Timeout) -> Any:
+        """One unary RPC, retried per :mod:`._retry` within ``timeout`` (all attempts)."""
         method: Callable[..., Awaitable[Any]] = getattr(self._get_stub(), method_name)
-        try:
-            return await method(
-                request,
-                timeout=resolve_timeout(timeout, self.timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:  # grpc.aio.AioRpcError subclasses it
-            raise FeatureServiceError.from_rpc_error(exc) from exc
+
+        async def attempt(left: float | None) -> Any:
+            try:
+                return await method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as exc:  # grpc.aio.AioRpcError subclasses it
+                raise FeatureServiceError.from_rpc_error(exc) from exc
+
+        return await call_with_retries_async(
+            attempt, retries=self.retries, timeout=resolve_timeout(timeout, self.timeout)
+        )
 
     async def list_models(self, *, timeout: Timeout = UNSET) -> list[ModelInfo]:
         """The models the server is configured with (ready or not)."""
         response = await self._call("ListModels", pb.ListModelsRequest(), timeout)
         return models_from_proto(response)
 
+    async def get_server_info(self, *, timeout: Timeout = UNSET) -> ServerInfo:
+        """The server's version, limits and capabilities (GetServerInfo; an older server
+        without it answers through ListModels, limits only). Cached for automatic chunking."""
+        try:
+            response = await self._call("GetServerInfo", pb.GetServerInfoRequest(), timeout)
+        except FeatureServiceError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            response = await self._call("ListModels", pb.ListModelsRequest(), timeout)
+        self._info = server_info_from_proto(response)
+        return self._info
+
     async def server_info(self, *, timeout: Timeout = UNSET) -> ServerInfo:
-        """The server's version and request limits (images per request, bytes, pixels, ...)."""
-        response = await self._call("ListModels", pb.ListModelsRequest(), timeout)
-        return server_info_from_proto(response)
+        """Same as :meth:`get_server_info` (kept for existing callers)."""
+        return await self.get_server_info(timeout=timeout)
+
+    async def _limits(self, timeout: Timeout) -> ServerInfo:
+        return self._info if self._info is not None else await self.get_server_info(timeout=timeout)
 
     async def describe(self, model: str, *, timeout: Timeout = UNSET) -> ModelDescription:
         """A model's extractable nodes (with shapes for one image) and its modules."""
         response = await self._call("DescribeModel", pb.DescribeModelRequest(model=model), timeout)
         return description_from_proto(response)
+
+    async def get_parameters(
+        self,
+        model: str,
+        names: str | Sequence[str],
+        dtype: str = "float32",
+        *,
+        timeout: Timeout = UNSET,
+    ) -> dict[str, Any]:
+        """Parameter tensors of ``model``; see FeatureClient.get_parameters."""
+        request = parameters_request(model, names, dtype)
+        response = await self._call("GetParameters", request, timeout)
+        return await _maybe_offload(
+            response.ByteSize() > _OFFLOAD_BYTES, lambda: parameters_from_proto(response, model)
+        )
 
     async def extract(
         self,
@@ -160,26 +203,96 @@ class AsyncFeatureClient:
         gem_p: float = 3.0,
         normalize: bool = False,
         dtype: str = "float32",
+        priority: str = "normal",
+        native_resolution: bool = False,
         timeout: Timeout = UNSET,
     ) -> ExtractResult:
-        """Activations of ``nodes`` for one image or a list of images; see FeatureClient.extract."""
-        request, n_images = await _maybe_offload(
-            _is_large_input(images),
-            lambda: build_extract_request(
-                images,
-                model=model,
-                nodes=nodes,
-                pool=pool,
-                gem_p=gem_p,
-                normalize=normalize,
-                dtype=dtype,
-            ),
+        """Activations of ``nodes`` for one image or a list of images; see
+        FeatureClient.extract (including the split into several calls past server limits)."""
+        template = build_request_template(
+            model=model,
+            nodes=nodes,
+            pool=pool,
+            gem_p=gem_p,
+            normalize=normalize,
+            dtype=dtype,
+            priority=priority,
+            native_resolution=native_resolution,
         )
-        response = await self._call("Extract", request, timeout)
-        return await _maybe_offload(
-            response.ByteSize() > _OFFLOAD_BYTES,
-            lambda: parse_extract_response(response, n_images),
+        proto_images = await _maybe_offload(
+            _is_large_input(images), lambda: images_to_proto(images)
         )
+        info = await self._limits(timeout) if len(proto_images) > 1 else self._info
+        requests = plan_requests(template, proto_images, info, self._max_message_bytes)
+        parts = []
+        for request in requests:
+            response = await self._call("Extract", request, timeout)
+            n_images = len(request.images)
+            parts.append(
+                await _maybe_offload(
+                    response.ByteSize() > _OFFLOAD_BYTES,
+                    lambda: parse_extract_response(response, n_images),  # noqa: B023
+                )
+            )
+        return merge_results(parts)
+
+    def extract_many(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        *,
+        model: str,
+        nodes: NodesArg,
+        pool: str | None = None,
+        gem_p: float = 3.0,
+        normalize: bool = False,
+        dtype: str = "float32",
+        batch_size: int = 8,
+        concurrency: int = 4,
+        ordered: bool = True,
+        progress: bool | None = None,
+        transport: Transport = "stream",
+        errors: ErrorMode = "raise",
+        priority: str = "low",
+        native_resolution: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> AsyncIterator[tuple[Any, BulkResult]]:
+        """Async iterator of ``(id, result)`` over many images; see FeatureClient.extract_many.
+
+        ``items`` may also be an async iterable. Arguments are checked here, at the call;
+        the server's limits are read (once per client) when iteration starts.
+        """
+        options = bulk_options(
+            model=model,
+            nodes=nodes,
+            pool=pool,
+            gem_p=gem_p,
+            normalize=normalize,
+            dtype=dtype,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            ordered=ordered,
+            progress=progress,
+            transport=transport,
+            errors=errors,
+            priority=priority,
+            native_resolution=native_resolution,
+            timeout=resolve_timeout(timeout, self.timeout),
+            retries=self.retries,
+            client_max_message_bytes=self._max_message_bytes,
+        )
+        return self._extract_many(items, options, timeout)
+
+    async def _extract_many(
+        self, items: Iterable[Any] | AsyncIterable[Any], options: BulkOptions, timeout: Timeout
+    ) -> AsyncIterator[tuple[Any, BulkResult]]:
+        info = await self._limits(timeout)
+        run = BulkRun(self._get_stub(), self._metadata, info, options, items)
+        results = run.results()
+        try:
+            async for pair in results:
+                yield pair
+        finally:
+            await results.aclose()
 
 
 def _is_large_input(images: object) -> bool:

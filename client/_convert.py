@@ -8,12 +8,14 @@ them in.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import grpc
 import numpy as np
 
 from layertap.v1 import layertap_pb2 as pb
@@ -47,6 +49,7 @@ POOLING: dict[str, pb.Pooling] = {
     "mean": pb.POOLING_MEAN,
 }
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+PRIORITIES: dict[str, pb.Priority] = {"normal": pb.PRIORITY_NORMAL, "low": pb.PRIORITY_LOW}
 
 # Wire dtype -> numpy dtype of the raw little-endian bytes. bfloat16 has no numpy dtype: it is
 # read as uint16 and widened to float32 (see bfloat16_to_float32).
@@ -300,8 +303,15 @@ def parse_pool(pool: str | None) -> pb.Pooling:
         raise ValueError(f"unknown pool {pool!r}; valid: None, {valid}") from None
 
 
-def build_extract_request(
-    images: ImageLike | Sequence[ImageLike],
+def parse_priority(priority: str) -> pb.Priority:
+    """ "normal" (interactive, the default) or "low" (bulk work) -> the Priority enum."""
+    if not isinstance(priority, str) or priority.lower() not in PRIORITIES:
+        valid = ", ".join(repr(p) for p in PRIORITIES)
+        raise ValueError(f"unknown priority {priority!r}; valid: {valid}")
+    return PRIORITIES[priority.lower()]
+
+
+def build_request_template(
     *,
     model: str,
     nodes: NodesArg,
@@ -309,8 +319,10 @@ def build_extract_request(
     gem_p: float,
     normalize: bool,
     dtype: str,
-) -> tuple[pb.ExtractRequest, int]:
-    """Validate everything client-side and build the request; returns it and the image count."""
+    priority: str = "normal",
+    native_resolution: bool = False,
+) -> pb.ExtractRequest:
+    """Validate every option client-side and build an ExtractRequest without images."""
     if not isinstance(model, str) or not model:
         raise ValueError("model must be a non-empty model name (see list_models())")
     names, aliases = normalize_nodes(nodes)
@@ -320,15 +332,156 @@ def build_extract_request(
         raise ValueError(f"gem_p must be a positive finite number, got {gem_p!r}")
     if dtype not in OUTPUT_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(OUTPUT_DTYPES)}")
-    proto_images = images_to_proto(images)
-    request = pb.ExtractRequest(
+    if not isinstance(native_resolution, bool):
+        raise TypeError(f"native_resolution must be a bool, got {native_resolution!r}")
+    return pb.ExtractRequest(
         model=model,
-        images=proto_images,
         nodes=names,
         aliases=aliases,
         output=pb.OutputOptions(pool=pooling, gem_p=gem, normalize=bool(normalize), dtype=dtype),
+        priority=parse_priority(priority),
+        native_resolution=native_resolution,
     )
-    return request, len(proto_images)
+
+
+def with_images(template: pb.ExtractRequest, images: Sequence[pb.Image]) -> pb.ExtractRequest:
+    """A copy of ``template`` carrying ``images``."""
+    request = pb.ExtractRequest()
+    request.CopyFrom(template)
+    request.images.extend(images)
+    return request
+
+
+def build_extract_request(
+    images: ImageLike | Sequence[ImageLike],
+    *,
+    model: str,
+    nodes: NodesArg,
+    pool: str | None,
+    gem_p: float,
+    normalize: bool,
+    dtype: str,
+    priority: str = "normal",
+    native_resolution: bool = False,
+) -> tuple[pb.ExtractRequest, int]:
+    """Validate everything client-side and build the request; returns it and the image count."""
+    template = build_request_template(
+        model=model,
+        nodes=nodes,
+        pool=pool,
+        gem_p=gem_p,
+        normalize=normalize,
+        dtype=dtype,
+        priority=priority,
+        native_resolution=native_resolution,
+    )
+    proto_images = images_to_proto(images)
+    return with_images(template, proto_images), len(proto_images)
+
+
+def parameters_request(
+    model: str, names: str | Sequence[str], dtype: str
+) -> pb.GetParametersRequest:
+    """A validated GetParametersRequest."""
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be a non-empty model name (see list_models())")
+    name_list = [names] if isinstance(names, str) else list(names)
+    if not name_list or not all(isinstance(n, str) and n for n in name_list):
+        raise ValueError(
+            f"names must be a parameter name, a module path or a non-empty list of them, "
+            f"got {names!r}"
+        )
+    if dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(OUTPUT_DTYPES)}")
+    return pb.GetParametersRequest(model=model, names=name_list, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- request sizing
+
+REQUEST_HEADROOM_BYTES = 64 * 1024
+"""Kept free under the message limit: gRPC framing, and slack for fields we do not count."""
+_PER_IMAGE_OVERHEAD = 16  # field tag + length prefixes of one repeated Image entry
+
+
+def image_wire_bytes(image: pb.Image) -> int:
+    """Bytes one image adds to an ExtractRequest."""
+    return image.ByteSize() + _PER_IMAGE_OVERHEAD
+
+
+def image_budget(template: pb.ExtractRequest, info: ServerInfo | None, client_max: int) -> int:
+    """Bytes of images one request may carry: the smaller of the server's and this client's
+    message limits, less the request's own fields and headroom."""
+    limits = [client_max]
+    if info is not None and info.max_message_bytes > 0:
+        limits.append(info.max_message_bytes)
+    limit = min(limits)
+    headroom = min(REQUEST_HEADROOM_BYTES, limit // 16)
+    return max(1, limit - template.ByteSize() - headroom)
+
+
+def images_per_request(info: ServerInfo | None, wanted: int | None = None) -> int:
+    """Images one request may carry: ``wanted`` capped by the server's limit (0: unknown)."""
+    cap = info.max_images_per_request if info is not None else 0
+    if wanted is None:
+        return cap if cap > 0 else 1 << 30
+    return min(wanted, cap) if cap > 0 else wanted
+
+
+def check_image(image: pb.Image, info: ServerInfo | None, budget: int, what: str) -> None:
+    """Refuse locally (RESOURCE_EXHAUSTED, as the server would) an image that cannot be sent:
+    encoded bytes over the server's ``max_image_bytes``, or alone over the message budget."""
+    if (
+        info is not None
+        and info.max_image_bytes > 0
+        and image.WhichOneof("source") == "encoded"
+        and len(image.encoded) > info.max_image_bytes
+    ):
+        raise FeatureServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{what} is {len(image.encoded)} encoded bytes, over the server's max_image_bytes "
+            f"({info.max_image_bytes}); not sent",
+        )
+    size = image_wire_bytes(image)
+    if size > budget:
+        raise FeatureServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{what} takes {size} bytes in a request, over what one message may carry "
+            f"({budget} bytes under max_message_bytes); not sent",
+        )
+
+
+def plan_requests(
+    template: pb.ExtractRequest,
+    images: Sequence[pb.Image],
+    info: ServerInfo | None,
+    client_max: int,
+) -> list[pb.ExtractRequest]:
+    """The Extract requests that carry ``images`` within the server's limits (one unless
+    there are more images than ``max_images_per_request`` or bytes than one message takes).
+    Raises RESOURCE_EXHAUSTED, before sending anything, for an image that cannot be sent."""
+    budget = image_budget(template, info, client_max)
+    for i, image in enumerate(images):
+        check_image(image, info, budget, f"image {i}" if len(images) > 1 else "the image")
+    sizes = [image_wire_bytes(image) for image in images]
+    return [
+        with_images(template, images[r.start : r.stop])
+        for r in plan_chunks(sizes, images_per_request(info), budget)
+    ]
+
+
+def plan_chunks(sizes: Sequence[int], max_images: int, budget: int) -> list[range]:
+    """Split images (their wire sizes, in order) into consecutive requests of at most
+    ``max_images`` images and ``budget`` bytes each; every image fits alone (checked first)."""
+    chunks: list[range] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_images or total + size > budget):
+            chunks.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        chunks.append(range(start, len(sizes)))
+    return chunks
 
 
 # --------------------------------------------------------------------------- proto -> numpy
@@ -404,17 +557,49 @@ def models_from_proto(response: pb.ListModelsResponse) -> list[ModelInfo]:
     return [model_info_from_proto(m) for m in response.models]
 
 
-def server_info_from_proto(response: pb.ListModelsResponse) -> ServerInfo:
+def server_info_from_proto(
+    response: pb.GetServerInfoResponse | pb.ListModelsResponse,
+) -> ServerInfo:
+    """ServerInfo from GetServerInfo, or from ListModels (older servers: limits only)."""
     lim = response.limits
+    common = {
+        "version": response.server_version,
+        "max_images_per_request": int(lim.max_images_per_request),
+        "max_image_bytes": int(lim.max_image_bytes),
+        "max_image_pixels": int(lim.max_image_pixels),
+        "max_message_bytes": int(lim.max_message_bytes),
+        "max_batch_size": int(lim.max_batch_size),
+        "max_queue_images": int(lim.max_queue_images),
+        "max_stream_in_flight": int(lim.max_stream_in_flight),
+        "max_parameter_bytes": int(lim.max_parameter_bytes),
+    }
+    if isinstance(response, pb.ListModelsResponse):
+        return ServerInfo(**common, models=tuple(m.name for m in response.models))
     return ServerInfo(
-        version=response.server_version,
-        max_images_per_request=lim.max_images_per_request,
-        max_image_bytes=lim.max_image_bytes,
-        max_image_pixels=lim.max_image_pixels,
-        max_message_bytes=lim.max_message_bytes,
-        max_batch_size=lim.max_batch_size,
-        max_queue_images=lim.max_queue_images,
+        **common,
+        image_formats=tuple(response.image_formats),
+        input_dtypes=tuple(response.input_dtypes),
+        pools=tuple(response.pools),
+        output_dtypes=tuple(response.output_dtypes),
+        models=tuple(response.models),
+        devices=tuple(response.devices),
+        methods=tuple(response.methods),
     )
+
+
+def parameters_from_proto(response: pb.GetParametersResponse, model: str) -> dict[str, np.ndarray]:
+    """Full parameter name -> writable array, in the server's order."""
+    if response.model and response.model != model:
+        raise FeatureServiceError.invalid_response(
+            f"parameters of model {response.model!r}, asked for {model!r}"
+        )
+    out: dict[str, np.ndarray] = {}
+    for nt in response.parameters:
+        name = nt.key or nt.node
+        if not name or name in out:
+            raise FeatureServiceError.invalid_response(f"missing or repeated name {name!r}")
+        out[name] = decode_tensor(nt.tensor, f"parameter {name!r}")
+    return out
 
 
 def description_from_proto(response: pb.DescribeModelResponse) -> ModelDescription:
@@ -497,3 +682,50 @@ def parse_extract_response(response: pb.ExtractResponse, n_images: int) -> Extra
                 per_image[i][key] = np.array(a, dtype=a.dtype.newbyteorder("="), copy=True)
     metadata = _metadata_from_proto(response.metadata)
     return ExtractResult(stacked, per_image, layouts, nodes, metadata)
+
+
+def split_result(result: ExtractResult) -> list[ExtractResult]:
+    """One ExtractResult per image of ``result`` (arrays with leading dimension 1), each with
+    its own copy of the data, so keeping one does not keep the whole batch alive."""
+    out = []
+    for image in result.per_image:
+        stacked: dict[str, np.ndarray | None] = {k: a[None].copy() for k, a in image.items()}
+        per_image = [{k: a[0] for k, a in stacked.items() if a is not None}]
+        out.append(ExtractResult(stacked, per_image, result.layouts, result.nodes, result.metadata))
+    return out
+
+
+def merge_results(parts: Sequence[ExtractResult]) -> ExtractResult:
+    """Several calls' results as one, images in order. Metadata is the first call's, with
+    ``batch_size`` the largest and timings summed over the calls."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for part in parts[1:]:
+        if list(part) != list(first):
+            raise FeatureServiceError.invalid_response(
+                f"calls answered different outputs {list(first)} and {list(part)}"
+            )
+    per_image = [image for part in parts for image in part.per_image]
+    stacked: dict[str, np.ndarray | None] = {}
+    for key in first:
+        arrays = [image[key] for image in per_image]
+        if len({(a.shape, a.dtype) for a in arrays}) == 1:
+            out = np.stack(arrays)
+            for i, image in enumerate(per_image):
+                image[key] = out[i]
+            stacked[key] = out
+        else:
+            stacked[key] = None
+    t = [p.metadata.timings for p in parts]
+    metadata = dataclasses.replace(
+        first.metadata,
+        batch_size=max(p.metadata.batch_size for p in parts),
+        timings=Timings(
+            queue_ms=sum(x.queue_ms for x in t),
+            decode_ms=sum(x.decode_ms for x in t),
+            compute_ms=sum(x.compute_ms for x in t),
+            total_ms=sum(x.total_ms for x in t),
+        ),
+    )
+    return ExtractResult(stacked, per_image, first.layouts, first.nodes, metadata)

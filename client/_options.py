@@ -18,26 +18,12 @@ DEFAULT_LOAD_BALANCING = "round_robin"
 """Spread calls over every address the target resolves to (all pods behind a headless Service,
 every address of an ``ipv4:`` list); gRPC's own default, pick_first, sends everything to one."""
 DEFAULT_RETRIES = 4
-"""Retries of a call that failed with UNAVAILABLE (gRPC caps attempts at 5, so at most 4)."""
-MAX_RETRIES = 4
-RETRY_BUFFER_BYTES = 16 * 1024 * 1024
-"""``grpc.per_rpc_retry_buffer_size``: a call is retried only while its request fits in this
-buffer (gRPC's default is 256 KiB, less than one uncompressed photo batch); bigger requests are
-sent once. The buffer holds a copy of the request only until the call is committed."""
+"""Retries of a call that failed with UNAVAILABLE or a transient RESOURCE_EXHAUSTED (see
+``_retry``): at most ``retries + 1`` attempts, with exponential backoff and full jitter."""
+MAX_RETRIES = 10
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
-RETRY_POLICY: dict[str, Any] = {
-    "initialBackoff": "0.1s",
-    "maxBackoff": "2s",
-    "backoffMultiplier": 2,
-    "retryableStatusCodes": ["UNAVAILABLE"],
-}
-"""gRPC's built-in retry policy (``maxAttempts`` = retries + 1 is added per client); backoff is
-randomised in [0, 0.1 s], [0, 0.2 s], [0, 0.4 s] ... and every attempt stays within the call's
-deadline."""
 
-_SERVICE = "layertap.v1.FeatureService"
-_IDEMPOTENT_METHODS = ("ListModels", "DescribeModel", "Extract")
 _POLICY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PORT = re.compile(r"^[0-9]{1,5}$")
 
@@ -56,12 +42,23 @@ Timeout = float | None | _Unset
 """Per-call timeout in seconds; ``None`` waits forever; unset uses the client's default."""
 
 
-def service_config(load_balancing: str | None, retries: int) -> dict[str, Any]:
+def check_retries(retries: int) -> int:
+    """``retries`` must be an int in 0..MAX_RETRIES (0: every call is tried once)."""
+    if isinstance(retries, bool) or not isinstance(retries, int):
+        raise TypeError(f"retries must be an int, got {retries!r}")
+    if not 0 <= retries <= MAX_RETRIES:
+        raise ValueError(f"retries must be in 0..{MAX_RETRIES}, got {retries}")
+    return retries
+
+
+def service_config(load_balancing: str | None, retries: int = 0) -> dict[str, Any]:
     """The gRPC service config both clients put on their channel (``grpc.service_config``).
 
     ``loadBalancingConfig`` selects ``load_balancing`` (``None``: gRPC's default, pick_first);
-    ``methodConfig`` retries the three RPCs, all idempotent, on UNAVAILABLE ``retries`` times
-    (0: none). Empty when both are off.
+    empty when that is off. ``retries`` is only validated: the SDK retries calls itself
+    (``_retry``), so the channel has no gRPC ``retryPolicy`` and the two layers cannot
+    multiply attempts. gRPC's transparent retries (a call that never reached a server) stay
+    on; they are not attempts.
     """
     if load_balancing is not None and (
         not isinstance(load_balancing, str) or not _POLICY_NAME.match(load_balancing)
@@ -70,22 +67,10 @@ def service_config(load_balancing: str | None, retries: int) -> dict[str, Any]:
             "load_balancing must be a gRPC policy name such as 'round_robin' or 'pick_first', "
             f"or None, got {load_balancing!r}"
         )
-    if isinstance(retries, bool) or not isinstance(retries, int):
-        raise TypeError(f"retries must be an int, got {retries!r}")
-    if not 0 <= retries <= MAX_RETRIES:
-        raise ValueError(
-            f"retries must be in 0..{MAX_RETRIES} (gRPC allows at most 5 attempts), got {retries}"
-        )
+    check_retries(retries)
     config: dict[str, Any] = {}
     if load_balancing is not None:
         config["loadBalancingConfig"] = [{load_balancing: {}}]
-    if retries > 0:
-        config["methodConfig"] = [
-            {
-                "name": [{"service": _SERVICE, "method": m} for m in _IDEMPOTENT_METHODS],
-                "retryPolicy": {"maxAttempts": retries + 1, **RETRY_POLICY},
-            }
-        ]
     return config
 
 
@@ -105,9 +90,9 @@ def channel_options(
       2 hours), and a client sends at most 2 pings until the server sends data again
       (``grpc.http2.max_pings_without_data``), below the server's 3 strikes before
       GOAWAY ``too_many_pings``;
-    - the :func:`service_config` for ``load_balancing`` and ``retries``, and the retry buffer
-      (:data:`RETRY_BUFFER_BYTES`) when retries are on. Service configs published by the name
-      resolver (DNS TXT records) are ignored, so these settings hold for every target.
+    - the :func:`service_config` for ``load_balancing`` (``retries`` is validated there).
+      Service configs published by the name resolver (DNS TXT records) are ignored, so these
+      settings hold for every target.
     """
     if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
         raise TypeError(f"max_message_bytes must be an int, got {max_message_bytes!r}")
@@ -124,11 +109,6 @@ def channel_options(
     ]
     if config:
         options.append(("grpc.service_config", json.dumps(config, separators=(",", ":"))))
-    if retries > 0:
-        options += [
-            ("grpc.enable_retries", 1),
-            ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
-        ]
     return options
 
 

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
+import numpy as np
 
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
+from ._bulk import BulkOptions, BulkResult, BulkRun, ErrorMode, Transport, bulk_options
 from ._convert import (
     ImageLike,
     NodesArg,
-    build_extract_request,
+    build_request_template,
     description_from_proto,
+    images_to_proto,
+    merge_results,
     models_from_proto,
+    parameters_from_proto,
+    parameters_request,
     parse_extract_response,
+    plan_requests,
     server_info_from_proto,
 )
 from ._options import (
@@ -31,9 +41,11 @@ from ._options import (
     call_metadata,
     channel_options,
     channel_target,
+    check_retries,
     check_timeout,
     resolve_timeout,
 )
+from ._retry import call_with_retries
 from ._security import with_token
 from .errors import FeatureServiceError
 from .types import ExtractResult, ModelDescription, ModelInfo, ServerInfo
@@ -79,25 +91,37 @@ class FeatureClient:
         address that answers). A plain ``Service`` (one virtual IP) gets no balancing per
         call whatever the policy; use a headless Service with ``dns:///``.
 
-        ``retries``: how often a call that failed with UNAVAILABLE (replica stopping or
-        unreachable, model still loading) is retried, with randomised exponential backoff
-        (0.1 s doubling up to 2 s) within the call's deadline; with round_robin a retry goes
-        to another replica. All three RPCs are idempotent. 0..4, 0 disables; only requests up
-        to 16 MiB (the channel's retry buffer, ``grpc.per_rpc_retry_buffer_size``) are
-        retried, bigger ones are sent once. Calls that reached the server's handler and then
-        failed otherwise (deadline, INVALID_ARGUMENT, ...) are never retried.
+        ``retries`` (0..10, default 4; 0 disables): how often a call is retried after it
+        failed with UNAVAILABLE (replica stopping or unreachable, model still loading) or with
+        a RESOURCE_EXHAUSTED the server marked transient (trailing metadata
+        ``layertap-retryable: true``: its queue is full). At most ``retries + 1`` attempts:
+        the SDK is the only retry layer (the channel has no gRPC retry policy, so the two
+        never multiply; gRPC only replays on its own a call that never reached a server).
+        Backoff is exponential with full jitter (a random wait up to 0.1 s, 0.2 s, 0.4 s ...,
+        capped at 2 s); all attempts and waits stay within the call's ``timeout``: no wait
+        sleeps past it. With round_robin a retry goes to the next replica. Every RPC is
+        idempotent. Limits (too many images, a message too big), deadlines and bad requests
+        are never retried.
         """
         self.target = target
         self.timeout = check_timeout(timeout)
+        self.retries = check_retries(retries)
         self._metadata = with_token(call_metadata(metadata), token)
-        options = channel_options(max_message_bytes, load_balancing=load_balancing, retries=retries)
-        address = channel_target(target)
+        self._options = channel_options(
+            max_message_bytes, load_balancing=load_balancing, retries=retries
+        )
+        self._max_message_bytes = max_message_bytes
+        self._address = channel_target(target)
+        self._credentials = credentials
         if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=options)
+            self._channel = grpc.insecure_channel(self._address, options=self._options)
         else:
-            self._channel = grpc.secure_channel(address, credentials, options=options)
+            self._channel = grpc.secure_channel(self._address, credentials, options=self._options)
         self._stub = pb_grpc.FeatureServiceStub(self._channel)
         self._closed = False
+        self._info: ServerInfo | None = None
+        self._bulk_lock = threading.Lock()
+        self._bulk: _BulkLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -110,6 +134,10 @@ class FeatureClient:
         if not self._closed:
             self._closed = True
             self._channel.close()
+            with self._bulk_lock:
+                bulk, self._bulk = self._bulk, None
+            if bulk is not None:
+                bulk.close()
 
     def __enter__(self) -> FeatureClient:
         return self
@@ -129,26 +157,46 @@ class FeatureClient:
     # ------------------------------------------------------------------ calls
 
     def _call(self, method: Callable[..., _R], request: Any, timeout: Timeout) -> _R:
+        """One unary RPC, retried per :mod:`._retry` within ``timeout`` (all attempts)."""
         if self._closed:
             raise RuntimeError("FeatureClient is closed")
-        try:
-            return method(
-                request,
-                timeout=resolve_timeout(timeout, self.timeout),
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise FeatureServiceError.from_rpc_error(exc) from exc
+
+        def attempt(left: float | None) -> _R:
+            try:
+                return method(request, timeout=left, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise FeatureServiceError.from_rpc_error(exc) from exc
+
+        return call_with_retries(
+            attempt, retries=self.retries, timeout=resolve_timeout(timeout, self.timeout)
+        )
 
     def list_models(self, *, timeout: Timeout = UNSET) -> list[ModelInfo]:
         """The models the server is configured with (ready or not)."""
         response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
         return models_from_proto(response)
 
+    def get_server_info(self, *, timeout: Timeout = UNSET) -> ServerInfo:
+        """The server's version, limits (images per request, bytes, pixels, stream window,
+        parameter bytes) and capabilities (image formats, pools, dtypes, models, devices,
+        RPCs). An older server without GetServerInfo answers through ListModels (limits
+        only). The answer is cached: :meth:`extract` and :meth:`extract_many` size their
+        calls with it."""
+        try:
+            response = self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout)
+        except FeatureServiceError as exc:
+            if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
+        self._info = server_info_from_proto(response)
+        return self._info
+
     def server_info(self, *, timeout: Timeout = UNSET) -> ServerInfo:
-        """The server's version and request limits (images per request, bytes, pixels, ...)."""
-        response = self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)
-        return server_info_from_proto(response)
+        """Same as :meth:`get_server_info` (kept for existing callers)."""
+        return self.get_server_info(timeout=timeout)
+
+    def _limits(self, timeout: Timeout) -> ServerInfo:
+        return self._info if self._info is not None else self.get_server_info(timeout=timeout)
 
     def describe(self, model: str, *, timeout: Timeout = UNSET) -> ModelDescription:
         """A model's extractable nodes (with shapes for one image) and its modules."""
@@ -156,6 +204,26 @@ class FeatureClient:
             self._stub.DescribeModel, pb.DescribeModelRequest(model=model), timeout
         )
         return description_from_proto(response)
+
+    def get_parameters(
+        self,
+        model: str,
+        names: str | Sequence[str],
+        dtype: str = "float32",
+        *,
+        timeout: Timeout = UNSET,
+    ) -> dict[str, np.ndarray]:
+        """Named parameter tensors (weights, biases, buffers) of a configured model.
+
+        ``names``: parameter names (``"features.0.weight"``) or module paths
+        (``"features.0"``: every parameter of that module itself). Returns full parameter
+        name -> writable numpy array, in the server's order; ``dtype`` "float32", "float16"
+        or "bfloat16" on the wire (bfloat16 is widened to float32). The server refuses answers
+        over ``ServerInfo.max_parameter_bytes`` with RESOURCE_EXHAUSTED: ask for fewer names.
+        """
+        request = parameters_request(model, names, dtype)
+        response = self._call(self._stub.GetParameters, request, timeout)
+        return parameters_from_proto(response, model)
 
     def extract(
         self,
@@ -167,6 +235,8 @@ class FeatureClient:
         gem_p: float = 3.0,
         normalize: bool = False,
         dtype: str = "float32",
+        priority: str = "normal",
+        native_resolution: bool = False,
         timeout: Timeout = UNSET,
     ) -> ExtractResult:
         """Activations of ``nodes`` for one image or a list of images.
@@ -175,16 +245,196 @@ class FeatureClient:
         (a list/tuple is several images; anything else is one). ``nodes``: a name, a list of
         names, or a mapping node -> output key. ``pool``: None/"raw", "avg", "max", "gem",
         "cls" or "mean". ``dtype``: "float32", "float16" or "bfloat16" on the wire
-        (bfloat16 is returned widened to float32, exactly). Returns output key -> [N, ...].
+        (bfloat16 is returned widened to float32, exactly). ``priority``: "normal"
+        (interactive) or "low" (batched only when no normal-priority image waits).
+        ``native_resolution``: skip the resize and centre crop (normalise only).
+        Returns output key -> [N, ...].
+
+        More images than the server's ``max_images_per_request``, or more bytes than one
+        message may carry, are split into several calls, made one after another, and their
+        results merged in order (metadata: the first call's, ``batch_size`` the largest,
+        timings summed); ``timeout`` applies to each call. An image that cannot be sent (an
+        encoded image over the server's ``max_image_bytes``) fails with RESOURCE_EXHAUSTED
+        before anything is sent. The limits come from :meth:`get_server_info`, read once per
+        client when a call has several images. For thousands of images use
+        :meth:`extract_many`.
         """
-        request, n_images = build_extract_request(
-            images,
+        template = build_request_template(
             model=model,
             nodes=nodes,
             pool=pool,
             gem_p=gem_p,
             normalize=normalize,
             dtype=dtype,
+            priority=priority,
+            native_resolution=native_resolution,
         )
-        response = self._call(self._stub.Extract, request, timeout)
-        return parse_extract_response(response, n_images)
+        proto_images = images_to_proto(images)
+        info = self._limits(timeout) if len(proto_images) > 1 else self._info
+        parts = []
+        for request in plan_requests(template, proto_images, info, self._max_message_bytes):
+            response = self._call(self._stub.Extract, request, timeout)
+            parts.append(parse_extract_response(response, len(request.images)))
+        return merge_results(parts)
+
+    def extract_many(
+        self,
+        items: Iterable[Any],
+        *,
+        model: str,
+        nodes: NodesArg,
+        pool: str | None = None,
+        gem_p: float = 3.0,
+        normalize: bool = False,
+        dtype: str = "float32",
+        batch_size: int = 8,
+        concurrency: int = 4,
+        ordered: bool = True,
+        progress: bool | None = None,
+        transport: Transport = "stream",
+        errors: ErrorMode = "raise",
+        priority: str = "low",
+        native_resolution: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> Iterator[tuple[Any, BulkResult]]:
+        """Extract from many images (a list, or a lazy generator of any length) with bounded
+        memory; yields ``(id, result)`` per image.
+
+        ``items``: images (anything :meth:`extract` takes as one image) or ``(id, image)``
+        tuples; a bare image's id is ``str(position)``. Each result is an
+        :class:`ExtractResult` for that one image (arrays with leading dimension 1).
+
+        - ``ordered=True`` yields in input order; ``False`` as images complete.
+        - ``errors="raise"`` raises the first failed image's :class:`FeatureServiceError`
+          (in input order when ``ordered``) after cancelling the rest; ``"yield"`` yields
+          ``(id, FeatureServiceError)`` for it and goes on. Unreadable images, and encoded
+          images over the server's ``max_image_bytes``, fail locally without being sent.
+          Failures of the connection or the caller (UNAUTHENTICATED, PERMISSION_DENIED, a
+          stream that keeps failing after ``retries``) always raise.
+        - ``transport="stream"``: one ExtractStream, one image per item, at most
+          ``min(concurrency * batch_size, server's max_stream_in_flight)`` unanswered (the
+          window: nothing more is sent ahead). Falls back to unary when the server does not
+          implement the stream. ``"unary"``: ``concurrency`` Extract calls at a time, each of
+          up to ``batch_size`` images within the server's per-request limits (for proxies
+          without streaming); a call refused for one image's sake is split so that only
+          that image fails.
+        - The input is read lazily: at most twice the window of images is held between being
+          read and being yielded.
+        - ``timeout`` applies to each image (stream) or call (unary), from when it is first
+          sent, and covers its retries: images that failed with UNAVAILABLE or a transient
+          RESOURCE_EXHAUSTED are resent with backoff up to ``retries`` times.
+        - ``priority`` defaults to "low" so a bulk job does not delay interactive calls.
+        - ``progress``: a tqdm bar on stderr; ``None`` shows it only when stderr is a TTY.
+
+        Arguments are checked, and the server's limits read (once per client), at the call.
+        The blocking client runs the work on a private event loop thread with its own
+        channel (same target, credentials and options); breaking out of the loop cancels it.
+        """
+        options = bulk_options(
+            model=model,
+            nodes=nodes,
+            pool=pool,
+            gem_p=gem_p,
+            normalize=normalize,
+            dtype=dtype,
+            batch_size=batch_size,
+            concurrency=concurrency,
+            ordered=ordered,
+            progress=progress,
+            transport=transport,
+            errors=errors,
+            priority=priority,
+            native_resolution=native_resolution,
+            timeout=resolve_timeout(timeout, self.timeout),
+            retries=self.retries,
+            client_max_message_bytes=self._max_message_bytes,
+        )
+        info = self._limits(timeout)
+        return self._extract_many(items, options, info)
+
+    def _bulk_loop(self) -> _BulkLoop:
+        with self._bulk_lock:
+            if self._closed:
+                raise RuntimeError("FeatureClient is closed")
+            if self._bulk is None:
+                self._bulk = _BulkLoop(self._address, self._credentials, self._options)
+            return self._bulk
+
+    def _extract_many(
+        self, items: Iterable[Any], options: BulkOptions, info: ServerInfo
+    ) -> Iterator[tuple[Any, BulkResult]]:
+        bulk = self._bulk_loop()
+
+        async def start() -> AsyncIterator[tuple[Any, BulkResult]]:
+            return BulkRun(bulk.stub, self._metadata, info, options, items).results()
+
+        agen = bulk.run(start())
+        try:
+            while True:
+                try:
+                    pair = bulk.run(_anext(agen))
+                except StopAsyncIteration:
+                    return
+                yield pair
+        finally:
+            if not bulk.closed:
+                bulk.run(_aclose(agen))
+
+
+async def _anext(agen: AsyncIterator[_R]) -> _R:
+    return await anext(agen)
+
+
+async def _aclose(agen: Any) -> None:
+    while getattr(agen, "ag_running", False):  # a step interrupted in the caller's thread
+        await asyncio.sleep(0.005)
+    await agen.aclose()
+
+
+class _BulkLoop:
+    """A private event loop in a daemon thread with a grpc.aio channel (same target,
+    credentials and options as the client's), so ``extract_many`` of the blocking client
+    drives the one asyncio bulk engine instead of a second, threaded copy of it."""
+
+    def __init__(
+        self,
+        address: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: list[tuple[str, int | str]],
+    ) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.closed = False
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="layertap-bulk", daemon=True
+        )
+        self._thread.start()
+
+        async def open_channel() -> grpc.aio.Channel:
+            if credentials is None:
+                return grpc.aio.insecure_channel(address, options=options)
+            return grpc.aio.secure_channel(address, credentials, options=options)
+
+        self._channel = self.run(open_channel())
+        self.stub = pb_grpc.FeatureServiceStub(self._channel)
+
+    def run(self, coro: Coroutine[Any, Any, _R]) -> _R:
+        """Run ``coro`` on the loop and wait; an interrupt here cancels it there too."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def close(self) -> None:
+        """Close the channel (cancelling runs in flight) and stop the loop thread."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._channel.close(), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+            if not self._thread.is_alive():
+                self.loop.close()

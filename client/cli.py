@@ -1,12 +1,14 @@
-"""The ``layertap`` command: start a server, or query one (models, nodes, extract).
+"""The ``layertap`` command: start a server, or query one (models, nodes, extract, pictures).
 
 Client subcommands need only the client dependencies; ``serve`` imports the server lazily so
-a client-only install still gets a helpful message instead of a torch ImportError.
+a client-only install still gets a helpful message instead of a torch ImportError, and the
+picture commands import matplotlib (the ``viz`` extra) only when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import zipfile
@@ -17,6 +19,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from . import _cli_extract
+from ._cli_tree import tree_rows
 from ._convert import OUTPUT_DTYPES, POOLING
 from ._options import DEFAULT_TARGET
 from ._security import tls_credentials
@@ -46,6 +50,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
 
 
@@ -110,11 +124,28 @@ def _build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("model")
     nodes.add_argument("--shapes", action="store_true", help="also show shape, dtype, layout")
     nodes.add_argument("--filter", metavar="SUBSTR", help="only nodes whose name contains this")
+    nodes.add_argument(
+        "--tree",
+        action="store_true",
+        help="the module hierarchy, with each module's type and output shape and layout",
+    )
+    nodes.add_argument(
+        "--depth", type=_positive_int, metavar="N", help="with --tree: show N levels at most"
+    )
 
-    ext = sub.add_parser("extract", parents=[common], help="extract activations of images")
-    ext.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    ext = sub.add_parser(
+        "extract",
+        parents=[common],
+        help="extract activations of image files, or of whole directories (resumable)",
+        description="Extract activations. Given only files (and no output or an .npz), one "
+        "request is made and a summary printed. Given a directory, --recursive, or a "
+        ".npy/.parquet output, every image is extracted with a progress bar into the output "
+        "with its id (path relative to the directory); a rerun skips images already there.",
+    )
+    ext.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or directories")
     ext.add_argument("--model", required=True)
     ext.add_argument(
+        "-n",
         "--node",
         action="append",
         required=True,
@@ -125,7 +156,66 @@ def _build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--gem-p", type=_positive_float, default=3.0)
     ext.add_argument("--normalize", action="store_true", help="L2-normalise each output")
     ext.add_argument("--dtype", choices=OUTPUT_DTYPES, default="float32")
-    ext.add_argument("-o", "--output", type=Path, help="write the outputs to this .npz file")
+    ext.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="output file: .npz (ids + one array per node), .npy (one pooled node; ids in "
+        "NAME.ids.txt) or .parquet (id + one list column per node; needs layertap[parquet])",
+    )
+    ext.add_argument(
+        "-r", "--recursive", action="store_true", help="also take images in subdirectories"
+    )
+    ext.add_argument("--batch-size", type=_positive_int, default=8, help="images per request")
+    ext.add_argument(
+        "--concurrency", type=_positive_int, default=4, help="requests in flight at once"
+    )
+    ext.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=500,
+        metavar="K",
+        help="rewrite the output (atomically) every K new images, so an interrupted run "
+        "keeps its work (default: 500)",
+    )
+    ext.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    maps = sub.add_parser(
+        "show-maps",
+        parents=[common],
+        help="picture of a node's feature maps and their mean over the photo (layertap[viz])",
+    )
+    maps.add_argument("image", type=Path, metavar="IMAGE")
+    maps.add_argument("--model", required=True)
+    maps.add_argument("-n", "--node", required=True)
+    maps.add_argument(
+        "--channels", type=_positive_int, default=16, metavar="K", help="tiles (default: 16)"
+    )
+    maps.add_argument(
+        "--top", action="store_true", help="the K most active channels instead of the first K"
+    )
+    maps.add_argument(
+        "--max-size",
+        type=_positive_int,
+        default=1024,
+        metavar="PX",
+        help="shrink the photo to this longer side first (default: 1024)",
+    )
+    maps.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+
+    filters = sub.add_parser(
+        "show-filters",
+        parents=[common],
+        help="picture of a conv layer's kernels (layertap[viz])",
+    )
+    filters.add_argument("model")
+    filters.add_argument(
+        "-n", "--node", required=True, help="conv layer (module path) or its weight's name"
+    )
+    filters.add_argument(
+        "--count", type=_positive_int, default=64, metavar="K", help="kernels shown (default: 64)"
+    )
+    filters.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
     return parser
 
 
@@ -178,6 +268,10 @@ def _cmd_models(client: FeatureClient, args: argparse.Namespace) -> int:
 
 def _cmd_nodes(client: FeatureClient, args: argparse.Namespace) -> int:
     desc = client.describe(args.model)
+    if args.tree:
+        rows = tree_rows(desc, substring=args.filter, max_depth=args.depth)
+        print(_format_table(["MODULE", "TYPE", "OUTPUT SHAPE", "LAYOUT"], rows))
+        return 0
     nodes = [n for n in desc.nodes if not args.filter or args.filter in n.name]
     if args.shapes:
         rows = [[n.name, str(list(n.shape)), n.dtype, n.layout or "-"] for n in nodes]
@@ -189,7 +283,48 @@ def _cmd_nodes(client: FeatureClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _bulk(args: argparse.Namespace) -> bool:
+    """Directories, --recursive, a .npy/.parquet output or an output a bulk run wrote mean the
+    resumable bulk mode; plain files with an .npz (or no) output keep the one-request mode."""
+    if args.recursive or any(Path(p).is_dir() for p in args.images):
+        return True
+    out: Path | None = args.output
+    if out is None:
+        return False
+    if out.suffix.lower() in (".npy", ".parquet"):
+        return True
+    if out.suffix.lower() == ".npz" and out.is_file():
+        try:
+            with np.load(out, allow_pickle=False) as npz:
+                return "ids" in npz.files
+        except (OSError, ValueError, zipfile.BadZipFile):
+            return False  # not an .npz at all: the one-request mode overwrites it, as before
+    return False
+
+
 def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
+    if _bulk(args):
+        if args.output is None:
+            raise ValueError("extracting a directory needs -o/--output (.npz, .npy or .parquet)")
+        opts = _cli_extract.Options(
+            inputs=[Path(p) for p in args.images],
+            output=args.output,
+            model=args.model,
+            nodes=args.nodes,
+            pool=args.pool,
+            gem_p=args.gem_p,
+            normalize=args.normalize,
+            dtype=args.dtype,
+            recursive=args.recursive,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            checkpoint_every=args.checkpoint_every,
+            progress=not args.no_progress,
+        )
+        try:
+            return _cli_extract.run(client, opts)
+        except KeyboardInterrupt:
+            return 130
     result = client.extract(
         [Path(p) for p in args.images],
         model=args.model,
@@ -220,16 +355,104 @@ def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
 
 def _save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     """What ``np.savez(path, **arrays)`` writes, without keys clashing with its parameters."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key, array in arrays.items():
-            with zf.open(key + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    _cli_extract.write_npz(path, arrays)
+
+
+def _load_photo(path: Path, max_size: int) -> np.ndarray:
+    """The photo as uint8 RGB, upright (EXIF) and at most ``max_size`` on its longer side.
+
+    Decoded here rather than on the server so the picture's pixels are exactly the ones the
+    model saw; Pillow comes with matplotlib, so the viz extra needs nothing more.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(path.read_bytes())) as opened:
+        rgb = ImageOps.exif_transpose(opened).convert("RGB")
+    if max(rgb.size) > max_size:
+        rgb.thumbnail((max_size, max_size), Image.Resampling.BICUBIC)
+    return np.asarray(rgb)
+
+
+def _cmd_show_maps(client: FeatureClient, args: argparse.Namespace) -> int:
+    from . import viz
+
+    viz.require_matplotlib()
+    photo = _load_photo(args.image, args.max_size)
+    common = {"model": args.model, "nodes": {args.node: "map"}, "pool": None}
+    try:
+        # The whole photo, not the centre crop: the heatmap then lines up with all of it.
+        result = client.extract(photo, native_resolution=True, **common)
+        shown = photo
+    except FeatureServiceError as exc:
+        if exc.code != grpc.StatusCode.INVALID_ARGUMENT:
+            raise
+        # Models with a fixed input size (ViT) refuse other sizes: overlay on the crop
+        # the server's resize + centre crop keeps instead.
+        result = client.extract(photo, **common)
+        prep = result.metadata.preprocessing
+        top, left, h, w = viz.crop_box(photo.shape[:2], prep.resize_size, prep.crop_size)
+        shown = photo[top : top + h, left : left + w]
+    maps = viz.to_chw(result["map"][0], result.layouts.get("map", ""))
+    node = result.nodes.get("map", args.node)
+    picture = viz.feature_maps_picture(
+        maps,
+        shown,
+        args.output,
+        count=args.channels,
+        top=args.top,
+        title=f"{args.model} {node}  {list(result['map'].shape[1:])}"
+        + ("  (most active channels)" if args.top else ""),
+    )
+    w, h = picture.size_px
+    print(f"wrote {args.output} ({w}x{h}): channels {picture.channels} of {maps.shape[0]}")
+    return 0
+
+
+def _cmd_show_filters(client: FeatureClient, args: argparse.Namespace) -> int:
+    from . import viz
+
+    viz.require_matplotlib()
+    node: str = args.node
+    name = node if node.endswith(".weight") else node + ".weight"
+    try:
+        params = client.get_parameters(args.model, [name])
+    except FeatureServiceError as exc:
+        if exc.code not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+            raise
+        # Often a container (features.0) whose conv sits one level down: say which.
+        module = name.removesuffix(".weight")
+        convs = [
+            m.name
+            for m in client.describe(args.model).modules
+            if m.name.startswith(module + ".") and "Conv" in m.type and m.own_parameters
+        ]
+        if not convs:
+            raise
+        raise ValueError(
+            f"{module} has no conv weight of its own; conv layers under it: "
+            + ", ".join(convs[:8])
+            + (" ..." if len(convs) > 8 else "")
+        ) from None
+    weight = params[name] if name in params else next(iter(params.values()))
+    picture = viz.filters_picture(
+        weight,
+        args.output,
+        count=args.count,
+        name=name,
+        title=f"{args.model} {name}  {list(weight.shape)}",
+    )
+    w, h = picture.size_px
+    kind = "RGB" if picture.rgb else "mean over input channels"
+    print(f"wrote {args.output} ({w}x{h}): {len(picture.tiles)} kernels, {kind}")
+    return 0
 
 
 _COMMANDS: dict[str, Callable[[FeatureClient, argparse.Namespace], int]] = {
     "models": _cmd_models,
     "nodes": _cmd_nodes,
     "extract": _cmd_extract,
+    "show-maps": _cmd_show_maps,
+    "show-filters": _cmd_show_filters,
 }
 
 

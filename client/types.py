@@ -49,7 +49,9 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """The server's version and the request limits it enforces, so callers can size requests."""
+    """The server's version, the limits it enforces and what it supports, so callers (and the
+    SDK's automatic chunking) can size and shape requests. A limit of 0 means "not reported"
+    (an older server answering through ListModels); capability lists are then empty."""
 
     version: str
     max_images_per_request: int
@@ -58,6 +60,19 @@ class ServerInfo:
     max_message_bytes: int
     max_batch_size: int
     max_queue_images: int
+    max_stream_in_flight: int = 0
+    """Unanswered ExtractStream items the server holds per stream."""
+    max_parameter_bytes: int = 0
+    """Largest GetParameters answer (sum of tensor bytes)."""
+    image_formats: tuple[str, ...] = ()
+    input_dtypes: tuple[str, ...] = ()
+    pools: tuple[str, ...] = ()
+    """Pooling enum names the server accepts, e.g. "POOLING_GEM"."""
+    output_dtypes: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    """RPC names the server implements (empty: unknown, an older server)."""
 
 
 @dataclass(frozen=True)
@@ -188,5 +203,6 @@ __all__ = [
     "NodeInfo",
     "Preprocessing",
     "ResolvedNode",
+    "ServerInfo",
     "Timings",
 ]

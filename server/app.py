@@ -10,9 +10,9 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from layertap.v1 import layertap_pb2
 
 from . import logs, security
-from .batcher import Batcher
+from .batcher import Batcher, BatchPolicy
+from .dispatch import Dispatcher
 from .metrics import Metrics
+from .prepare import init_decode_thread
 from .settings import ConfigError, Settings, build_arg_parser, load_settings
-from .worker import ModelRuntime
+from .worker import Item, ModelRuntime, SharedWeights, default_torch_threads, pick_device
 
 log = logging.getLogger("layertap.server")
 
@@ -62,14 +64,19 @@ class Server:
     """A bound (not yet started) layertap server and the pieces tests may want to look at."""
 
     grpc_server: grpc.aio.Server
-    runtime: ModelRuntime
-    batcher: Batcher
+    runtime: ModelRuntime  # the first device's: catalogues, status (every device has the same)
+    batcher: Batcher | Dispatcher  # a Dispatcher over one Batcher per device when several
     decode_pool: ThreadPoolExecutor
     settings: Settings
     health: HealthServicer
     metrics: Metrics | None
     metrics_port: int | None = None
     _load_task: asyncio.Task[None] | None = None
+    runtimes: list[ModelRuntime] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.runtimes:
+            self.runtimes = [self.runtime]
 
     async def start(self) -> None:
         """Start serving; models load and warm up on the worker in the background, and health
@@ -85,13 +92,25 @@ class Server:
         async def report(name: str, ok: bool) -> None:
             await self.health.set(model_health_name(name), SERVING if ok else NOT_SERVING)
 
-        await self.runtime.load_all(report)
+        if len(self.runtimes) == 1:
+            await self.runtime.load_all(report)
+        else:  # every device loads its own copy, in parallel; a model is ready when on all
+            outcomes: dict[str, list[bool]] = {}
+
+            async def collect(name: str, ok: bool) -> None:
+                outcomes.setdefault(name, []).append(ok)
+                if len(outcomes[name]) == len(self.runtimes):
+                    await report(name, all(outcomes[name]))
+
+            await asyncio.gather(*(rt.load_all(collect) for rt in self.runtimes))
+            if self.runtime.shared is not None:
+                self.runtime.shared.clear()  # the devices hold their copies now
         overall = SERVING if self.runtime.ready_models() else NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, overall)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        await self.runtime.wait_ready(timeout)
+        await asyncio.gather(*(rt.wait_ready(timeout) for rt in self.runtimes))
         if self._load_task is not None:  # health is updated right after loading
             await asyncio.wait_for(asyncio.shield(self._load_task), timeout)
 
@@ -105,7 +124,8 @@ class Server:
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
-        self.runtime.shutdown()
+        for runtime in self.runtimes:
+            runtime.shutdown()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -116,19 +136,23 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     credentials = security.server_credentials(settings)
     interceptors = security.interceptors(settings)
     metrics = Metrics(m.name for m in settings.models) if settings.metrics else None
-    runtime = ModelRuntime(settings, metrics)
+    runtimes = _runtimes(settings, metrics)
+    runtime = runtimes[0]
     if metrics is not None:
         metrics.set_build_info(str(runtime.device))
-    batcher = Batcher(
-        runtime.run_batch,
-        max_batch_size=settings.max_batch_size,
-        max_wait_s=settings.max_wait_ms / 1000.0,
-        max_queue=settings.max_queue_images,
-        batch_limit=lambda key: _batch_limit(settings, runtime, key),
-        on_queue_depth=metrics.queue_depth.set if metrics else None,
-        on_batch=metrics.observe_batch if metrics else None,
+    batchers = [_batcher(settings, rt, metrics, name) for rt, name in _names(runtimes)]
+    batcher: Batcher | Dispatcher = batchers[0] if len(batchers) == 1 else Dispatcher(batchers)
+    if metrics is not None and len(batchers) > 1:  # one gauge: the total over devices
+        for b in batchers:
+            b.on_queue_depth = lambda _depth: metrics.queue_depth.set(batcher.queued)
+    cuda = [rt.device for rt in runtimes if rt.device.type == "cuda"]
+    gpu_decode = str(cuda[0]) if cuda and settings.gpu_decode != "off" else None
+    decode_pool = ThreadPoolExecutor(
+        settings.decode_threads,
+        thread_name_prefix="decode",
+        initializer=init_decode_thread,
+        initargs=(gpu_decode,),
     )
-    decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
     grpc_server = grpc.aio.server(
         options=server_options(settings),
         interceptors=interceptors,
@@ -160,17 +184,71 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         raise ConfigError(f"cannot bind {address}: {exc}") from exc
     if port == 0:
         raise ConfigError(f"cannot bind {address}")
-    server = Server(grpc_server, runtime, batcher, decode_pool, settings, health, metrics)
+    server = Server(
+        grpc_server, runtime, batcher, decode_pool, settings, health, metrics, runtimes=runtimes
+    )
     return server, port
 
 
-def _batch_limit(settings: Settings, runtime: ModelRuntime, key: object) -> int:
-    """The model's own max_batch_size (else the server's), lowered after out-of-memory."""
+def _runtimes(settings: Settings, metrics: Metrics | None) -> list[ModelRuntime]:
+    """One runtime (worker thread, model copies) per entry of `devices` (default: `device`);
+    CPU workers split the cores between them."""
+    names = settings.devices or (settings.device,)
+    devices = [pick_device(name) for name in names]
+    cpu_workers = sum(1 for d in devices if d.type == "cpu")
+    threads = default_torch_threads(settings, cpu_workers)
+    shared = SharedWeights() if len(devices) > 1 else None  # one build, a copy per device
+    return [
+        ModelRuntime(settings, metrics, device=str(d), torch_threads=threads, shared=shared)
+        for d in devices
+    ]
+
+
+def _names(runtimes: list[ModelRuntime]) -> list[tuple[ModelRuntime, str]]:
+    """Each runtime with the name responses report: its device, numbered when listed twice."""
+    devices = [str(rt.device) for rt in runtimes]
+    return [
+        (rt, d if devices.count(d) == 1 else f"{d}/{i}")
+        for i, (rt, d) in enumerate(zip(runtimes, devices, strict=True))
+    ]
+
+
+def _batcher(
+    settings: Settings, runtime: ModelRuntime, metrics: Metrics | None, name: str
+) -> Batcher:
+    def group_key(key: Hashable, item: Item) -> Hashable:
+        """Without forward sharing, only requests for the same node set share a batch."""
+        return (*key, item.nodes) if isinstance(key, tuple) else key
+
+    return Batcher(
+        runtime.run_batch,
+        max_queue=settings.max_queue_images,
+        policy=lambda key: batch_policy(settings, runtime, key),
+        low_priority_max_wait_s=settings.low_priority_max_wait_ms / 1000.0,
+        group_key=None if settings.share_forwards else group_key,
+        name=name,
+        on_queue_depth=metrics.queue_depth.set if metrics else None,
+        on_batch=metrics.observe_batch if metrics else None,
+        on_drop=metrics.observe_drop if metrics else None,
+    )
+
+
+def batch_policy(settings: Settings, runtime: ModelRuntime, key: object) -> BatchPolicy:
+    """The model's own max_batch_size / preferred_batch_size / max_wait_ms, else the server's;
+    the size limit lowered after an out-of-memory on this runtime's device."""
     name = key[0] if isinstance(key, tuple) and key else None
     cfg = settings.model(name) if isinstance(name, str) else None
     limit = cfg.max_batch_size if cfg and cfg.max_batch_size > 0 else settings.max_batch_size
     cap = runtime.batch_cap(name) if isinstance(name, str) else None
-    return min(limit, cap) if cap else limit
+    if cap:
+        limit = min(limit, cap)
+    preferred = settings.preferred_batch_size
+    if cfg is not None and cfg.preferred_batch_size is not None:
+        preferred = cfg.preferred_batch_size
+    wait_ms = settings.max_wait_ms
+    if cfg is not None and cfg.max_wait_ms is not None:
+        wait_ms = cfg.max_wait_ms
+    return BatchPolicy(limit, preferred, wait_ms / 1000.0)
 
 
 async def serve(settings: Settings) -> None:

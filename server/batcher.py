@@ -1,24 +1,35 @@
 """Micro-batching: pure asyncio, knows futures and keys, never torch or protobuf.
 
 Items with the same key (same extractor and input shape) from concurrent requests are stacked
-into one call of `run_batch`. The rule (after ray serve's batching): take the oldest item; if the
-worker was idle and nothing else was queued when it arrived, run at once (a lone request never
-waits); otherwise keep collecting same-key items until the batch is full or `max_wait` has passed
-since that oldest item arrived. Cancelled items are dropped before running. Whatever happens in
-`run_batch`, every waiting future gets a result or an exception: none is left hanging.
+into one call of `run_batch`. The rule (after ray serve's batching and Triton's dynamic batcher):
+
+- The next batch's head is the oldest NORMAL item when any waits, else the oldest LOW one. A LOW
+  item that has waited `low_priority_max_wait_s` counts as NORMAL (no starvation).
+- If the worker was idle and nothing else was queued when the head arrived, it runs at once (a
+  lone request never waits). Otherwise the batch stays open until it holds
+  `preferred_batch_size` items (0: `max_batch_size`) or `max_wait` has passed since the head
+  arrived, whichever comes first.
+- The batch then takes up to `max_batch_size` items of the head's key: NORMAL ones first (oldest
+  first), then LOW ones.
+
+Cancelled items are dropped before running and reported to `on_drop` as "cancelled", or as
+"deadline" when their request's deadline had passed. Whatever happens in `run_batch`, every
+waiting future gets a result or an exception: none is left hanging.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from .errors import QueueFull, Unavailable
+from .errors import LimitExceeded, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -27,47 +38,119 @@ R = TypeVar("R")
 
 RunBatch = Callable[[Hashable, list[Any]], Awaitable[Sequence[Any]]]
 
+NORMAL = 0
+LOW = 1
+# A cancel this close to the request's deadline is the deadline (gRPC fires its timer at or just
+# after the deadline; the two clocks are read a few microseconds apart).
+DEADLINE_SLACK_S = 0.005
+
+
+# When the client of the RPC this task serves stops waiting (time.monotonic()), if it said.
+_request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "request_deadline", default=None
+)
+
+
+def set_request_deadline(time_remaining: float | None) -> None:
+    """Record for the current task (one RPC) when its client stops waiting; `time_remaining`
+    is gRPC's `context.time_remaining()` (None: no deadline). Items the task submits carry it,
+    so a dropped item can be told apart: its deadline passed, or its client cancelled."""
+    deadline = None if time_remaining is None else time.monotonic() + time_remaining
+    _request_deadline.set(deadline)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one key batches: at most `max_batch_size` items; stop waiting for more once
+    `preferred_batch_size` are queued (0: only a full batch stops the wait) or `max_wait_s`
+    after the head arrived."""
+
+    max_batch_size: int
+    preferred_batch_size: int = 0
+    max_wait_s: float = 0.002
+
+    @property
+    def target(self) -> int:
+        """The size at which a collecting batch stops waiting."""
+        preferred = self.preferred_batch_size
+        return min(preferred, self.max_batch_size) if preferred > 0 else self.max_batch_size
+
 
 @dataclass(frozen=True)
 class BatchInfo:
-    """How an item was served: time queued, the batch's run time, and the batch size."""
+    """How an item was served: time queued, the batch's run time, the batch size, and the
+    batcher (device) that ran it."""
 
     queue_s: float
     run_s: float
     batch_size: int
     batch_id: int = 0
+    device: str = ""
 
 
-@dataclass
+class BatchQueue(Protocol):
+    """What the servicer needs of a batcher: one Batcher, or a Dispatcher over several."""
+
+    @property
+    def queued(self) -> int: ...
+
+    def reserve(self, count: int) -> contextlib.AbstractContextManager[None]: ...
+
+    def submit_many(
+        self,
+        key: Hashable,
+        payloads: Sequence[Any],
+        reserved: bool = False,
+        priority: int = NORMAL,
+        deadline: float | None = None,
+    ) -> list[asyncio.Future[Any]]: ...
+
+    async def close(self, drain: bool = True) -> None: ...
+
+
+@dataclass(eq=False)
 class _Item(Generic[P]):
     key: Hashable
     payload: P
     future: asyncio.Future[tuple[Any, BatchInfo]]
     enqueued: float
     lone: bool  # arrived to an idle worker with nothing queued
-    limit: int = 0
-    priority: int = 0  # 0 normal, 1 low (bulk)
+    policy: BatchPolicy
+    priority: int = NORMAL  # 0 normal, 1 low (bulk)
+    deadline: float | None = None  # time.monotonic() after which the client no longer waits
+    running: bool = False  # handed to run_batch: a cancel now is not a drop
 
 
 @dataclass
 class Batcher:
-    """One batcher per device worker: batches run one at a time, in arrival order of their head."""
+    """One batcher per device worker: batches run one at a time."""
 
     run_batch: RunBatch
     max_batch_size: int = 8
     max_wait_s: float = 0.002
     max_queue: int = 512
     batch_limit: Callable[[Hashable], int] | None = None
-    # observers (metrics): queue depth after every change, size of every batch run
+    preferred_batch_size: int = 0
+    # per-key policy (per-model limits, waits, preferred sizes); overrides the three above
+    policy: Callable[[Hashable], BatchPolicy] | None = None
+    low_priority_max_wait_s: float = 1.0
+    # maps (submitted key, payload) to the batch key, e.g. to keep node sets apart
+    group_key: Callable[[Hashable, Any], Hashable] | None = None
+    name: str = ""  # reported in BatchInfo.device
+    # observers (metrics): queue depth after every change, size of every batch run,
+    # each item dropped before compute ("cancelled" or "deadline")
     on_queue_depth: Callable[[int], None] | None = None
     on_batch: Callable[[Hashable, int], None] | None = None
+    on_drop: Callable[[Hashable, str], None] | None = None
     _pending: list[_Item[Any]] = field(default_factory=list, init=False)
     _wakeup: asyncio.Event | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _busy: bool = field(default=False, init=False)
+    _running: int = field(default=0, init=False)
     _reserved: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
     batches_run: int = field(default=0, init=False)
+    dropped: dict[str, int] = field(default_factory=dict, init=False)
 
     def start(self) -> None:
         if self._task is None:
@@ -77,6 +160,16 @@ class Batcher:
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    @property
+    def waiting(self) -> int:
+        """Images queued or holding reserved room: what max_queue bounds."""
+        return len(self._pending) + self._reserved
+
+    @property
+    def load(self) -> int:
+        """Images this batcher owes: queued, reserved (being decoded) and computing."""
+        return len(self._pending) + self._reserved + self._running
 
     @contextlib.contextmanager
     def reserve(self, count: int) -> Iterator[None]:
@@ -93,18 +186,40 @@ class Batcher:
     def _check_room(self, count: int) -> None:
         if self._closed:
             raise Unavailable("server is shutting down; retry on another replica")
-        waiting = len(self._pending) + self._reserved
+        if count > self.max_queue:  # can never fit: not transient, so not a QueueFull
+            raise LimitExceeded(
+                f"{count} images in one request exceed the whole batch queue "
+                f"(max_queue_images={self.max_queue}); split the request"
+            )
+        waiting = self.waiting
         if waiting + count > self.max_queue:
             raise QueueFull(
                 f"batch queue is full ({waiting} images waiting, limit "
                 f"max_queue_images={self.max_queue}); retry with backoff"
             )
 
+    def _policy_for(self, key: Hashable) -> BatchPolicy:
+        if self.policy is not None:
+            p = self.policy(key)
+        else:
+            limit = self.batch_limit(key) if self.batch_limit else self.max_batch_size
+            p = BatchPolicy(limit, self.preferred_batch_size, self.max_wait_s)
+        return BatchPolicy(max(1, p.max_batch_size), max(0, p.preferred_batch_size), p.max_wait_s)
+
     def submit_many(
-        self, key: Hashable, payloads: Sequence[Any], reserved: bool = False, priority: int = 0
+        self,
+        key: Hashable,
+        payloads: Sequence[Any],
+        reserved: bool = False,
+        priority: int = NORMAL,
+        deadline: float | None = None,
     ) -> list[asyncio.Future[Any]]:
         """Queue all payloads of one request atomically, or refuse them all (RESOURCE_EXHAUSTED).
-        `reserved`: the room was already taken with `reserve()` (inside its block)."""
+        `reserved`: the room was already taken with `reserve()` (inside its block).
+        `deadline`: time.monotonic() at which the client stops waiting (tells a dropped item's
+        deadline from its client's cancel); default: set_request_deadline's, if any."""
+        if deadline is None:
+            deadline = _request_deadline.get()
         if not reserved:
             self._check_room(len(payloads))
         elif self._closed:
@@ -113,37 +228,63 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         lone = not self._busy and not self._pending
-        limit = self.batch_limit(key) if self.batch_limit else self.max_batch_size
         futures = []
+        policies: dict[Hashable, BatchPolicy] = {}
         for payload in payloads:
+            k = self.group_key(key, payload) if self.group_key is not None else key
+            if k not in policies:
+                policies[k] = self._policy_for(k)
             fut: asyncio.Future[Any] = loop.create_future()
-            self._pending.append(_Item(key, payload, fut, now, lone, max(1, limit), priority))
+            item = _Item(k, payload, fut, now, lone, policies[k], priority, deadline)
+            fut.add_done_callback(functools.partial(self._on_done, item))
+            self._pending.append(item)
             futures.append(fut)
         assert self._wakeup is not None
         self._wakeup.set()
         self._report_depth()
         return futures
 
+    def _on_done(self, item: _Item[Any], _future: asyncio.Future[Any]) -> None:
+        """Count an item whose client stopped waiting before its batch ran."""
+        if item.running or not item.future.cancelled():
+            return
+        reason = "cancelled"
+        if item.deadline is not None and time.monotonic() >= item.deadline - DEADLINE_SLACK_S:
+            reason = "deadline"
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        if self.on_drop is not None:
+            self.on_drop(item.key, reason)
+
     def _report_depth(self) -> None:
         if self.on_queue_depth is not None:
             self.on_queue_depth(len(self._pending))
 
-    async def submit(self, key: Hashable, payload: Any) -> tuple[Any, BatchInfo]:
-        return await self.submit_many(key, [payload])[0]
+    async def submit(
+        self, key: Hashable, payload: Any, priority: int = NORMAL
+    ) -> tuple[Any, BatchInfo]:
+        return await self.submit_many(key, [payload], priority=priority)[0]
 
-    def _take(self, head: _Item[Any]) -> list[_Item[Any]]:
-        """Remove and return up to `limit` live items with the head's key, oldest first."""
-        batch: list[_Item[Any]] = []
-        keep: list[_Item[Any]] = []
-        for item in self._pending:
-            if item.future.done():  # cancelled by its client: drop before compute
-                continue
-            if item.key == head.key and len(batch) < head.limit:
-                batch.append(item)
-            else:
-                keep.append(item)
-        self._pending = keep
+    def _is_low(self, item: _Item[Any], now: float) -> bool:
+        """LOW until it has waited low_priority_max_wait_s; then it counts as NORMAL."""
+        return item.priority != NORMAL and now - item.enqueued < self.low_priority_max_wait_s
+
+    def _head(self, now: float) -> _Item[Any]:
+        """The oldest NORMAL item, else the oldest LOW one (pending is in arrival order)."""
+        return next((i for i in self._pending if not self._is_low(i, now)), self._pending[0])
+
+    def _take(self, key: Hashable, limit: int) -> list[_Item[Any]]:
+        """Remove and return up to `limit` live items of `key`: NORMAL first, then LOW, each
+        oldest first."""
+        now = time.monotonic()
+        candidates = [i for i in self._pending if i.key == key and not i.future.done()]
+        candidates.sort(key=lambda i: self._is_low(i, now))  # stable: arrival order kept
+        batch = candidates[:limit]
+        taken = {id(i) for i in batch}
+        self._pending = [i for i in self._pending if id(i) not in taken]
         return batch
+
+    def _count(self, key: Hashable) -> int:
+        return sum(1 for i in self._pending if i.key == key and not i.future.done())
 
     async def _loop(self) -> None:
         assert self._wakeup is not None
@@ -155,30 +296,30 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            head = self._pending[0]
-            batch = self._take(head)
-            lone = head.lone and not self._pending
-            deadline = head.enqueued + self.max_wait_s
-            while not lone and len(batch) < head.limit and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                more = [i for i in self._pending if i.key == head.key and not i.future.done()]
-                if more:
-                    room = head.limit - len(batch)
-                    take = more[:room]
-                    ids = {id(i) for i in take}
-                    self._pending = [i for i in self._pending if id(i) not in ids]
-                    batch.extend(take)
-            batch = [i for i in batch if not i.future.done()]
+            head = self._head(time.monotonic())
+            policy = head.policy
+            # everything queued would fit in this one batch: nothing to wait for
+            alone = len(self._pending) <= policy.max_batch_size and all(
+                i.key == head.key for i in self._pending
+            )
+            deadline = head.enqueued + policy.max_wait_s
+            if not (head.lone and alone):
+                while self._count(head.key) < policy.target and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+            batch = self._take(head.key, policy.max_batch_size)
             if batch:
                 await self._run(head.key, batch)
 
     async def _run(self, key: Hashable, batch: list[_Item[Any]]) -> None:
+        for item in batch:
+            item.running = True
         self._busy = True
+        self._running = len(batch)
         self._report_depth()
         if self.on_batch is not None:
             self.on_batch(key, len(batch))
@@ -202,6 +343,7 @@ class Batcher:
             return
         finally:
             self._busy = False
+            self._running = 0
             self.batches_run += 1
         run_s = time.monotonic() - started
         batch_id = self.batches_run
@@ -211,7 +353,7 @@ class Batcher:
             if isinstance(result, BaseException):
                 item.future.set_exception(result)
             else:
-                info = BatchInfo(started - item.enqueued, run_s, len(batch), batch_id)
+                info = BatchInfo(started - item.enqueued, run_s, len(batch), batch_id, self.name)
                 item.future.set_result((result, info))
 
     async def close(self, drain: bool = True) -> None:

@@ -46,7 +46,7 @@ from PIL import (
     PngImagePlugin,
     WebPImagePlugin,
 )
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .errors import ImageLimitExceeded, InvalidArgument, InvalidImage
 
@@ -115,6 +115,10 @@ _PIL_CLASSES: dict[str, type[ImageFile.ImageFile]] = {
     "GIF": GifImagePlugin.GifImageFile,
     "BMP": BmpImagePlugin.BmpImageFile,
 }
+# What GetServerInfo advertises: the encoded formats above, and the raw tensor dtypes decode_raw
+# takes (uint8 HWC pixels, float32 CHW already normalised).
+IMAGE_FORMATS: tuple[str, ...] = tuple(name.lower() for name in _PIL_CLASSES)
+RAW_INPUT_DTYPES: tuple[str, ...] = ("uint8", "float32")
 
 
 def _sniff(data: bytes) -> str:
@@ -260,6 +264,38 @@ def decode_encoded(data: bytes, limits: DecodeLimits) -> torch.Tensor:
     # The decoded frame can exceed the header's canvas (GIF frames may grow it): check again.
     _check_pixels(int(img.shape[2]), int(img.shape[1]), limits)
     return img.contiguous()
+
+
+def decode_jpeg_cuda(
+    data: bytes, limits: DecodeLimits, device: torch.device
+) -> torch.Tensor | None:
+    """A plain RGB or gray JPEG decoded by nvJPEG on `device` (uint8 [3, H, W] there), after the
+    same byte and header-pixel checks as decode_encoded. None for anything nvJPEG would get wrong
+    or not handle — other formats, CMYK, and EXIF-rotated JPEGs (the CUDA decoder ignores the
+    orientation) — which the caller decodes on the CPU instead."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    if len(data) == 0:
+        raise InvalidImage("empty image data")
+    check_encoded_size(len(data), limits)
+    if _sniff(data) != "JPEG":
+        return None
+    im = _probe(data, "JPEG", limits)
+    try:
+        if im.mode not in ("RGB", "L") or im.getexif().get(0x0112, 1) != 1:
+            return None
+    finally:
+        im.close()
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        img = decode_jpeg(buf, mode=ImageReadMode.RGB, device=device)
+    except Exception as e:
+        raise InvalidImage(
+            f"cannot decode JPEG image: {_clean(e)} (corrupt or truncated data?)"
+        ) from None
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise InvalidImage(f"JPEG image decoded to an unusable shape {list(img.shape)}")
+    return img
 
 
 def _parse_shape(shape: Sequence[int], error: type[InvalidArgument]) -> list[int]:

@@ -27,8 +27,10 @@ log = logging.getLogger(__name__)
 
 STAGES = ("queue", "decode", "compute", "encode")
 UNKNOWN = "unknown"
+DROP_REASONS = ("cancelled", "deadline")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STREAM_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def layertap_version() -> str:
@@ -105,7 +107,26 @@ class Metrics:
         self.in_flight = Gauge(
             "layertap_requests_in_flight", "RPCs being served", ["method"], registry=r
         )
+        self.stream_items = Counter(
+            "layertap_stream_items",
+            "ExtractStream items answered (or cancelled with their stream), by outcome",
+            ["model", "code"],
+            registry=r,
+        )
+        self.stream_unanswered = Histogram(
+            "layertap_stream_unanswered_items",
+            "Unanswered items of a stream, counted as each item is admitted "
+            "(never above max_stream_in_flight)",
+            buckets=STREAM_BUCKETS,
+            registry=r,
+        )
         self.images = Counter("layertap_images", "Images extracted", ["model"], registry=r)
+        self.dropped_images = Counter(
+            "layertap_dropped_images",
+            "Images dropped before compute: their client cancelled, or their deadline passed",
+            ["reason"],
+            registry=r,
+        )
         self.output_bytes = Counter(
             "layertap_output_bytes", "Tensor bytes returned", ["model"], registry=r
         )
@@ -153,6 +174,10 @@ class Metrics:
         """Batch sizes per model; the batch key's first item is the model name."""
         name = key[0] if isinstance(key, tuple) and key else UNKNOWN
         self.batch_size.labels(self.model(str(name))).observe(size)
+
+    def observe_drop(self, key: Hashable, reason: str) -> None:
+        """One image dropped before compute; reason is "cancelled" or "deadline"."""
+        self.dropped_images.labels(reason if reason in DROP_REASONS else UNKNOWN).inc()
 
     def set_build_info(self, device: str) -> None:
         import torch

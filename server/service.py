@@ -12,8 +12,9 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 from . import codec
-from .batcher import Batcher, BatchInfo
+from .batcher import BatchInfo, BatchQueue, set_request_deadline
 from .catalog import NodeSpec
 from .errors import (
     Cancelled,
@@ -33,6 +34,7 @@ from .errors import (
     LimitExceeded,
     ModelNotFound,
     PerImageError,
+    QueueFull,
     Unavailable,
 )
 from .metrics import Metrics, layertap_version
@@ -40,6 +42,7 @@ from .pooling import DTYPES, OutputSpec, check_pool
 from .prepare import ImageInput, Prepared, encode_results, prepare_image
 from .preprocess import Preprocessing
 from .settings import Settings
+from .stream import StreamSession
 from .worker import Item, ModelRuntime, ModelStatus
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,12 @@ _STATUS: list[tuple[type[LayertapError], grpc.StatusCode]] = [
     (Cancelled, grpc.StatusCode.CANCELLED),
 ]
 MAX_DETAILS = 2000
+# Trailing metadata on failures worth retrying as is (full queue, model loading, shutting
+# down), so clients retry RESOURCE_EXHAUSTED only when it is transient, never for a limit.
+RETRYABLE = ("layertap-retryable", "true")
+_RETRYABLE_ERRORS = (QueueFull, Unavailable)
+# The running RPC's request id, for log lines of work it spawns (stream items).
+_REQUEST_ID: ContextVar[str] = ContextVar("layertap_request_id", default="")
 
 _POOLS = {
     pb.POOLING_RAW: "raw",
@@ -96,13 +105,21 @@ def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def add_to_server(servicer: FeatureService, server: grpc.aio.Server) -> None:
-    """Register the FeatureService like the generated helper does, with tolerant parsing."""
+    """Register the FeatureService like the generated helper does, with tolerant parsing
+    (each message of a request stream is parsed on its own, so one bad message is one bad
+    item)."""
     service = pb.DESCRIPTOR.services_by_name["FeatureService"]
     handlers = {}
     for method in service.methods:
         request_cls = getattr(pb, method.input_type.name)
         response_cls = getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.client_streaming or method.server_streaming:
+            raise NotImplementedError(f"{method.name}: half-streaming RPCs are not served")
+        else:
+            make = grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
             getattr(servicer, method.name),
             request_deserializer=tolerant(request_cls.FromString),
             response_serializer=response_cls.SerializeToString,
@@ -129,7 +146,8 @@ def rpc(handler: H) -> H:
     @functools.wraps(handler)
     async def wrapper(self: FeatureService, request: Any, context: grpc.aio.ServicerContext) -> Any:
         rid = request_id(context)
-        trailer = (("x-request-id", rid),)
+        _REQUEST_ID.set(rid)
+        trailer: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
         model = str(getattr(request, "model", "") or "")
         started = time.perf_counter()
         code = grpc.StatusCode.OK
@@ -148,6 +166,8 @@ def rpc(handler: H) -> H:
             return response
         except LayertapError as exc:
             code, details = status_for(exc), str(exc)[:MAX_DETAILS]
+            if isinstance(exc, _RETRYABLE_ERRORS):
+                trailer += (RETRYABLE,)
             await context.abort(code, details, trailing_metadata=trailer)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -270,6 +290,11 @@ def _bytes_per_image(node: NodeSpec, spec: OutputSpec) -> int:
     return elements * _ITEMSIZE[spec.dtype]
 
 
+def _encode_all(tensors: Sequence[Any]) -> list[tuple[str, list[int], bytes]]:
+    """CPU tensors -> (wire dtype, shape, raw bytes), on the decode pool."""
+    return [codec.encode_tensor(t) for t in tensors]
+
+
 class FeatureService(pb_grpc.FeatureServiceServicer):
     """The layertap.v1.FeatureService implementation."""
 
@@ -277,7 +302,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self,
         settings: Settings,
         runtime: ModelRuntime,
-        batcher: Batcher,
+        batcher: BatchQueue,
         decode_pool: Executor,
         metrics: Metrics | None = None,
     ) -> None:
@@ -294,19 +319,97 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        s = self.settings
         models = [_model_info_pb(self.runtime.status(n)) for n in self.runtime.names()]
-        limits = pb.ServerLimits(
+        return pb.ListModelsResponse(
+            models=models, limits=self._limits(), server_version=layertap_version()
+        )
+
+    def _limits(self) -> pb.ServerLimits:
+        s = self.settings
+        return pb.ServerLimits(
             max_images_per_request=s.max_images_per_request,
             max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels,
             max_message_bytes=s.max_message_bytes,
             max_batch_size=s.max_batch_size,
             max_queue_images=s.max_queue_images,
+            max_stream_in_flight=s.max_stream_in_flight,
+            max_parameter_bytes=s.max_parameter_bytes,
         )
-        return pb.ListModelsResponse(
-            models=models, limits=limits, server_version=layertap_version()
+
+    @rpc
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        service = pb.DESCRIPTOR.services_by_name["FeatureService"]
+        return pb.GetServerInfoResponse(
+            server_version=layertap_version(),
+            limits=self._limits(),
+            image_formats=list(codec.IMAGE_FORMATS),
+            input_dtypes=list(codec.RAW_INPUT_DTYPES),
+            pools=[pb.Pooling.Name(k) for k in sorted(_POOLS)],
+            output_dtypes=list(DTYPES),
+            models=self.runtime.names(),
+            devices=self._devices(),
+            methods=[m.name for m in service.methods],
         )
+
+    def _devices(self) -> list[str]:
+        """Each device worker by the name Extract metadata reports (several with `devices`)."""
+        batchers = getattr(self.batcher, "batchers", None) or [self.batcher]
+        names = [str(getattr(b, "name", "") or "") for b in batchers]
+        return [n for n in names if n] or [str(self.runtime.device)]
+
+    @rpc
+    async def GetParameters(
+        self, request: pb.GetParametersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetParametersResponse:
+        self.runtime.model(request.model)  # NOT_FOUND / UNAVAILABLE first
+        names = list(request.names)
+        if not names:
+            raise InvalidArgument(
+                "no names; list parameter names ('features.0.weight') or module paths "
+                "('features.0'; see DescribeModel's modules)"
+            )
+        for index, name in enumerate(names):
+            if not name:
+                raise InvalidArgument(
+                    f"names[{index}] is empty; the root module is not allowed, name a "
+                    "parameter or a module path (see DescribeModel's modules)"
+                )
+        dtype = request.dtype or "float32"
+        if dtype not in DTYPES:
+            raise InvalidArgument(f"dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
+        limit = self.settings.max_parameter_bytes
+        tensors = await self.runtime.parameters(request.model, names, dtype, limit)
+        encoded = await self._in_pool(_encode_all, [t for _, t in tensors])
+        return pb.GetParametersResponse(
+            model=request.model,
+            parameters=[
+                pb.NamedTensor(
+                    key=name, node=name, tensor=pb.Tensor(dtype=wire, shape=shape, data=data)
+                )
+                for (name, _), (wire, shape, data) in zip(tensors, encoded, strict=True)
+            ],
+        )
+
+    @rpc
+    async def ExtractStream(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        # items inherit it: the batcher tells a passed stream deadline from a cancel
+        set_request_deadline(context.time_remaining())
+        session = StreamSession(
+            requests,
+            context.write,
+            self._extract,
+            status_for,
+            self.settings.max_stream_in_flight,
+            self.metrics,
+            _REQUEST_ID.get(),
+            MAX_DETAILS,
+        )
+        await session.run()
 
     @rpc
     async def DescribeModel(
@@ -359,6 +462,12 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
     async def Extract(
         self, request: pb.ExtractRequest, context: grpc.aio.ServicerContext
     ) -> pb.ExtractResponse:
+        set_request_deadline(context.time_remaining())  # the batcher tells deadline from cancel
+        return await self._extract(request)
+
+    async def _extract(self, request: pb.ExtractRequest) -> pb.ExtractResponse:
+        """The whole of one Extract, shared by the unary RPC and each ExtractStream item;
+        failures raise LayertapError (mapped by the caller)."""
         received = time.perf_counter()
         s = self.settings
         loaded = self.runtime.model(request.model)
@@ -485,6 +594,6 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 total_ms=1000 * (time.perf_counter() - received),
             ),
             batch_size=max(i.batch_size for i in infos),
-            device=str(self.runtime.device),
+            device=infos[0].device or str(self.runtime.device),  # the one that served
         )
         return pb.ExtractResponse(results=results, metadata=metadata)

@@ -20,6 +20,8 @@ from typing import Any
 
 ENV_PREFIX = "LAYERTAP_"
 MiB = 1024 * 1024
+# room left in a GetParameters answer for names and shapes next to the tensor bytes
+PARAMETER_HEADROOM = MiB
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,24 @@ class ModelConfig:
     autowrap_functions: tuple[str, ...] = ()
     # Largest batch for this model (0: the server's max_batch_size).
     max_batch_size: int = 0
+    # Batching overrides for this model (unset: the server's max_wait_ms / preferred_batch_size).
+    max_wait_ms: float | None = None
+    preferred_batch_size: int | None = None
+    # Node sets whose extractors are built and run at load, before the model reports ready,
+    # so their first request neither traces nor (with compile) compiles; names as clients send
+    # them. Each runs once on a zero batch per size in warmup_batch_sizes.
+    warmup_nodes: tuple[tuple[str, ...], ...] = ()
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+    # channels_last memory format for weights and input batches (faster convolutions on
+    # recent CPUs and tensor-core GPUs).
+    channels_last: bool = False
+    # Run the forward under torch.autocast in this dtype: "" (float32), "bfloat16" (CPU or
+    # CUDA) or "float16" (CUDA only). Outputs still come back in the requested output dtype.
+    autocast: str = ""
+    # torch.compile each extractor on the worker: "" (off), "default", "reduce-overhead",
+    # "max-autotune"; compile_backend "inductor" needs a C++ compiler (and Triton on CUDA).
+    compile: str = ""
+    compile_backend: str = "inductor"
 
 
 @dataclass(frozen=True)
@@ -59,14 +79,21 @@ class Settings:
     port: int = 50051
     config: str | None = None
     device: str = "auto"
+    devices: tuple[str, ...] = ()
     max_batch_size: int = 8
+    preferred_batch_size: int = 4
     max_wait_ms: float = 2.0
+    low_priority_max_wait_ms: float = 1000.0
+    share_forwards: bool = True
+    gpu_decode: str = "auto"
     max_queue_images: int = 512
     max_images_per_request: int = 64
     max_image_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000
     max_message_bytes: int = 64 * MiB
     max_concurrent_rpcs: int = 1024
+    max_stream_in_flight: int = 64
+    max_parameter_bytes: int = 32 * MiB
     decode_threads: int = 2
     extractor_cache_size: int = 32
     torch_threads: int = 0
@@ -118,8 +145,19 @@ FIELDS: dict[str, str] = {
     "port": "gRPC port; 0 picks a free one",
     "config": "TOML file with [server] settings and [[models]]; empty uses the embedded default",
     "device": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'",
-    "max_batch_size": "most images stacked into one forward (CPU: bigger batches are not faster)",
+    "devices": "comma-separated devices, one worker thread and model copy each (e.g. "
+    "cuda:0,cuda:1); requests go to the least loaded; empty: just 'device'",
+    "max_batch_size": "most images stacked into one forward (CPU, mobilenet_v2: batch 4 is "
+    "fastest per image, 8 within noise, 16 slower; bench/batch_sizes.py)",
+    "preferred_batch_size": "while the worker is busy, a batch stops waiting once it holds this "
+    "many images (Triton's preferred size; CPU-measured best 4); 0: wait for a full batch",
     "max_wait_ms": "how long a batch stays open for more images once the worker is busy",
+    "low_priority_max_wait_ms": "after this wait a PRIORITY_LOW image counts as normal, so bulk "
+    "work is never starved by interactive traffic",
+    "share_forwards": "one forward serves every node set of a model in a batch (the union); off "
+    "batches only requests with equal node sets (for comparison benchmarks)",
+    "gpu_decode": "decode JPEGs with nvJPEG on the CUDA device (auto: when serving on CUDA; on: "
+    "the same; off: CPU decode); a no-op on CPU",
     "max_queue_images": "images waiting for the worker before requests get RESOURCE_EXHAUSTED",
     "max_images_per_request": "images one Extract call may carry",
     "max_image_bytes": "encoded bytes one image may have",
@@ -127,9 +165,14 @@ FIELDS: dict[str, str] = {
     "max_message_bytes": "gRPC send/receive message limit, both directions",
     "max_concurrent_rpcs": "RPCs served at once; more get RESOURCE_EXHAUSTED from gRPC (bounds "
     "memory when clients do not wait)",
+    "max_stream_in_flight": "unanswered items the server holds per ExtractStream; it reads no "
+    "more until one is answered, so gRPC flow control pushes back on the client",
+    "max_parameter_bytes": "largest GetParameters answer in tensor bytes; at most "
+    "max_message_bytes - 1 MiB (default: 32 MiB, or that bound when it is lower)",
     "decode_threads": "threads that decode and preprocess images (off the event loop)",
     "extractor_cache_size": "FX graph modules kept per model (LRU); they share the weights",
-    "torch_threads": "torch intra-op threads on the worker; 0 leaves torch's default",
+    "torch_threads": "torch intra-op threads per worker; 0: the cores left after "
+    "decode_threads, shared by CPU workers (at least 1)",
     "shutdown_grace_s": "seconds in-flight requests get to finish on SIGTERM",
     "shutdown_delay_s": "on SIGTERM, seconds health says NOT_SERVING while still serving, so "
     "probes and load balancers see it before the port closes",
@@ -163,6 +206,11 @@ def _coerce(name: str, value: Any) -> Any:
     kind = type(default) if default is not None else str
     if name == "config":
         return str(value) if value not in (None, "") else None
+    if kind is tuple:  # a TOML list, or a comma-separated string from env/CLI
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"setting {name!r}: expected a list of strings, got {value!r}")
+        return tuple(str(v).strip() for v in items if str(v).strip())
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -191,6 +239,8 @@ def _validate(s: Settings) -> None:
         "max_image_pixels",
         "max_message_bytes",
         "max_concurrent_rpcs",
+        "max_stream_in_flight",
+        "max_parameter_bytes",
         "decode_threads",
         "extractor_cache_size",
     )
@@ -201,6 +251,12 @@ def _validate(s: Settings) -> None:
         raise ConfigError("shutdown_delay_s and shutdown_grace_s must be >= 0")
     if s.max_wait_ms < 0 or s.torch_threads < 0 or not 0 <= s.port <= 65535:
         raise ConfigError("max_wait_ms and torch_threads must be >= 0 and port in 0..65535")
+    if s.preferred_batch_size < 0 or s.low_priority_max_wait_ms < 0:
+        raise ConfigError("preferred_batch_size and low_priority_max_wait_ms must be >= 0")
+    if s.gpu_decode not in ("auto", "on", "off"):
+        raise ConfigError(f"gpu_decode must be 'auto', 'on' or 'off', got {s.gpu_decode!r}")
+    for model in s.models:
+        _validate_model(model)
     if not 0 <= s.metrics_port <= 65535:
         raise ConfigError(f"metrics_port must be in 0..65535, got {s.metrics_port}")
     if s.log_format not in ("json", "text"):
@@ -213,10 +269,35 @@ def _validate(s: Settings) -> None:
         path = getattr(s, name)
         if path and not Path(path).expanduser().is_file():
             raise ConfigError(f"{name}: {path} is not a readable file")
+    if s.max_parameter_bytes > s.max_message_bytes - PARAMETER_HEADROOM:
+        raise ConfigError(
+            f"max_parameter_bytes={s.max_parameter_bytes} must be at most max_message_bytes - "
+            f"1 MiB = {s.max_message_bytes - PARAMETER_HEADROOM} (a GetParameters answer is one "
+            "message); lower max_parameter_bytes or raise max_message_bytes"
+        )
     names = [m.name for m in s.models]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"model names must be unique; repeated: {sorted(dupes)}")
+
+
+AUTOCAST_DTYPES = ("", "float16", "bfloat16")
+COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    """Per-model engine options; device-dependent checks (float16 on CPU) happen at load."""
+    where = f"model {m.name!r}"
+    if m.autocast not in AUTOCAST_DTYPES:
+        raise ConfigError(f"{where}: autocast must be one of {AUTOCAST_DTYPES}, got {m.autocast!r}")
+    if m.compile not in COMPILE_MODES:
+        raise ConfigError(f"{where}: compile must be one of {COMPILE_MODES}, got {m.compile!r}")
+    if not m.warmup_batch_sizes or any(b < 1 for b in m.warmup_batch_sizes):
+        raise ConfigError(f"{where}: warmup_batch_sizes must be a non-empty list of sizes >= 1")
+    if any(not nodes for nodes in m.warmup_nodes):
+        raise ConfigError(f"{where}: every warmup_nodes entry must name at least one node")
+    if (m.max_wait_ms is not None and m.max_wait_ms < 0) or (m.preferred_batch_size or 0) < 0:
+        raise ConfigError(f"{where}: max_wait_ms and preferred_batch_size must be >= 0")
 
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -238,6 +319,12 @@ def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> Model
     for key in ("input_size", "mean", "std", "leaf_modules", "autowrap_functions"):
         if key in values and values[key] is not None:
             values[key] = tuple(values[key])
+    if "warmup_batch_sizes" in values:
+        values["warmup_batch_sizes"] = tuple(int(b) for b in values["warmup_batch_sizes"])
+    if "warmup_nodes" in values:  # a list of node lists; a bare string is one single-node set
+        values["warmup_nodes"] = tuple(
+            (group,) if isinstance(group, str) else tuple(group) for group in values["warmup_nodes"]
+        )
     if isinstance(values.get("input_size"), tuple) and len(values["input_size"]) == 1:
         values["input_size"] = (values["input_size"][0], values["input_size"][0])
     weights = str(values.get("weights", "DEFAULT"))
@@ -281,6 +368,9 @@ def load_settings(
         for name, value in source.items():
             merged[name] = _coerce(name, value)
     merged["config"] = config_path
+    if "max_parameter_bytes" not in merged:  # follow a lowered max_message_bytes
+        ceiling = merged.get("max_message_bytes", Settings.max_message_bytes) - PARAMETER_HEADROOM
+        merged["max_parameter_bytes"] = min(Settings.max_parameter_bytes, max(1, ceiling))
     models = tuple(parse_model(m, base_dir) for m in data.get("models", []))
     settings = Settings(**merged, models=models)
     _validate(settings)

@@ -2,29 +2,34 @@
 
 Nothing here runs on the event loop: async methods only hand work to the worker thread. Building
 an extractor and running it happen on that same thread, so a build for a new node set happens
-once even when many requests ask at once, and no tracing can race a forward.
+once even when many requests ask at once, and no tracing (or torch.compile) can race a forward.
+Several devices mean several runtimes (server/dispatch.py), each with its own thread and copy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import dataclasses
+import difflib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from torch import fx
 
 from . import models as model_loading
 from .catalog import Catalog, NodeSpec, build_catalog, build_extractor, module_tree
-from .errors import InvalidArgument, LimitExceeded, ModelNotFound, Unavailable
+from .errors import InvalidArgument, LayertapError, LimitExceeded, ModelNotFound, Unavailable
 from .metrics import Metrics
-from .pooling import OutputSpec, pool
+from .pooling import DTYPES, OutputSpec, pool
 from .preprocess import Preprocessing
 from .settings import ModelConfig, Settings
 
@@ -53,7 +58,7 @@ class ModelStatus:
 class Item:
     """One image on its way through the batcher: model input plus what to do with the output."""
 
-    tensor: torch.Tensor  # float32 [3, H, W], preprocessed, CPU
+    tensor: torch.Tensor  # float32 [3, H, W], preprocessed; CPU, or CUDA when GPU-decoded
     spec: OutputSpec
     nodes: tuple[str, ...]  # resolved full node names this image's request wants
 
@@ -65,7 +70,9 @@ class LoadedModel:
     catalog: Catalog
     modules: list[tuple[str, str, int]]
     n_prefix_tokens: int
-    extractors: OrderedDict[tuple[str, ...], fx.GraphModule] = field(default_factory=OrderedDict)
+    # fx.GraphModule, or its torch.compile wrapper when the model is compiled
+    extractors: OrderedDict[tuple[str, ...], torch.nn.Module] = field(default_factory=OrderedDict)
+    autocast: torch.dtype | None = None
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -91,13 +98,61 @@ def _import_all(specs: Sequence[str]) -> list[Any]:
     return [model_loading.import_object(s) for s in specs]
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_torch_threads(settings: Settings, cpu_workers: int = 1) -> int:
+    """Intra-op threads per worker: torch_threads when set, else the usable cores split between
+    the CPU workers (at least 1), so N workers never run N x cores threads. The decode pool's
+    threads run torch single-threaded (prepare.init_decode_thread) and are busy a small share
+    of the time (decode is a few ms per image, the forward tens), so they are not subtracted."""
+    if settings.torch_threads > 0:
+        return settings.torch_threads
+    return max(1, usable_cores() // max(1, cpu_workers))
+
+
+class SharedWeights:
+    """Models built once (on the CPU) for several runtimes: each device gets a copy of the same
+    module, so random-init models agree across devices and files are read once. Thread-safe:
+    the devices' workers load in parallel."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built: dict[tuple[object, ...], model_loading.LoadedWeights] = {}
+
+    def copy_of(self, cfg: ModelConfig) -> model_loading.LoadedWeights:
+        key = model_loading.base_key(cfg)
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = model_loading.build_model(cfg)
+            built = self._built[key]
+        return dataclasses.replace(built, module=copy.deepcopy(built.module)).for_entry(cfg)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._built.clear()
+
+
 class ModelRuntime:
     """Every configured model on one device, behind one worker thread."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        device: str | None = None,
+        torch_threads: int | None = None,
+        shared: SharedWeights | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.device = pick_device(settings.device)
+        self.shared = shared
+        self.device = pick_device(device or settings.device)
+        self.torch_threads = torch_threads
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"worker-{self.device}"
         )
@@ -115,8 +170,9 @@ class ModelRuntime:
 
     def _on_worker_start(self) -> None:
         self.worker_thread_ident = threading.get_ident()
-        if self.settings.torch_threads > 0:
-            torch.set_num_threads(self.settings.torch_threads)
+        threads = self.torch_threads or self.settings.torch_threads
+        if threads > 0:
+            torch.set_num_threads(threads)
 
     # --- loading --------------------------------------------------------------------------
     async def load_all(
@@ -149,15 +205,32 @@ class ModelRuntime:
     def ready_models(self) -> list[str]:
         return list(self._models)
 
+    def _autocast_dtype(self, cfg: ModelConfig) -> torch.dtype | None:
+        if not cfg.autocast:
+            return None
+        if cfg.autocast == "float16" and self.device.type != "cuda":
+            raise model_loading.ModelLoadError(
+                f"model {cfg.name!r}: autocast = 'float16' needs a CUDA device (this worker "
+                f"runs on {self.device}); use 'bfloat16' on CPU, or leave autocast empty"
+            )
+        return DTYPES[cfg.autocast]
+
     def _load(self, cfg: ModelConfig) -> LoadedModel:
         started = time.monotonic()
-        key = model_loading.base_key(cfg)
+        autocast = self._autocast_dtype(cfg)  # refuse before any weights are read
+        key = (*model_loading.base_key(cfg), cfg.channels_last)
         shared = self._bases.get(key)
         if shared is not None:  # same architecture and weights as an earlier entry
             loaded = shared.for_entry(cfg)
         else:
-            loaded = model_loading.build_model(cfg)
-            loaded.module = loaded.module.to(self.device).eval()
+            if self.shared is not None:
+                loaded = self.shared.copy_of(cfg)
+            else:
+                loaded = model_loading.build_model(cfg)
+            module = loaded.module.to(self.device)
+            if cfg.channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            loaded.module = module.eval()
             self._bases[key] = loaded
         module = loaded.module
         try:
@@ -174,19 +247,34 @@ class ModelRuntime:
             ) from exc
         module.eval()
         n_prefix = 1 if hasattr(module, "class_token") else 0
-        result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix)
-        if self.settings.warmup and catalog.nodes:
-            self._warm_up(result)
+        result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix, autocast=autocast)
+        self._warm_up(result)
         log.info("loaded %s (%s) in %.1fs", cfg.name, loaded.weights_id, time.monotonic() - started)
         return result
 
     def _warm_up(self, loaded: LoadedModel) -> None:
-        """One real forward of a zero image through the whole graph before serving."""
-        h, w = loaded.catalog.input_size
-        last = (loaded.catalog.nodes[-1].name,)
-        extractor = self._extractor(loaded, last)
-        with torch.inference_mode():
-            extractor(torch.zeros(1, 3, h, w, device=self.device))
+        """Before the model reports ready: build (and compile) the extractors of its
+        `warmup_nodes` and run each on a zero batch per `warmup_batch_sizes`, so their first
+        request neither traces nor compiles; with `warmup`, the whole graph too. These builds
+        are not cache misses: no request waited for them."""
+        cfg, catalog = loaded.config, loaded.catalog
+        sets: list[tuple[str, ...]] = []
+        if self.settings.warmup and catalog.nodes:
+            sets.append((catalog.nodes[-1].name,))
+        for group in cfg.warmup_nodes:
+            try:
+                resolved = {catalog.resolve(name) for name in group}
+            except LayertapError as exc:
+                raise model_loading.ModelLoadError(
+                    f"model {cfg.name!r}: warmup_nodes entry {list(group)}: {exc}"
+                ) from exc
+            sets.append(tuple(sorted(resolved, key=catalog.order.__getitem__)))
+        h, w = catalog.input_size
+        for nodes in dict.fromkeys(sets):
+            extractor = self._extractor(loaded, nodes, warm_up=True)
+            for size in cfg.warmup_batch_sizes:
+                batch = torch.zeros(size, 3, h, w, device=self.device)
+                self._run_extractor(loaded, extractor, batch)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every model has finished loading (successfully or not)."""
@@ -219,6 +307,7 @@ class ModelRuntime:
             device=str(self.device),
             ready=True,
             message=w.note,
+            compute_dtype=loaded.config.autocast or "float32",
         )
 
     def _not_found(self, name: str) -> str:
@@ -246,24 +335,35 @@ class ModelRuntime:
     async def run_batch(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
         return await self._call(self._forward, key, items)
 
-    def _extractor(self, loaded: LoadedModel, nodes: tuple[str, ...]) -> fx.GraphModule:
+    def _extractor(
+        self, loaded: LoadedModel, nodes: tuple[str, ...], warm_up: bool = False
+    ) -> torch.nn.Module:
         cache = loaded.extractors
         name = loaded.config.name
         m = self.metrics
         if nodes in cache:
             cache.move_to_end(nodes)
-            if m is not None:
+            if m is not None and not warm_up:
                 m.cache_hits.labels(name).inc()
             return cache[nodes]
         started = time.perf_counter()
-        extractor = build_extractor(loaded.catalog, nodes)
+        extractor: torch.nn.Module = build_extractor(loaded.catalog, nodes)
+        cfg = loaded.config
+        if cfg.compile:
+            # compiled lazily by its first call, on this thread (torch.compile is not
+            # thread-safe); each new batch size compiles again, hence warmup_batch_sizes
+            options: dict[str, Any] = {"backend": cfg.compile_backend}
+            if cfg.compile_backend == "inductor" and cfg.compile != "default":
+                options["mode"] = cfg.compile
+            extractor = torch.compile(extractor, **options)  # type: ignore[assignment]
         cache[nodes] = extractor
         evicted = 0
         while len(cache) > self.settings.extractor_cache_size:
             cache.popitem(last=False)
             evicted += 1
         if m is not None:
-            m.cache_misses.labels(name).inc()
+            if not warm_up:
+                m.cache_misses.labels(name).inc()
             m.build_seconds.labels(name).observe(time.perf_counter() - started)
             m.cache_evictions.labels(name).inc(evicted)
             m.cache_entries.labels(name).set(len(cache))
@@ -301,22 +401,57 @@ class ModelRuntime:
                 torch.cuda.empty_cache()
             return self._forward(key, items[:half]) + self._forward(key, items[half:])
 
+    @contextlib.contextmanager
+    def _compute_mode(self, loaded: LoadedModel) -> Iterator[None]:
+        """inference_mode (thread-local: entered here, on the worker), plus autocast."""
+        with torch.inference_mode():
+            if loaded.autocast is None:
+                yield
+            else:
+                with torch.autocast(self.device.type, dtype=loaded.autocast):
+                    yield
+
+    def _run_extractor(
+        self, loaded: LoadedModel, extractor: torch.nn.Module, batch: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if loaded.config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        loaded.weights.module.eval()  # nothing may have flipped it, but BatchNorm must be eval
+        extractor.eval()
+        with self._compute_mode(loaded):
+            return extractor(batch)  # type: ignore[no-any-return]
+
+    def _stack(self, items: list[Item]) -> torch.Tensor:
+        """The batch on the device. For CUDA from the CPU: stacked straight into pinned host
+        memory, then one asynchronous copy (ordered before the forward on the same stream; the
+        results' .cpu() at the end waits for both). GPU-decoded images are already there: their
+        memory is marked as used by this stream, so the decode stream cannot reuse it early."""
+        tensors = [i.tensor for i in items]
+        if self.device.type != "cuda":
+            return torch.stack(tensors)
+        if tensors[0].is_cuda:
+            stream = torch.cuda.current_stream(self.device)
+            for t in tensors:
+                if t.device == self.device:
+                    t.record_stream(stream)
+            return torch.stack([t.to(self.device) for t in tensors])
+        pinned = torch.empty((len(tensors), *tensors[0].shape), pin_memory=True)
+        torch.stack(tensors, out=pinned)
+        return pinned.to(self.device, non_blocking=True)
+
     def _forward_once(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
-        model_name: str
-        shape: tuple[int, ...]
-        model_name, shape = key  # type: ignore[misc]
+        # the batch key is (model, input shape[, node set]): see Batcher.group_key
+        model_name: str = key[0]  # type: ignore[index]
+        shape: tuple[int, ...] = key[1]  # type: ignore[index]
         loaded = self.model(model_name)
         # One forward serves every request in the batch: the extractor returns the union of
         # their node sets (in execution order, so equal unions share one cached extractor).
         order = loaded.catalog.order
         nodes = tuple(sorted({n for item in items for n in item.nodes}, key=order.__getitem__))
         extractor = self._extractor(loaded, nodes)
-        batch = torch.stack([i.tensor for i in items]).to(self.device, non_blocking=True)
-        loaded.weights.module.eval()  # nothing may have flipped it, but BatchNorm must be eval
-        extractor.eval()
+        batch = self._stack(items)
         try:
-            with torch.inference_mode():
-                outputs = extractor(batch)
+            outputs = self._run_extractor(loaded, extractor, batch)
         except (RuntimeError, AssertionError, ValueError) as exc:
             if _is_oom(exc) or tuple(shape[1:]) == tuple(loaded.catalog.input_size):
                 raise  # at the model's own input size this is a bug: INTERNAL
@@ -344,3 +479,61 @@ class ModelRuntime:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- parameters (worker thread) -----------------------------------------------------
+    async def parameters(
+        self, model: str, names: Sequence[str], dtype: str, max_bytes: int
+    ) -> list[tuple[str, torch.Tensor]]:
+        """Named parameters/buffers, or a module path's own parameters, as CPU copies in
+        `dtype` (a pooling.DTYPES name), in request order (duplicates once). Read on the
+        worker thread, where the model lives, so no forward or transfer runs beside it."""
+        loaded = self.model(model)  # NOT_FOUND / UNAVAILABLE before touching the worker
+        return await self._call(self._parameters, loaded, tuple(names), DTYPES[dtype], max_bytes)
+
+    def _parameters(
+        self, loaded: LoadedModel, names: tuple[str, ...], dtype: torch.dtype, max_bytes: int
+    ) -> list[tuple[str, torch.Tensor]]:
+        module = loaded.weights.module
+        tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
+        tensors.update(module.named_buffers(remove_duplicate=False))
+        modules = dict(module.named_modules(remove_duplicate=False))
+        wanted: dict[str, torch.Tensor] = {}
+        unknown: list[str] = []
+        for name in names:
+            if name in tensors:
+                wanted.setdefault(name, tensors[name])
+            elif name and name in modules:
+                own = list(modules[name].named_parameters(prefix=name, recurse=False))
+                if not own:
+                    raise InvalidArgument(
+                        f"module {name!r} ({type(modules[name]).__name__}) has no parameters "
+                        "of its own (a module path returns its own parameters, not its "
+                        "children's); name a submodule or a full parameter name — "
+                        "DescribeModel's modules list own_parameters per module"
+                    )
+                for full, tensor in own:
+                    wanted.setdefault(full, tensor)
+            else:
+                unknown.append(name)
+        if unknown:
+            candidates = [*tensors, *(m for m in modules if m)]
+            close = difflib.get_close_matches(unknown[0], candidates, n=5, cutoff=0.5)
+            hint = f"closest: {', '.join(map(repr, close))}; " if close else ""
+            shown = ", ".join(repr(n[:80]) for n in unknown[:5])
+            raise InvalidArgument(
+                f"model {loaded.config.name!r} has no parameter, buffer or module named {shown}; "
+                f"{hint}see DescribeModel's modules for the module paths"
+            )
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        total = sum(t.numel() for t in wanted.values()) * itemsize
+        if total > max_bytes:
+            raise LimitExceeded(
+                f"the {len(wanted)} requested parameters are {total} bytes as "
+                f"{str(dtype).removeprefix('torch.')}, over max_parameter_bytes={max_bytes}; "
+                "ask for fewer names per call or a 2-byte dtype"
+            )
+        with torch.inference_mode():
+            return [
+                (name, t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous())
+                for name, t in wanted.items()
+            ]

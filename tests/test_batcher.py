@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
 import pytest
 
-from layertap.server.batcher import Batcher
-from layertap.server.errors import QueueFull, Unavailable
+from layertap.server.batcher import Batcher, BatchPolicy
+from layertap.server.errors import LimitExceeded, QueueFull, Unavailable
 
 
 class Recorder:
@@ -128,6 +129,17 @@ async def test_full_queue_refuses_the_whole_request_at_once() -> None:
     await b.close(drain=False)
 
 
+async def test_request_larger_than_the_whole_queue_is_a_limit_not_queue_full() -> None:
+    """A retry can never succeed, so it must not look transient (QueueFull is retryable)."""
+    b = Batcher(Recorder(), max_batch_size=2, max_queue=3)
+    with pytest.raises(LimitExceeded, match="split the request") as info:
+        b.submit_many("k", [1, 2, 3, 4])
+    assert not isinstance(info.value, QueueFull)
+    with pytest.raises(LimitExceeded, match="split the request"), b.reserve(4):
+        pass
+    await b.close()
+
+
 async def test_close_without_drain_fails_waiters_unavailable() -> None:
     rec = Recorder(delay=0.1)
     b = Batcher(rec, max_batch_size=1)
@@ -161,4 +173,191 @@ async def test_batch_limit_per_key() -> None:
     futures = b.submit_many("small", [1, 2, 3, 4, 5])
     await asyncio.gather(*futures)
     assert [len(p) for _, p in rec.batches] == [2, 2, 1]
+    await b.close()
+
+
+# --- priority ----------------------------------------------------------------------------
+async def _busy_then(b: Batcher, rec: Recorder) -> list[Any]:
+    """Occupy the worker with one batch and wait until it runs, so later items queue up."""
+    busy = b.submit_many("busy", ["busy"])
+    while not rec.batches:
+        await asyncio.sleep(0.001)
+    return busy
+
+
+async def test_normal_items_go_before_older_low_items() -> None:
+    rec = Recorder(delay=0.03)
+    b = Batcher(rec, max_batch_size=2, max_wait_s=0.0, low_priority_max_wait_s=10.0)
+    busy = await _busy_then(b, rec)
+    low = b.submit_many("k", ["low1", "low2", "low3"], priority=1)
+    normal = b.submit_many("k", ["n1", "n2", "n3"])
+    await asyncio.gather(*busy, *low, *normal)
+    order = [p for _, ps in rec.batches[1:] for p in ps]
+    # batches of 2: NORMAL fill first, then LOW, each oldest first
+    assert [ps for _, ps in rec.batches[1:]] == [["n1", "n2"], ["n3", "low1"], ["low2", "low3"]]
+    assert order.index("n3") < order.index("low1")
+    await b.close()
+
+
+async def test_the_head_is_the_oldest_normal_item_across_keys() -> None:
+    rec = Recorder(delay=0.03)
+    b = Batcher(rec, max_batch_size=8, max_wait_s=0.0, low_priority_max_wait_s=10.0)
+    busy = await _busy_then(b, rec)
+    low = b.submit_many("bulk", ["b1", "b2"], priority=1)
+    normal = b.submit_many("interactive", ["i1"])
+    await asyncio.gather(*busy, *low, *normal)
+    assert [k for k, _ in rec.batches[1:]] == ["interactive", "bulk"]
+    await b.close()
+
+
+async def test_low_items_fill_a_normal_batch_of_the_same_key() -> None:
+    rec = Recorder(delay=0.03)
+    b = Batcher(rec, max_batch_size=4, max_wait_s=0.0, low_priority_max_wait_s=10.0)
+    busy = await _busy_then(b, rec)
+    low = b.submit_many("k", ["low1"], priority=1)
+    other = b.submit_many("other", ["o1"])
+    normal = b.submit_many("k", ["n1"])
+    await asyncio.gather(*busy, *low, *other, *normal)
+    # the head is the oldest NORMAL item ("other"), then "k" with its NORMAL item first
+    assert [ps for _, ps in rec.batches[1:]] == [["o1"], ["n1", "low1"]]
+    await b.close()
+
+
+async def test_starvation_guard_promotes_a_low_item_that_waited_too_long() -> None:
+    rec = Recorder(delay=0.03)
+    b = Batcher(rec, max_batch_size=1, max_wait_s=0.0, low_priority_max_wait_s=0.01)
+    busy = await _busy_then(b, rec)
+    low = b.submit_many("k", ["old-low"], priority=1)
+    await asyncio.sleep(0.02)  # longer than low_priority_max_wait_s: it now counts as NORMAL
+    normal = b.submit_many("k", ["n1", "n2"])
+    await asyncio.gather(*busy, *low, *normal)
+    assert [ps for _, ps in rec.batches[1:]] == [["old-low"], ["n1"], ["n2"]]
+    await b.close()
+
+
+async def test_without_the_guard_window_low_waits_behind_normal() -> None:
+    """The same sequence with a long guard: the LOW item runs last (the guard test can fail)."""
+    rec = Recorder(delay=0.03)
+    b = Batcher(rec, max_batch_size=1, max_wait_s=0.0, low_priority_max_wait_s=10.0)
+    busy = await _busy_then(b, rec)
+    low = b.submit_many("k", ["old-low"], priority=1)
+    await asyncio.sleep(0.02)
+    normal = b.submit_many("k", ["n1", "n2"])
+    await asyncio.gather(*busy, *low, *normal)
+    assert [ps for _, ps in rec.batches[1:]] == [["n1"], ["n2"], ["old-low"]]
+    await b.close()
+
+
+# --- preferred batch size and per-key policy -----------------------------------------------
+async def test_preferred_batch_size_stops_the_wait_early() -> None:
+    rec = Recorder()
+    b = Batcher(rec, max_batch_size=8, preferred_batch_size=2, max_wait_s=30.0)
+    b._busy = True  # the worker is busy: the head is not lone and would wait max_wait
+    futures = b.submit_many("k", [1])
+    b._busy = False
+    await asyncio.sleep(0.01)
+    assert rec.batches == []  # one item, fewer than preferred: still waiting
+    futures += b.submit_many("k", [2])
+    results = await asyncio.wait_for(asyncio.gather(*futures), 5)  # not 30 s
+    assert [r for r, _ in results] == [("k", 1), ("k", 2)]
+    assert rec.batches == [("k", [1, 2])]
+    await b.close()
+
+
+async def test_preferred_batch_size_takes_all_queued_up_to_the_max() -> None:
+    rec = Recorder(delay=0.03)
+    b = Batcher(rec, max_batch_size=5, preferred_batch_size=2, max_wait_s=30.0)
+    busy = await _busy_then(b, rec)
+    queued = b.submit_many("k", list(range(7)))
+    await asyncio.wait_for(asyncio.gather(*busy, *queued), 5)
+    assert [len(ps) for _, ps in rec.batches[1:]] == [5, 2]
+    await b.close()
+
+
+async def test_lone_request_never_waits_even_below_preferred() -> None:
+    rec = Recorder()
+    b = Batcher(rec, max_batch_size=8, preferred_batch_size=4, max_wait_s=30.0)
+    result, info = await asyncio.wait_for(b.submit("k", 1), 5)
+    assert result == ("k", 1) and info.batch_size == 1
+    await b.close()
+
+
+async def test_policy_per_key_sets_limit_preferred_size_and_wait() -> None:
+    rec = Recorder(delay=0.03)
+
+    def policy(key: Hashable) -> BatchPolicy:
+        if key == "small":
+            return BatchPolicy(max_batch_size=2, max_wait_s=0.0)
+        return BatchPolicy(max_batch_size=8, preferred_batch_size=3, max_wait_s=30.0)
+
+    b = Batcher(rec, policy=policy)
+    busy = await _busy_then(b, rec)
+    small = b.submit_many("small", [1, 2, 3])
+    big = b.submit_many("big", list(range(10, 16)))
+    await asyncio.wait_for(asyncio.gather(*busy, *small, *big), 5)  # "big" never waits 30 s
+    sizes = {k: [len(ps) for kk, ps in rec.batches if kk == k] for k in ("small", "big")}
+    assert sizes == {"small": [2, 1], "big": [6]}
+    await b.close()
+
+
+# --- drops: cancelled vs deadline --------------------------------------------------------
+async def test_drop_hook_tells_cancelled_from_deadline_and_nothing_dropped_is_computed() -> None:
+    rec = Recorder(delay=0.05)
+    drops: list[tuple[Hashable, str]] = []
+    b = Batcher(rec, max_batch_size=8, max_wait_s=0.0, on_drop=lambda k, r: drops.append((k, r)))
+    busy = await _busy_then(b, rec)
+    cancelled = b.submit_many("k", ["cancel-me"], deadline=time.monotonic() + 60)
+    expired = b.submit_many("k", ["too-late"], deadline=time.monotonic() + 0.01)
+    no_deadline = b.submit_many("k", ["gone"])
+    kept = b.submit_many("k", ["kept"])
+    cancelled[0].cancel()
+    no_deadline[0].cancel()
+    await asyncio.sleep(0.02)
+    expired[0].cancel()  # what gRPC does when the deadline passes
+    await asyncio.gather(*busy, *kept)
+    await asyncio.sleep(0)  # done-callbacks run on the next loop turn
+    assert sorted(drops) == [("k", "cancelled"), ("k", "cancelled"), ("k", "deadline")]
+    assert b.dropped == {"cancelled": 2, "deadline": 1}
+    computed = [p for _, ps in rec.batches for p in ps]
+    assert computed == ["busy", "kept"]
+    await b.close()
+
+
+async def test_cancel_during_compute_is_not_a_drop() -> None:
+    rec = Recorder(delay=0.05)
+    drops: list[str] = []
+    b = Batcher(rec, max_batch_size=8, on_drop=lambda k, r: drops.append(r))
+    futures = b.submit_many("k", [1, 2])
+    while not rec.batches:
+        await asyncio.sleep(0.001)
+    futures[0].cancel()
+    assert (await futures[1])[0] == ("k", 2)
+    assert drops == [] and b.dropped == {}
+    await b.close()
+
+
+# --- keys -------------------------------------------------------------------------------
+async def test_group_key_keeps_payload_groups_apart() -> None:
+    rec = Recorder(delay=0.03)
+    b = Batcher(rec, max_batch_size=8, max_wait_s=0.0, group_key=lambda k, p: (k, p[0]))
+    busy = await _busy_then(b, rec)
+    futures = b.submit_many("m", ["a1", "b1"]) + b.submit_many("m", ["a2"])
+    results = await asyncio.gather(*busy, *futures)
+    assert sorted(ps for k, ps in rec.batches[1:]) == [["a1", "a2"], ["b1"]]
+    assert results[1][0] == (("m", "a"), "a1")
+    await b.close()
+
+
+async def test_batch_info_names_the_batcher_and_load_counts_queued_and_running() -> None:
+    rec = Recorder(delay=0.05)
+    b = Batcher(rec, max_batch_size=2, max_wait_s=0.0, name="cpu:1")
+    first = b.submit_many("k", [1, 2])
+    while not rec.batches:
+        await asyncio.sleep(0.001)
+    more = b.submit_many("k", [3])
+    assert b.load == 3  # two computing, one queued
+    with b.reserve(4):
+        assert b.load == 7
+    results = await asyncio.gather(*first, *more)
+    assert {info.device for _, info in results} == {"cpu:1"}
     await b.close()

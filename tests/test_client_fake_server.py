@@ -294,6 +294,30 @@ def test_context_manager_closes_channel(target: str) -> None:
     client.close()  # idempotent
 
 
+def test_priority_and_native_resolution_travel(client: FeatureClient) -> None:
+    sent: list[pb.ExtractRequest] = []
+    real = client._stub.Extract
+
+    def recording(request: pb.ExtractRequest, **kwargs: Any) -> Any:
+        sent.append(request)
+        return real(request, **kwargs)
+
+    client._stub.Extract = recording  # type: ignore[method-assign]
+    client.extract(IMAGES, model="fake", nodes="n")
+    client.extract(IMAGES[0], model="fake", nodes="n", priority="low", native_resolution=True)
+    assert [(r.priority, r.native_resolution) for r in sent] == [
+        (pb.PRIORITY_NORMAL, False), (pb.PRIORITY_LOW, True)]
+    with pytest.raises(ValueError, match="priority"):
+        client.extract(IMAGES[0], model="fake", nodes="n", priority="high")
+
+
+def test_server_info_falls_back_to_list_models(client: FeatureClient) -> None:
+    """This fake predates GetServerInfo (UNIMPLEMENTED): ListModels answers, limits unknown."""
+    info = client.get_server_info()
+    assert info.max_images_per_request == 0 and info.methods == ()
+    assert client.server_info() == info
+
+
 # --------------------------------------------------------------------------- async client
 
 

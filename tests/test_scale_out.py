@@ -28,7 +28,6 @@ from conftest import RunningServer, encode, photo, save_random_weights, start_se
 from layertap.client import AsyncFeatureClient, FeatureClient, FeatureServiceError
 from layertap.client._options import (
     KEEPALIVE_TIME_MS,
-    RETRY_BUFFER_BYTES,
     channel_options,
     channel_target,
     service_config,
@@ -218,23 +217,13 @@ def _options_dict(options: list[tuple[str, Any]]) -> dict[str, Any]:
     return as_dict
 
 
-def test_default_options_carry_round_robin_keepalive_and_the_retry_policy() -> None:
+def test_default_options_carry_round_robin_and_keepalive_but_no_grpc_retry_policy() -> None:
     opts = _options_dict(channel_options(1 << 20, load_balancing="round_robin", retries=4))
     config = json.loads(opts["grpc.service_config"])
-    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
-    (method_config,) = config["methodConfig"]
-    assert {(n["service"], n["method"]) for n in method_config["name"]} == {
-        (SERVICE, "ListModels"), (SERVICE, "DescribeModel"), (SERVICE, "Extract"),
-    }
-    assert method_config["retryPolicy"] == {
-        "maxAttempts": 5,
-        "initialBackoff": "0.1s",
-        "maxBackoff": "2s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    assert opts["grpc.enable_retries"] == 1
-    assert opts["grpc.per_rpc_retry_buffer_size"] == RETRY_BUFFER_BYTES == 16 * 1024 * 1024
+    assert config == {"loadBalancingConfig": [{"round_robin": {}}]}
+    # the SDK retries calls itself (client/_retry.py); a gRPC policy too would multiply attempts
+    assert "grpc.enable_retries" not in opts  # gRPC's transparent retries stay on
+    assert "grpc.per_rpc_retry_buffer_size" not in opts
     assert opts["grpc.keepalive_time_ms"] == KEEPALIVE_TIME_MS == 30_000
     assert opts["grpc.keepalive_timeout_ms"] == 10_000
     # no pings without calls: a default gRPC server would count those as abuse (GOAWAY)
@@ -244,13 +233,8 @@ def test_default_options_carry_round_robin_keepalive_and_the_retry_policy() -> N
 
 
 def test_load_balancing_none_and_zero_retries_remove_them() -> None:
-    no_lb = json.loads(
-        _options_dict(channel_options(1 << 20, load_balancing=None, retries=2))[
-            "grpc.service_config"
-        ]
-    )
-    assert "loadBalancingConfig" not in no_lb
-    assert no_lb["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 3
+    no_lb = _options_dict(channel_options(1 << 20, load_balancing=None, retries=2))
+    assert "loadBalancingConfig" not in json.loads(no_lb.get("grpc.service_config", "{}"))
     no_retry = _options_dict(channel_options(1 << 20, load_balancing="round_robin", retries=0))
     assert json.loads(no_retry["grpc.service_config"]) == {
         "loadBalancingConfig": [{"round_robin": {}}]
@@ -265,7 +249,7 @@ def test_load_balancing_none_and_zero_retries_remove_them() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
-        ({"retries": 5}, ValueError),
+        ({"retries": 11}, ValueError),
         ({"retries": -1}, ValueError),
         ({"retries": True}, TypeError),
         ({"retries": 1.0}, TypeError),
@@ -295,7 +279,7 @@ def test_clients_open_their_channel_with_these_options(monkeypatch: pytest.Monke
     (plain, plain_opts), (dns, dns_opts) = seen
     assert plain == "ipv4:127.0.0.1:5001,127.0.0.2:5002"
     assert "round_robin" in plain_opts["grpc.service_config"]
-    assert "retryPolicy" in plain_opts["grpc.service_config"]
+    assert "retryPolicy" not in plain_opts["grpc.service_config"]
     assert dns == "dns:///layertap-headless.ns.svc:50051"
     assert "grpc.service_config" not in dns_opts
 
@@ -310,9 +294,10 @@ def test_clients_open_their_channel_with_these_options(monkeypatch: pytest.Monke
     client._get_stub()
     ((address, options),) = captured
     assert address == "ipv6:[::1]:5001,[::1]:5002"
-    assert json.loads(options["grpc.service_config"])["methodConfig"][0]["retryPolicy"][
-        "maxAttempts"
-    ] == 2
+    assert json.loads(options["grpc.service_config"]) == {
+        "loadBalancingConfig": [{"round_robin": {}}]
+    }
+    assert client.retries == 1
 
 
 @pytest.mark.parametrize(

@@ -178,12 +178,15 @@ def token_server(request: pytest.FixtureRequest, tokens_file: Path) -> Iterator[
 
 
 def _works(client: FeatureClient) -> None:
-    """The calls every test client makes: ListModels, DescribeModel and Extract."""
+    """The calls every test client makes: ListModels, DescribeModel, Extract, and
+    extract_many (its ExtractStream runs on a second channel with the same credentials)."""
     assert [m.name for m in client.list_models()] == ["resnet18"]
     assert "fc" in [n.name for n in client.describe("resnet18").nodes]
     assert client.extract(IMAGE, model="resnet18", nodes="layer4", pool="avg")["layer4"].shape == (
         1, 512
     )
+    ((key, result),) = client.extract_many([IMAGE], model="resnet18", nodes="layer4", pool="avg")
+    assert key == "0" and result["layer4"].shape == (1, 512)
 
 
 def _fails(client: FeatureClient) -> FeatureServiceError:

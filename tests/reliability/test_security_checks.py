@@ -117,8 +117,17 @@ def _imports_torch_load(tree: ast.Module) -> bool:
     )
 
 
-FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle",
-                     "joblib", "jsonpickle"}
+FORBIDDEN_MODULES = {
+    "pickle",
+    "cPickle",
+    "_pickle",
+    "marshal",
+    "shelve",
+    "dill",
+    "cloudpickle",
+    "joblib",
+    "jsonpickle",
+}
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__", "execfile", "input"}
 # loaders that run code from the file they read (TorchScript, torch.hub repos, torch.package)
 UNSAFE_LOADERS = ("jit.load", "hub.load", "PackageImporter", "pickle.loads", "pickle.load")
@@ -129,8 +138,11 @@ def test_no_pickle_marshal_eval_exec_or_dunder_import() -> None:
     for path, tree in _trees():
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                found += [(path, node.lineno, a.name) for a in node.names
-                          if a.name.split(".")[0] in FORBIDDEN_MODULES]
+                found += [
+                    (path, node.lineno, a.name)
+                    for a in node.names
+                    if a.name.split(".")[0] in FORBIDDEN_MODULES
+                ]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 if node.module.split(".")[0] in FORBIDDEN_MODULES:
                     found.append((path, node.lineno, node.module))
@@ -166,13 +178,21 @@ def test_imports_by_name_come_from_config_only() -> None:
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 name = _dotted(node.func)
-                if name.split(".")[-1] in ("import_module", "import_object", "_import_all",
-                                           "find_spec", "load_module", "exec_module"):
+                if name.split(".")[-1] in (
+                    "import_module",
+                    "import_object",
+                    "_import_all",
+                    "find_spec",
+                    "load_module",
+                    "exec_module",
+                ):
                     sites.add((path, owner.get(node, "<module>"), ast.unparse(node)))
     assert sites == IMPORT_SITES
     # the functions around them take a ModelConfig, which only settings build
-    for path, fn, arg in [("server/models.py", "build_model", "cfg"),
-                          ("server/worker.py", "_load", "cfg")]:
+    for path, fn, arg in [
+        ("server/models.py", "build_model", "cfg"),
+        ("server/worker.py", "_load", "cfg"),
+    ]:
         tree = ast.parse((ROOT / path).read_text())
         defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn]
         assert len(defs) == 1
@@ -185,12 +205,16 @@ def test_imports_by_name_come_from_config_only() -> None:
     # the _load callers: load_all only, which iterates settings.models
     worker = ast.parse((ROOT / "server" / "worker.py").read_text())
     owner = _enclosing_functions(worker)
-    callers = {owner.get(n) for n in ast.walk(worker)
-               if isinstance(n, ast.Attribute) and n.attr == "_load"}
+    callers = {
+        owner.get(n) for n in ast.walk(worker) if isinstance(n, ast.Attribute) and n.attr == "_load"
+    }
     assert callers == {"load_all"}, callers
     assert "for cfg in self.settings.models" in ast.unparse(
-        next(n for n in ast.walk(worker) if isinstance(n, ast.AsyncFunctionDef)
-             and n.name == "load_all")
+        next(
+            n
+            for n in ast.walk(worker)
+            if isinstance(n, ast.AsyncFunctionDef) and n.name == "load_all"
+        )
     )
 
 
@@ -212,8 +236,10 @@ def _malicious_files(tmp: Path) -> dict[str, tuple[Path, Path]]:
     files = {}
     for name, writer in [
         ("zip.pth", lambda p, m: torch.save({"conv.weight": Payload(m)}, p)),
-        ("legacy.pt", lambda p, m: torch.save({"w": Payload(m)}, p,
-                                              _use_new_zipfile_serialization=False)),
+        (
+            "legacy.pt",
+            lambda p, m: torch.save({"w": Payload(m)}, p, _use_new_zipfile_serialization=False),
+        ),
         ("plain.bin", lambda p, m: p.write_bytes(pickle.dumps({"w": Payload(m)}, protocol=2))),
     ]:
         path, marker = tmp / name, tmp / f"{name}.pwned"
@@ -244,8 +270,18 @@ class Tap:
     events: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    WATCH = ("import", "open", "pickle.find_class", "os.system", "subprocess.Popen",
-             "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "ctypes.dlopen")
+    WATCH = (
+        "import",
+        "open",
+        "pickle.find_class",
+        "os.system",
+        "subprocess.Popen",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "ctypes.dlopen",
+    )
 
     def __call__(self, event: str, args: tuple[Any, ...]) -> None:
         if not self.active or not event.startswith(self.WATCH):
@@ -277,9 +313,9 @@ def tap() -> Iterator[Tap]:
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory: pytest.TempPathFactory, quiet: None) -> Iterator[
-    tuple[RunningServer, dict[str, tuple[Path, Path]], Path]
-]:
+def poisoned(
+    tmp_path_factory: pytest.TempPathFactory, quiet: None
+) -> Iterator[tuple[RunningServer, dict[str, tuple[Path, Path]], Path]]:
     """A server whose weights files (local and in the torchvision cache) carry payloads."""
     tmp = tmp_path_factory.mktemp("poison")
     files = _malicious_files(tmp)
@@ -293,10 +329,15 @@ def poisoned(tmp_path_factory: pytest.TempPathFactory, quiet: None) -> Iterator[
     cached = checkpoints / Path(ResNet18_Weights.IMAGENET1K_V1.url).name
     torch.save({"conv1.weight": Payload(cache_marker)}, cached)
     files["torchvision cache"] = (cached, cache_marker)
-    models = [TINY] + [
-        ModelConfig(name=f"evil-{name.split('.')[0]}", arch="resnet18", weights=str(path))
-        for name, (path, _) in files.items() if name != "torchvision cache"
-    ] + [ModelConfig(name="evil-cache", arch="resnet18", weights="IMAGENET1K_V1")]
+    models = (
+        [TINY]
+        + [
+            ModelConfig(name=f"evil-{name.split('.')[0]}", arch="resnet18", weights=str(path))
+            for name, (path, _) in files.items()
+            if name != "torchvision cache"
+        ]
+        + [ModelConfig(name="evil-cache", arch="resnet18", weights="IMAGENET1K_V1")]
+    )
     old_home = os.environ.get("TORCH_HOME")
     os.environ["TORCH_HOME"] = str(torch_home)
     try:
@@ -321,9 +362,10 @@ def test_pickled_weights_never_execute(
     assert models["tiny"].ready
     for name in ("evil-zip", "evil-legacy", "evil-plain", "evil-cache"):
         assert not models[name].ready, name
-        assert "weights_only" in models[name].status_message or "Weights only" in models[
-            name
-        ].status_message, (name, models[name].status_message)
+        assert (
+            "weights_only" in models[name].status_message
+            or "Weights only" in models[name].status_message
+        ), (name, models[name].status_message)
         with pytest.raises(grpc.RpcError) as info:
             stub.Extract(
                 pb.ExtractRequest(model=name, nodes=["fc"], images=[pb.Image(encoded=b"x")]),
@@ -342,8 +384,12 @@ def test_load_errors_name_the_file_and_are_plain_text(
     carries no terminal escape codes (torch's own message has ANSI bold)."""
     running, files, _ = poisoned
     models = {m.name: m for m in running.stub().ListModels(pb.ListModelsRequest()).models}
-    for name, key in (("evil-zip", "zip.pth"), ("evil-legacy", "legacy.pt"),
-                      ("evil-plain", "plain.bin"), ("evil-cache", "torchvision cache")):
+    for name, key in (
+        ("evil-zip", "zip.pth"),
+        ("evil-legacy", "legacy.pt"),
+        ("evil-plain", "plain.bin"),
+        ("evil-cache", "torchvision cache"),
+    ):
         message = models[name].status_message
         assert "\x1b" not in message, (name, message)
         assert files[key][0].name in message, (name, message)
@@ -372,28 +418,58 @@ def _probes(tmp: Path, weights: Path) -> list[Probe]:
         return pb.ExtractRequest(**base)
 
     probes = []
-    for model in ("../../etc/passwd", "/etc/passwd", "os:system", "torchvision.models:resnet18",
-                  "resnet50", "vgg16", module, MARKER_MODULE, str(weights), f"file://{weights}",
-                  "factories:tiny_net", "factories:gated_net"):
+    for model in (
+        "../../etc/passwd",
+        "/etc/passwd",
+        "os:system",
+        "torchvision.models:resnet18",
+        "resnet50",
+        "vgg16",
+        module,
+        MARKER_MODULE,
+        str(weights),
+        f"file://{weights}",
+        "factories:tiny_net",
+        "factories:gated_net",
+    ):
         probes.append(Probe(f"model {model}", extract(model=model), not_found))
         probes.append(Probe(f"describe {model}", pb.DescribeModelRequest(model=model), not_found))
-    for node in ("__import__('os')", "../x", "../../etc/passwd", module, MARKER_MODULE,
-                 str(png_file), "os.system", "factories.tiny_net"):
+    for node in (
+        "__import__('os')",
+        "../x",
+        "../../etc/passwd",
+        module,
+        MARKER_MODULE,
+        str(png_file),
+        "os.system",
+        "factories.tiny_net",
+    ):
         probes.append(Probe(f"node {node}", extract(nodes=[node]), invalid))
         probes.append(Probe(f"alias of {node}", extract(aliases={node: "k"}), invalid))
-    for data in (b"/etc/passwd", str(png_file).encode(), f"file://{png_file}".encode(),
-                 module.encode(), b"\x80\x04\x95" + pickle.dumps(Payload(tmp / "x"))[3:]):
-        probes.append(Probe(f"image bytes {data[:30]!r}", extract(images=[pb.Image(encoded=data)]),
-                            invalid))
+    for data in (
+        b"/etc/passwd",
+        str(png_file).encode(),
+        f"file://{png_file}".encode(),
+        module.encode(),
+        b"\x80\x04\x95" + pickle.dumps(Payload(tmp / "x"))[3:],
+    ):
+        probes.append(
+            Probe(f"image bytes {data[:30]!r}", extract(images=[pb.Image(encoded=data)]), invalid)
+        )
     for dtype in (module, "torch.float32", "numpy.float64", "__import__('os')"):
         tensor = pb.Tensor(dtype=dtype, shape=[4, 4, 3], data=bytes(48))
-        probes.append(Probe(f"tensor dtype {dtype}", extract(images=[pb.Image(tensor=tensor)]),
-                            invalid))
-        probes.append(Probe(f"output dtype {dtype}", extract(output=pb.OutputOptions(dtype=dtype)),
-                            invalid))
+        probes.append(
+            Probe(f"tensor dtype {dtype}", extract(images=[pb.Image(tensor=tensor)]), invalid)
+        )
+        probes.append(
+            Probe(f"output dtype {dtype}", extract(output=pb.OutputOptions(dtype=dtype)), invalid)
+        )
     # an alias is only an output key: a path-like one is returned verbatim, nothing more
-    probes.append(Probe("alias value /etc/passwd", extract(aliases={"pools": "/etc/passwd"}),
-                        grpc.StatusCode.OK))
+    probes.append(
+        Probe(
+            "alias value /etc/passwd", extract(aliases={"pools": "/etc/passwd"}), grpc.StatusCode.OK
+        )
+    )
     return probes
 
 
@@ -421,8 +497,14 @@ def test_path_and_module_fields_are_refused_without_side_effects(
     probes = _probes(tmp_path, weights)
     channel = field_server.channel()
     stub = field_server.stub()
-    stub.Extract(pb.ExtractRequest(model="tiny", nodes=["pools"], images=[
-        pb.Image(encoded=encode(np.zeros((32, 32, 3), np.uint8), "PNG"))]), timeout=30)  # warm
+    stub.Extract(
+        pb.ExtractRequest(
+            model="tiny",
+            nodes=["pools"],
+            images=[pb.Image(encoded=encode(np.zeros((32, 32, 3), np.uint8), "PNG"))],
+        ),
+        timeout=30,
+    )  # warm
     control = tmp_path / "control.txt"
     worker = threading.Thread(target=control.write_text, args=("seen",))
     worker.start()
@@ -431,8 +513,10 @@ def test_path_and_module_fields_are_refused_without_side_effects(
     TAP.events.clear()
     results = []
     for probe in probes:
-        method = stub.DescribeModel if isinstance(probe.request, pb.DescribeModelRequest) else (
-            stub.Extract
+        method = (
+            stub.DescribeModel
+            if isinstance(probe.request, pb.DescribeModelRequest)
+            else (stub.Extract)
         )
         try:
             method(probe.request, timeout=30)
@@ -464,8 +548,13 @@ TOKEN = "t1"
 @pytest.fixture(scope="module", params=[True, False], ids=["health-open", "health-closed"])
 def auth_server(request: pytest.FixtureRequest, quiet: None) -> Iterator[RunningServer]:
     running = start_server(
-        Settings(port=0, models=(TINY,), auth_tokens=TOKEN, auth_open_health=request.param,
-                 log_level="ERROR")
+        Settings(
+            port=0,
+            models=(TINY,),
+            auth_tokens=TOKEN,
+            auth_open_health=request.param,
+            log_level="ERROR",
+        )
     )
     yield running
     running.stop()
@@ -478,11 +567,16 @@ def _feature_calls() -> list[tuple[str, Any, Any]]:
         "ListModels": pb.ListModelsRequest(),
         "DescribeModel": pb.DescribeModelRequest(model="tiny"),
         "Extract": pb.ExtractRequest(model="tiny", nodes=["pools"], images=[image]),
+        "ExtractStream": pb.ExtractStreamRequest(
+            id="a", request=pb.ExtractRequest(model="tiny", nodes=["pools"], images=[image])
+        ),
+        "GetServerInfo": pb.GetServerInfoRequest(),
+        "GetParameters": pb.GetParametersRequest(model="tiny", names=["stem.0.weight"]),
     }
     service = pb.DESCRIPTOR.services_by_name["FeatureService"]
     calls = []
     for method in service.methods:
-        assert not method.client_streaming and not method.server_streaming, method.name
+        assert method.client_streaming == method.server_streaming, method.name
         assert method.name in valid, f"add a valid request for the new RPC {method.name}"
         response = getattr(pb, method.output_type.name)
         calls.append((f"/{service.full_name}/{method.name}", valid[method.name], response))
@@ -490,11 +584,19 @@ def _feature_calls() -> list[tuple[str, Any, Any]]:
 
 
 def _code(channel: grpc.Channel, path: str, req: Any, resp: Any, metadata: Any) -> Any:
-    call = channel.unary_unary(
-        path, request_serializer=type(req).SerializeToString, response_deserializer=resp.FromString
-    )
+    kind = {"serializer": type(req).SerializeToString}
     try:
-        call(req, metadata=metadata, timeout=30)
+        if isinstance(req, pb.ExtractStreamRequest):  # bidi: one item, every answer read
+            stream = channel.stream_stream(
+                path, request_serializer=kind["serializer"], response_deserializer=resp.FromString
+            )
+            answers = list(stream(iter([req]), metadata=metadata, timeout=30))
+            assert [a.WhichOneof("result") for a in answers] == ["response"], answers
+        else:
+            call = channel.unary_unary(
+                path, request_serializer=kind["serializer"], response_deserializer=resp.FromString
+            )
+            call(req, metadata=metadata, timeout=30)
     except grpc.RpcError as err:
         return err.code()
     return grpc.StatusCode.OK
@@ -504,13 +606,20 @@ def test_every_feature_rpc_needs_the_token(auth_server: RunningServer) -> None:
     with grpc.insecure_channel(auth_server.target) as channel:
         for path, req, resp in _feature_calls():
             assert _code(channel, path, req, resp, None) == grpc.StatusCode.UNAUTHENTICATED, path
-            for bad in (("authorization", "Bearer t2"), ("authorization", "Bearer T1"),
-                        ("authorization", "Bearer t1t1"), ("authorization", "Bearer t")):
+            for bad in (
+                ("authorization", "Bearer t2"),
+                ("authorization", "Bearer T1"),
+                ("authorization", "Bearer t1t1"),
+                ("authorization", "Bearer t"),
+            ):
                 assert _code(channel, path, req, resp, (bad,)) == (
                     grpc.StatusCode.PERMISSION_DENIED
                 ), (path, bad)
-            for bad in (("authorization", "t1"), ("x-authorization", "Bearer t1"),
-                        ("authorization", "Basic t1")):
+            for bad in (
+                ("authorization", "t1"),
+                ("x-authorization", "Bearer t1"),
+                ("authorization", "Basic t1"),
+            ):
                 assert _code(channel, path, req, resp, (bad,)) == (
                     grpc.StatusCode.UNAUTHENTICATED
                 ), (path, bad)
@@ -543,7 +652,8 @@ def test_health_and_reflection_open_only_when_configured(auth_server: RunningSer
                 assert "layertap.v1.FeatureService" in _reflection_services(channel, metadata)
             else:
                 expected = (
-                    grpc.StatusCode.UNAUTHENTICATED if metadata is None
+                    grpc.StatusCode.UNAUTHENTICATED
+                    if metadata is None
                     else grpc.StatusCode.PERMISSION_DENIED
                 )
                 with pytest.raises(grpc.RpcError) as info:
@@ -568,7 +678,8 @@ def test_open_prefixes_are_not_a_way_around_the_token(auth_server: RunningServer
         ):
             code = _code(channel, path, req, resp, None)
             assert code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED), (
-                path, code
+                path,
+                code,
             )
 
 
@@ -579,7 +690,8 @@ def test_an_unauthenticated_extract_runs_nothing(auth_server: RunningServer) -> 
     extractors = auth_server.server.runtime._models["tiny"].extractors
     with grpc.insecure_channel(auth_server.target) as channel:
         for metadata in (None, (("authorization", "Bearer wrong"),)):
-            code = _code(channel, "/layertap.v1.FeatureService/Extract", req, pb.ExtractResponse,
-                         metadata)
+            code = _code(
+                channel, "/layertap.v1.FeatureService/Extract", req, pb.ExtractResponse, metadata
+            )
             assert code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
     assert ("stem.0",) not in extractors
