@@ -27,9 +27,7 @@ from .errors import FeatureServiceError
 if TYPE_CHECKING:
     from ._sync import FeatureClient
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp"})
 FORMATS = (".npz", ".npy", ".parquet")
 PARQUET_INSTALL_HINT = "pip install 'layertap[parquet]'"
 

@@ -26,7 +26,13 @@ from .batcher import Batcher, BatchPolicy
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .prepare import init_decode_thread
-from .settings import ConfigError, Settings, build_arg_parser, load_settings
+from .settings import (
+    ConfigError,
+    Settings,
+    build_arg_parser,
+    default_batch_size,
+    load_settings,
+)
 from .worker import Item, ModelRuntime, SharedWeights, default_torch_threads, pick_device
 
 log = logging.getLogger("layertap.server")
@@ -217,15 +223,23 @@ def _batcher(
     settings: Settings, runtime: ModelRuntime, metrics: Metrics | None, name: str
 ) -> Batcher:
     def group_key(key: Hashable, item: Item) -> Hashable:
-        """Without forward sharing, only requests for the same node set share a batch."""
-        return (*key, item.nodes) if isinstance(key, tuple) else key
+        """Which requests may share a forward (see share_forwards / share_across_depths)."""
+        if not isinstance(key, tuple):
+            return key
+        if not settings.share_forwards:  # only requests for the same node set
+            return (*key, item.nodes)
+        # Same deepest node: the union adds no depth to anyone's forward (the shallower nodes
+        # are computed on the way); a shallow set riding a deep forward would pay the whole
+        # network (measured on CPU: 18 vs 24.5 images/s for 4 node sets of resnet50).
+        order = runtime.model(key[0]).catalog.order
+        return (*key, max(item.nodes, key=order.__getitem__))
 
     return Batcher(
         runtime.run_batch,
         max_queue=settings.max_queue_images,
         policy=lambda key: batch_policy(settings, runtime, key),
         low_priority_max_wait_s=settings.low_priority_max_wait_ms / 1000.0,
-        group_key=None if settings.share_forwards else group_key,
+        group_key=None if settings.share_forwards and settings.share_across_depths else group_key,
         name=name,
         on_queue_depth=metrics.queue_depth.set if metrics else None,
         on_batch=metrics.observe_batch if metrics else None,
@@ -239,6 +253,8 @@ def batch_policy(settings: Settings, runtime: ModelRuntime, key: object) -> Batc
     name = key[0] if isinstance(key, tuple) and key else None
     cfg = settings.model(name) if isinstance(name, str) else None
     limit = cfg.max_batch_size if cfg and cfg.max_batch_size > 0 else settings.max_batch_size
+    if limit <= 0:
+        limit = default_batch_size(runtime.device.type)
     cap = runtime.batch_cap(name) if isinstance(name, str) else None
     if cap:
         limit = min(limit, cap)

@@ -41,7 +41,7 @@ from .metrics import Metrics, layertap_version
 from .pooling import DTYPES, OutputSpec, check_pool
 from .prepare import ImageInput, Prepared, encode_results, prepare_image
 from .preprocess import Preprocessing
-from .settings import Settings
+from .settings import Settings, default_batch_size
 from .stream import StreamSession
 from .worker import Item, ModelRuntime, ModelStatus
 
@@ -331,7 +331,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             max_image_bytes=s.max_image_bytes,
             max_image_pixels=s.max_image_pixels,
             max_message_bytes=s.max_message_bytes,
-            max_batch_size=s.max_batch_size,
+            max_batch_size=s.max_batch_size or default_batch_size(self.runtime.device.type),
             max_queue_images=s.max_queue_images,
             max_stream_in_flight=s.max_stream_in_flight,
             max_parameter_bytes=s.max_parameter_bytes,

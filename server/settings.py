@@ -71,6 +71,16 @@ class ModelConfig:
     compile_backend: str = "inductor"
 
 
+DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 32}
+"""max_batch_size = 0 picks this per device type: on CPU bigger batches are slower per image
+(mobilenet_v2, 2 cores: 64 images/s at batch 4, 48 at 8, 39 at 16 — docs/BENCHMARKS.md); on a GPU
+batching pays (32 is a starting point; no GPU measurement yet)."""
+
+
+def default_batch_size(device_type: str) -> int:
+    return DEFAULT_BATCH_SIZE.get(device_type, 8)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Server settings. Tests build Settings(...) directly."""
@@ -80,11 +90,12 @@ class Settings:
     config: str | None = None
     device: str = "auto"
     devices: tuple[str, ...] = ()
-    max_batch_size: int = 8
+    max_batch_size: int = 0
     preferred_batch_size: int = 4
     max_wait_ms: float = 2.0
     low_priority_max_wait_ms: float = 1000.0
     share_forwards: bool = True
+    share_across_depths: bool = False
     gpu_decode: str = "auto"
     max_queue_images: int = 512
     max_images_per_request: int = 64
@@ -147,15 +158,20 @@ FIELDS: dict[str, str] = {
     "device": "'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'",
     "devices": "comma-separated devices, one worker thread and model copy each (e.g. "
     "cuda:0,cuda:1); requests go to the least loaded; empty: just 'device'",
-    "max_batch_size": "most images stacked into one forward (CPU, mobilenet_v2: batch 4 is "
-    "fastest per image, 8 within noise, 16 slower; bench/batch_sizes.py)",
+    "max_batch_size": "most images stacked into one forward; 0: the measured default of the "
+    "device, 4 on CPU (bench/batch_sizes.py and bench/compare.py: batch 4 is fastest per image, "
+    "8 and 16 slower) and 32 on CUDA (not measured here)",
     "preferred_batch_size": "while the worker is busy, a batch stops waiting once it holds this "
     "many images (Triton's preferred size; CPU-measured best 4); 0: wait for a full batch",
     "max_wait_ms": "how long a batch stays open for more images once the worker is busy",
     "low_priority_max_wait_ms": "after this wait a PRIORITY_LOW image counts as normal, so bulk "
     "work is never starved by interactive traffic",
-    "share_forwards": "one forward serves every node set of a model in a batch (the union); off "
-    "batches only requests with equal node sets (for comparison benchmarks)",
+    "share_forwards": "one forward serves the node sets of a model's requests in a batch (the "
+    "union) when they end at the same deepest node; off batches only requests with equal node "
+    "sets (for comparison benchmarks)",
+    "share_across_depths": "with share_forwards, also let shallow node sets ride a deeper "
+    "forward (one forward per batch whatever the depths): fewer, bigger forwards, which can pay "
+    "where per-forward cost dominates (GPU, small batches); on CPU measured slower",
     "gpu_decode": "decode JPEGs with nvJPEG on the CUDA device (auto: when serving on CUDA; on: "
     "the same; off: CPU decode); a no-op on CPU",
     "max_queue_images": "images waiting for the worker before requests get RESOURCE_EXHAUSTED",
@@ -232,7 +248,6 @@ def _coerce(name: str, value: Any) -> Any:
 
 def _validate(s: Settings) -> None:
     positive = (
-        "max_batch_size",
         "max_queue_images",
         "max_images_per_request",
         "max_image_bytes",
@@ -249,6 +264,8 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
     if s.shutdown_delay_s < 0 or s.shutdown_grace_s < 0:
         raise ConfigError("shutdown_delay_s and shutdown_grace_s must be >= 0")
+    if s.max_batch_size < 0:
+        raise ConfigError(f"setting 'max_batch_size' must be >= 0, got {s.max_batch_size}")
     if s.max_wait_ms < 0 or s.torch_threads < 0 or not 0 <= s.port <= 65535:
         raise ConfigError("max_wait_ms and torch_threads must be >= 0 and port in 0..65535")
     if s.preferred_batch_size < 0 or s.low_priority_max_wait_ms < 0:

@@ -198,28 +198,39 @@ def test_bfloat16_autocast_is_close_and_reported(engine_server: RunningServer) -
 
 
 # --- forward sharing on and off ----------------------------------------------------------
-@pytest.mark.parametrize("share", [True, False])
-def test_share_forwards_on_and_off(share: bool) -> None:
-    name = f"share-{share}"
+@pytest.mark.parametrize("policy", ["depth", "across", "off"])
+def test_share_forwards_policies(policy: str) -> None:
+    """Default: node sets ending at the same deepest node share a forward, a shallower set
+    does not ride a deeper forward; share_across_depths: everything shares; off: only equal
+    node sets."""
+    name = f"share-{policy}"
     settings = Settings(
-        port=0, metrics=False, max_wait_ms=50, share_forwards=share, models=(_probe(name),)
+        port=0,
+        metrics=False,
+        max_wait_ms=50,
+        share_forwards=policy != "off",
+        share_across_depths=policy == "across",
+        models=(_probe(name),),
     )
     running = start_server(settings)
     try:
         stub = running.stub()
         blocker = stub.Extract.future(_request(name, _image(11.0), ["conv"]), timeout=30)
         _until(lambda: 11.0 in _seen(name), what="the blocker to start")
-        a = stub.Extract.future(_request(name, _image(21.0, 1), ["conv"]), timeout=30)
+        a = stub.Extract.future(_request(name, _image(21.0, 1), ["conv", "mean"]), timeout=30)
         b = stub.Extract.future(_request(name, _image(22.0, 2), ["relu", "mean"]), timeout=30)
-        _until(lambda: running.server.batcher.queued == 2, what="two queued requests")
+        c = stub.Extract.future(_request(name, _image(23.0, 3), ["conv"]), timeout=30)
+        _until(lambda: running.server.batcher.queued == 3, what="three queued requests")
         blocker.result(30)
-        ra, rb = a.result(30), b.result(30)
+        ra, rb, rc = a.result(30), b.result(30), c.result(30)
     finally:
         running.stop()
-    assert [o.key for o in ra.results[0].outputs] == ["conv"]
+    assert [o.key for o in ra.results[0].outputs] == ["conv", "mean"]
     assert [o.key for o in rb.results[0].outputs] == ["relu", "mean"]
-    sizes = (ra.metadata.batch_size, rb.metadata.batch_size)
-    assert sizes == ((2, 2) if share else (1, 1)), sizes
+    assert [o.key for o in rc.results[0].outputs] == ["conv"]
+    sizes = (ra.metadata.batch_size, rb.metadata.batch_size, rc.metadata.batch_size)
+    expected = {"depth": (2, 2, 1), "across": (3, 3, 3), "off": (1, 1, 1)}[policy]
+    assert sizes == expected, sizes
 
 
 # --- drops: deadline vs cancel -----------------------------------------------------------

@@ -54,7 +54,7 @@ def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> Non
         ('[[models]]\nname = "a"\n', "exactly one of 'arch' or 'factory'"),
         ('[[models]]\nname = "a"\narch = "x"\nwieghts = "none"\n', "unknown keys ['wieghts']"),
         ('[[models]]\nname = "a"\narch = "x"\n[[models]]\nname = "a"\narch = "y"\n', "unique"),
-        ("[server]\nmax_batch_size = 0\n", "max_batch_size"),
+        ("[server]\nmax_batch_size = -1\n", "max_batch_size"),
         ("[server\n", "not valid TOML"),
     ],
 )
@@ -63,6 +63,13 @@ def test_config_errors_name_the_problem(tmp_path: Path, text: str, message: str)
     config.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_settings(["--config", str(config)], env={})
+
+
+def test_max_batch_size_zero_means_the_measured_default_of_the_device() -> None:
+    from layertap.server.settings import default_batch_size
+
+    assert load_settings([], env={}).max_batch_size == 0
+    assert (default_batch_size("cpu"), default_batch_size("cuda")) == (4, 32)
 
 
 def test_bad_env_value_is_a_config_error() -> None:
