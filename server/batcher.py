@@ -94,6 +94,11 @@ class BatchQueue(Protocol):
     @property
     def queued(self) -> int: ...
 
+    @property
+    def devices(self) -> list[str]:
+        """The names of the device workers behind it (what BatchInfo.device reports)."""
+        ...
+
     def reserve(self, count: int) -> contextlib.AbstractContextManager[None]: ...
 
     def submit_many(
@@ -129,7 +134,6 @@ class Batcher:
     max_batch_size: int = 8
     max_wait_s: float = 0.002
     max_queue: int = 512
-    batch_limit: Callable[[Hashable], int] | None = None
     preferred_batch_size: int = 0
     # per-key policy (per-model limits, waits, preferred sizes); overrides the three above
     policy: Callable[[Hashable], BatchPolicy] | None = None
@@ -145,8 +149,7 @@ class Batcher:
     _pending: list[_Item[Any]] = field(default_factory=list, init=False)
     _wakeup: asyncio.Event | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
-    _busy: bool = field(default=False, init=False)
-    _running: int = field(default=0, init=False)
+    _running: int = field(default=0, init=False)  # items of the batch being computed
     _reserved: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
     batches_run: int = field(default=0, init=False)
@@ -160,6 +163,15 @@ class Batcher:
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    @property
+    def devices(self) -> list[str]:
+        return [self.name] if self.name else []
+
+    @property
+    def _busy(self) -> bool:
+        """A batch is being computed."""
+        return self._running > 0
 
     @property
     def waiting(self) -> int:
@@ -202,8 +214,7 @@ class Batcher:
         if self.policy is not None:
             p = self.policy(key)
         else:
-            limit = self.batch_limit(key) if self.batch_limit else self.max_batch_size
-            p = BatchPolicy(limit, self.preferred_batch_size, self.max_wait_s)
+            p = BatchPolicy(self.max_batch_size, self.preferred_batch_size, self.max_wait_s)
         return BatchPolicy(max(1, p.max_batch_size), max(0, p.preferred_batch_size), p.max_wait_s)
 
     def submit_many(
@@ -318,7 +329,6 @@ class Batcher:
     async def _run(self, key: Hashable, batch: list[_Item[Any]]) -> None:
         for item in batch:
             item.running = True
-        self._busy = True
         self._running = len(batch)
         self._report_depth()
         if self.on_batch is not None:
@@ -342,7 +352,6 @@ class Batcher:
                     item.future.set_exception(exc)
             return
         finally:
-            self._busy = False
             self._running = 0
             self.batches_run += 1
         run_s = time.monotonic() - started

@@ -16,7 +16,7 @@ import contextlib
 import difflib
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +71,11 @@ class Catalog:
     def __post_init__(self) -> None:
         self.by_name = {n.name: n for n in self.nodes}
         self.order = {n.name: i for i, n in enumerate(self.nodes)}
+
+    def in_order(self, names: Iterable[str]) -> tuple[str, ...]:
+        """Full node names, deduplicated, in execution order: the extractor cache key, so
+        equal node sets (however requested) share one extractor."""
+        return tuple(sorted(set(names), key=self.order.__getitem__))
 
     def resolve(self, requested: str) -> str:
         """Full or truncated name → one full node name (torchvision's rule: the last node under

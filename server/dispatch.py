@@ -37,6 +37,10 @@ class Dispatcher:
         return sum(b.queued for b in self.batchers)
 
     @property
+    def devices(self) -> list[str]:
+        return [name for b in self.batchers for name in b.devices]
+
+    @property
     def load(self) -> int:
         return sum(b.load for b in self.batchers)
 

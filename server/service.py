@@ -290,11 +290,6 @@ def _bytes_per_image(node: NodeSpec, spec: OutputSpec) -> int:
     return elements * _ITEMSIZE[spec.dtype]
 
 
-def _encode_all(tensors: Sequence[Any]) -> list[tuple[str, list[int], bytes]]:
-    """CPU tensors -> (wire dtype, shape, raw bytes), on the decode pool."""
-    return [codec.encode_tensor(t) for t in tensors]
-
-
 class FeatureService(pb_grpc.FeatureServiceServicer):
     """The layertap.v1.FeatureService implementation."""
 
@@ -350,15 +345,9 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             pools=[pb.Pooling.Name(k) for k in sorted(_POOLS)],
             output_dtypes=list(DTYPES),
             models=self.runtime.names(),
-            devices=self._devices(),
+            devices=list(self.batcher.devices) or [str(self.runtime.device)],
             methods=[m.name for m in service.methods],
         )
-
-    def _devices(self) -> list[str]:
-        """Each device worker by the name Extract metadata reports (several with `devices`)."""
-        batchers = getattr(self.batcher, "batchers", None) or [self.batcher]
-        names = [str(getattr(b, "name", "") or "") for b in batchers]
-        return [n for n in names if n] or [str(self.runtime.device)]
 
     @rpc
     async def GetParameters(
@@ -382,14 +371,14 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             raise InvalidArgument(f"dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
         limit = self.settings.max_parameter_bytes
         tensors = await self.runtime.parameters(request.model, names, dtype, limit)
-        encoded = await self._in_pool(_encode_all, [t for _, t in tensors])
+        (encoded,) = await self._in_pool(encode_results, [dict(tensors)])
         return pb.GetParametersResponse(
             model=request.model,
             parameters=[
                 pb.NamedTensor(
-                    key=name, node=name, tensor=pb.Tensor(dtype=wire, shape=shape, data=data)
+                    key=name, node=name, tensor=pb.Tensor(dtype=t.dtype, shape=t.shape, data=t.data)
                 )
-                for (name, _), (wire, shape, data) in zip(tensors, encoded, strict=True)
+                for name, t in encoded.items()
             ],
         )
 

@@ -268,7 +268,7 @@ class ModelRuntime:
                 raise model_loading.ModelLoadError(
                     f"model {cfg.name!r}: warmup_nodes entry {list(group)}: {exc}"
                 ) from exc
-            sets.append(tuple(sorted(resolved, key=catalog.order.__getitem__)))
+            sets.append(catalog.in_order(resolved))
         h, w = catalog.input_size
         for nodes in dict.fromkeys(sets):
             extractor = self._extractor(loaded, nodes, warm_up=True)
@@ -446,8 +446,7 @@ class ModelRuntime:
         loaded = self.model(model_name)
         # One forward serves every request in the batch: the extractor returns the union of
         # their node sets (in execution order, so equal unions share one cached extractor).
-        order = loaded.catalog.order
-        nodes = tuple(sorted({n for item in items for n in item.nodes}, key=order.__getitem__))
+        nodes = loaded.catalog.in_order(n for item in items for n in item.nodes)
         extractor = self._extractor(loaded, nodes)
         batch = self._stack(items)
         try:

@@ -157,9 +157,9 @@ async def test_close_without_drain_fails_waiters_unavailable() -> None:
 async def test_max_wait_collects_stragglers_when_busy() -> None:
     rec = Recorder(delay=0.0)
     b = Batcher(rec, max_batch_size=8, max_wait_s=0.1)
-    b._busy = True  # pretend a batch is running so the first item is not 'lone'
+    b._running = 1  # pretend a batch is running so the first item is not 'lone'
     f1 = b.submit_many("k", [1])
-    b._busy = False
+    b._running = 0
     await asyncio.sleep(0.03)
     f2 = b.submit_many("k", [2])
     await asyncio.gather(*f1, *f2)
@@ -169,7 +169,7 @@ async def test_max_wait_collects_stragglers_when_busy() -> None:
 
 async def test_batch_limit_per_key() -> None:
     rec = Recorder(delay=0.02)
-    b = Batcher(rec, max_batch_size=8, batch_limit=lambda key: 2 if key == "small" else 8)
+    b = Batcher(rec, policy=lambda key: BatchPolicy(2 if key == "small" else 8))
     futures = b.submit_many("small", [1, 2, 3, 4, 5])
     await asyncio.gather(*futures)
     assert [len(p) for _, p in rec.batches] == [2, 2, 1]
@@ -252,9 +252,9 @@ async def test_without_the_guard_window_low_waits_behind_normal() -> None:
 async def test_preferred_batch_size_stops_the_wait_early() -> None:
     rec = Recorder()
     b = Batcher(rec, max_batch_size=8, preferred_batch_size=2, max_wait_s=30.0)
-    b._busy = True  # the worker is busy: the head is not lone and would wait max_wait
+    b._running = 1  # the worker is busy: the head is not lone and would wait max_wait
     futures = b.submit_many("k", [1])
-    b._busy = False
+    b._running = 0
     await asyncio.sleep(0.01)
     assert rec.batches == []  # one item, fewer than preferred: still waiting
     futures += b.submit_many("k", [2])

@@ -35,11 +35,12 @@ OPTIONS = [
 
 
 def probe_model(name: str, **kwargs: Any) -> ModelConfig:
-    """A probe model (records every real batch) taking one image per forward."""
+    """A probe model (records every real batch) taking one image per forward. Its probe log
+    is this module's own (tag "stream-<name>"): other modules' probes use the same names."""
     return ModelConfig(
         name=name,
         factory="factories:probe_net",
-        kwargs={"tag": name, **kwargs},
+        kwargs={"tag": f"stream-{name}", **kwargs},
         weights="none",
         allow_random=True,
         input_size=(SIZE, SIZE),
@@ -291,7 +292,7 @@ def test_cancel_drops_queued_items(server: RunningServer, how: str) -> None:
     assert counted("OK") + counted("CANCELLED") == items
     assert counted("CANCELLED") >= items - 4
     # items carry values 1..total; the warm-up forward (zeros) is not one of them
-    forwards = [e for e in probe_log(model) if e["max"][0] >= 1]  # type: ignore[index]
+    forwards = [e for e in probe_log(f"stream-{model}") if e["max"][0] >= 1]  # type: ignore[index]
     ran = sorted(int(event["max"][0]) for event in forwards)  # type: ignore[index]
     # at most the item running when the stream ended ran unanswered; the queued ones never ran
     assert len(forwards) <= counted("OK") + 1, ran
