@@ -42,7 +42,7 @@ test-fast: weights tools
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check server client tests scripts bench deploy
+	$(BIN)/ruff check server client tests scripts bench deploy examples
 	$(BIN)/mypy server client
 
 # Regenerate the committed stubs (tests/test_proto.py fails when they differ).

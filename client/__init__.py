@@ -12,6 +12,11 @@ Only grpcio, protobuf and numpy are needed: PIL and torch are imported only when
 their objects. :class:`AsyncFeatureClient` offers the same API for asyncio. For a secured
 server pass ``token="..."`` and/or ``credentials=tls_credentials(ca="ca.pem")``.
 
+Descriptors: ``pool`` (avg, max, gem, avgmax, catavgmax, rmac, rgem, cls, mean, cls_mean),
+``post=["whiten:HEAD:256"]`` with the server's heads (``get_server_info().heads``),
+``concat=True`` over several nodes, ``tta="flip"``, ``regions=`` (boxes per image) and
+``dtype="int8"`` (np.int8, divide by 127); see ``FeatureClient.extract``.
+
 For thousands of images, ``extract_many(items, ...)`` streams them with bounded memory
 (a window of unanswered images), yields ``(id, result)`` in order, and retries transient
 failures; ``extract`` splits calls past the server's limits by itself.
@@ -39,6 +44,7 @@ from .errors import FeatureServiceError
 from .types import (
     ExtractMetadata,
     ExtractResult,
+    HeadInfo,
     ModelDescription,
     ModelInfo,
     ModuleInfo,
@@ -60,6 +66,7 @@ __all__ = [
     "ExtractResult",
     "FeatureClient",
     "FeatureServiceError",
+    "HeadInfo",
     "ImageLike",
     "ModelDescription",
     "ModelInfo",

@@ -14,9 +14,14 @@ from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 from ._bulk import BulkOptions, BulkResult, BulkRun, ErrorMode, Transport, bulk_options
+from ._compare import CompareResult, compare_requests, parse_compare_responses, several_pairs
 from ._convert import (
     ImageLike,
     NodesArg,
+    PostArg,
+    RegionsArg,
+    TtaArg,
+    attach_regions,
     build_request_template,
     description_from_proto,
     images_to_proto,
@@ -193,6 +198,34 @@ class AsyncFeatureClient:
             response.ByteSize() > _OFFLOAD_BYTES, lambda: parameters_from_proto(response, model)
         )
 
+    async def compare(
+        self,
+        a: ImageLike | Sequence[ImageLike],
+        b: ImageLike | Sequence[ImageLike],
+        *,
+        model: str,
+        nodes: str | Sequence[str] | None = None,
+        style: bool = False,
+        native_resolution: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> CompareResult:
+        """Perceptual distance of each pair; see FeatureClient.compare."""
+        info = await self._limits(timeout) if several_pairs(a) else self._info
+        requests = await _maybe_offload(
+            _is_large_input(a) or _is_large_input(b),
+            lambda: compare_requests(
+                a,
+                b,
+                model=model,
+                nodes=nodes,
+                style=style,
+                native_resolution=native_resolution,
+                info=info,
+            ),
+        )
+        responses = [await self._call("Compare", r, timeout) for r in requests]
+        return parse_compare_responses(responses)
+
     async def extract(
         self,
         images: ImageLike | Sequence[ImageLike],
@@ -203,12 +236,20 @@ class AsyncFeatureClient:
         gem_p: float = 3.0,
         normalize: bool = False,
         dtype: str = "float32",
+        post: PostArg = None,
+        concat: bool = False,
+        concat_key: str | None = None,
+        tta: TtaArg = None,
+        rmac_levels: int = 0,
+        roi_size: int = 0,
+        regions: RegionsArg = None,
         priority: str = "normal",
         native_resolution: bool = False,
         timeout: Timeout = UNSET,
     ) -> ExtractResult:
         """Activations of ``nodes`` for one image or a list of images; see
-        FeatureClient.extract (including the split into several calls past server limits)."""
+        FeatureClient.extract (descriptor options, regions, and the split into several calls
+        past server limits, which keeps each image's regions with it)."""
         template = build_request_template(
             model=model,
             nodes=nodes,
@@ -218,10 +259,17 @@ class AsyncFeatureClient:
             dtype=dtype,
             priority=priority,
             native_resolution=native_resolution,
+            post=post,
+            concat=concat,
+            concat_key=concat_key,
+            tta=tta,
+            rmac_levels=rmac_levels,
+            roi_size=roi_size,
         )
         proto_images = await _maybe_offload(
             _is_large_input(images), lambda: images_to_proto(images)
         )
+        attach_regions(proto_images, regions)
         info = await self._limits(timeout) if len(proto_images) > 1 else self._info
         requests = plan_requests(template, proto_images, info, self._max_message_bytes)
         parts = []
@@ -246,6 +294,12 @@ class AsyncFeatureClient:
         gem_p: float = 3.0,
         normalize: bool = False,
         dtype: str = "float32",
+        post: PostArg = None,
+        concat: bool = False,
+        concat_key: str | None = None,
+        tta: TtaArg = None,
+        rmac_levels: int = 0,
+        roi_size: int = 0,
         batch_size: int = 8,
         concurrency: int = 4,
         ordered: bool = True,
@@ -268,6 +322,12 @@ class AsyncFeatureClient:
             gem_p=gem_p,
             normalize=normalize,
             dtype=dtype,
+            post=post,
+            concat=concat,
+            concat_key=concat_key,
+            tta=tta,
+            rmac_levels=rmac_levels,
+            roi_size=roi_size,
             batch_size=batch_size,
             concurrency=concurrency,
             ordered=ordered,

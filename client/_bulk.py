@@ -37,12 +37,15 @@ from layertap.v1 import layertap_pb2 as pb
 
 from ._convert import (
     NodesArg,
+    PostArg,
+    TtaArg,
     build_request_template,
     check_image,
     image_budget,
     image_to_proto,
     image_wire_bytes,
     images_per_request,
+    parse_boxes,
     parse_extract_response,
     split_result,
     with_images,
@@ -118,6 +121,12 @@ def bulk_options(
     timeout: float | None,
     retries: int,
     client_max_message_bytes: int,
+    post: PostArg = None,
+    concat: bool = False,
+    concat_key: str | None = None,
+    tta: TtaArg = None,
+    rmac_levels: int = 0,
+    roi_size: int = 0,
 ) -> BulkOptions:
     """Validate ``extract_many``'s arguments into BulkOptions (shared by both clients)."""
     check_bulk_args(batch_size, concurrency, transport, errors, ordered)
@@ -130,6 +139,12 @@ def bulk_options(
         dtype=dtype,
         priority=priority,
         native_resolution=native_resolution,
+        post=post,
+        concat=concat,
+        concat_key=concat_key,
+        tta=tta,
+        rmac_levels=rmac_levels,
+        roi_size=roi_size,
     )
     return BulkOptions(
         template=template,
@@ -183,11 +198,12 @@ class _FallBackToUnary(Exception):
     """The server does not implement ExtractStream."""
 
 
-def split_item(item: Any, position: int) -> tuple[Any, Any]:
-    """``(id, image)`` tuples keep their id; a bare image gets ``str(position)``."""
-    if isinstance(item, tuple) and len(item) == 2:
-        return item[0], item[1]
-    return str(position), item
+def split_item(item: Any, position: int) -> tuple[Any, Any, Any]:
+    """``(id, image)`` tuples keep their id; ``(id, image, regions)`` also carry that image's
+    boxes; a bare image gets ``str(position)`` and no regions."""
+    if isinstance(item, tuple) and len(item) in (2, 3):
+        return item[0], item[1], item[2] if len(item) == 3 else None
+    return str(position), item, None
 
 
 def progress_bar(enabled: bool | None, total: int | None) -> Any:
@@ -320,11 +336,12 @@ class BulkRun:
     # ------------------------------------------------------------------ input side
 
     def _convert(self, item: Any, position: int) -> _Entry:
-        item_id, image = split_item(item, position)
+        item_id, image, regions = split_item(item, position)
         entry = _Entry(seq=position, id=item_id)
         what = f"item {item_id!r}"
         try:
             proto = image_to_proto(image)
+            proto.regions.extend(parse_boxes(regions, "regions"))
             check_image(proto, self._info, self._budget, what)
         except FeatureServiceError as exc:
             entry.result = exc

@@ -8,6 +8,7 @@ the file an uninterrupted run would have written.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from ._convert import POST_FORMS, parse_post_step
 from .errors import FeatureServiceError
 
 if TYPE_CHECKING:
@@ -236,8 +238,9 @@ class _ParquetStore:
             )
         meta = json.loads(raw)
         n = table.num_rows
-        # list<float> holds float16 outputs exactly; give them back in the run's dtype
-        dtype = np.float16 if meta["options"].get("dtype") == "float16" else np.float32
+        # list<float> holds float16 outputs exactly (int8 ones are list<int8>); give them back
+        # in the run's dtype
+        dtype = _PARQUET_DTYPES.get(meta["options"].get("dtype"), np.float32)
         arrays = {}
         for key in table.column_names:
             if key == "id":
@@ -255,7 +258,8 @@ class _ParquetStore:
         shapes = {}
         for key, array in table.arrays.items():
             n = len(array)
-            flat = np.ascontiguousarray(array, dtype=np.float32).reshape(n, -1)
+            dtype = np.int8 if array.dtype == np.int8 else np.float32
+            flat = np.ascontiguousarray(array, dtype=dtype).reshape(n, -1)
             width = flat.shape[1]
             offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width, type=pa.int32())
             columns[key] = pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1)))
@@ -263,6 +267,9 @@ class _ParquetStore:
         meta = json.dumps({"shapes": shapes, "options": table.meta})
         out = pa.table(columns).replace_schema_metadata({"layertap": meta})
         _atomic_write(self.path, lambda f: pq.write_table(out, f))
+
+
+_PARQUET_DTYPES: dict[str, type[np.generic]] = {"float16": np.float16, "int8": np.int8}
 
 
 def _store(path: Path) -> _NpzStore | _NpyStore | _ParquetStore:
@@ -296,6 +303,24 @@ class Options:
     concurrency: int = 4
     checkpoint_every: int = 500
     progress: bool = True
+    post: list[str] = field(default_factory=list)
+    concat: bool = False
+    concat_key: str | None = None
+    tta: dict[str, Any] | None = None
+    rmac_levels: int = 0
+
+    def descriptor(self) -> dict[str, Any]:
+        """The descriptor options that differ from the defaults, as ``extract`` keywords.
+        Only those go into the file's recorded options, so a plain run resumes into a file
+        written before these options existed."""
+        given = {
+            "post": list(self.post),
+            "concat": self.concat,
+            "concat_key": self.concat_key,
+            "tta": self.tta,
+            "rmac_levels": self.rmac_levels,
+        }
+        return {k: v for k, v in given.items() if v}
 
 
 class _Rows:
@@ -374,10 +399,13 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
     images failed (they are reported, not written, and retried by the next run)."""
     out = out or sys.stdout
     store = _store(opts.output)
-    if isinstance(store, _NpyStore) and (len(opts.nodes) != 1 or opts.pool in (None, "raw")):
+    if isinstance(store, _NpyStore) and (
+        (len(opts.nodes) != 1 and not opts.concat) or opts.pool in (None, "raw")
+    ):
         raise ValueError(
-            ".npy output holds the vectors of one pooled output: give exactly one --node and "
-            "a --pool (use .npz or .parquet for several nodes or raw feature maps)"
+            ".npy output holds the vectors of one pooled output: give exactly one --node (or "
+            "several with --concat) and a --pool (use .npz or .parquet for several nodes or "
+            "raw feature maps)"
         )
     images, skipped = discover(opts.inputs, opts.recursive)
     for note in skipped:
@@ -389,6 +417,7 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
         "gem_p": opts.gem_p,
         "normalize": opts.normalize,
         "dtype": opts.dtype,
+        **opts.descriptor(),
     }
     # One synthetic image first: a wrong model, node or option fails once here instead of
     # once per image, and its outputs say what the file must hold before resuming into it.
@@ -401,7 +430,8 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
     meta = {k: v for k, v in options.items() if k != "gem_p" or opts.pool == "gem"}
     base = store.load()
     if base is not None:
-        _check_compatible(base, opts.output, probe, meta, npy=isinstance(store, _NpyStore))
+        expected = {k: np.asarray(probe[k]) for k in keys}
+        _check_compatible(base, opts.output, expected, meta, npy=isinstance(store, _NpyStore))
     rows = _Rows(store, keys, base, meta)
     todo = [im for im in images if im.id not in rows.done]
     already = len(images) - len(todo)
@@ -485,3 +515,103 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
             print(f"  {message}", file=out)
         return 1
     return 0
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _post_step(text: str) -> str:
+    """argparse type of --post: checked here so a typo fails before anything is sent."""
+    try:
+        parse_post_step(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _scales(text: str) -> list[float]:
+    """argparse type of --tta-scales: "1,0.7071,0.5"."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a list of numbers like 1,0.707,0.5: {text!r}"
+        ) from None
+    if not values or not all(0 < v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be positive numbers: {text!r}")
+    return values
+
+
+def _levels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def add_descriptor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The descriptor options of ``layertap extract`` (see FeatureClient.extract)."""
+    parser.add_argument(
+        "--post",
+        action="append",
+        type=_post_step,
+        metavar="STEP",
+        help=f"post-processing step after pooling, repeat for a chain applied in order: "
+        f"{POST_FORMS.split(', or a dict')[0]} (HEAD: a head the server has)",
+    )
+    parser.add_argument(
+        "--concat",
+        action="store_true",
+        help="one descriptor of all --node outputs: each pooled and L2-normalised, "
+        "concatenated in order, L2-normalised",
+    )
+    parser.add_argument(
+        "--concat-key", metavar="KEY", help="output key of --concat (default: descriptor)"
+    )
+    parser.add_argument(
+        "--tta-flip", action="store_true", help="average with the horizontally flipped image"
+    )
+    parser.add_argument(
+        "--tta-scales",
+        type=_scales,
+        metavar="S1,S2,...",
+        help="average over these input scales, e.g. 1,0.707,0.5",
+    )
+    parser.add_argument(
+        "--rmac-levels",
+        type=_levels,
+        default=0,
+        metavar="L",
+        help="R-MAC / R-GeM region levels (--pool rmac/rgem; default: 3)",
+    )
+
+
+def descriptor_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``extract`` keywords (also :class:`Options` fields) for the options given."""
+    tta: dict[str, Any] = {}
+    if args.tta_flip:
+        tta["flip"] = True
+    if args.tta_scales:
+        tta["scales"] = list(args.tta_scales)
+    given = {
+        "post": list(args.post or []),
+        "concat": bool(args.concat),
+        "concat_key": args.concat_key,
+        "tta": tta or None,
+        "rmac_levels": int(args.rmac_levels or 0),
+    }
+    return {k: v for k, v in given.items() if v}
+
+
+def summary_rows(result: Any) -> list[list[str]]:
+    """KEY, SHAPE, DTYPE, NODE rows of a one-request result (a list output: per image)."""
+    rows = []
+    for key in result:
+        arrays = result.arrays(key) if result.is_ragged(key) else [result[key]]
+        shape = " ".join(str(list(a.shape)) for a in arrays)
+        node = result.nodes.get(key, "")
+        rows.append([key, shape, str(arrays[0].dtype), node])
+    return rows

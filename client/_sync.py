@@ -16,9 +16,14 @@ from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 from ._bulk import BulkOptions, BulkResult, BulkRun, ErrorMode, Transport, bulk_options
+from ._compare import CompareResult, compare_requests, parse_compare_responses, several_pairs
 from ._convert import (
     ImageLike,
     NodesArg,
+    PostArg,
+    RegionsArg,
+    TtaArg,
+    attach_regions,
     build_request_template,
     description_from_proto,
     images_to_proto,
@@ -225,6 +230,36 @@ class FeatureClient:
         response = self._call(self._stub.GetParameters, request, timeout)
         return parameters_from_proto(response, model)
 
+    def compare(
+        self,
+        a: ImageLike | Sequence[ImageLike],
+        b: ImageLike | Sequence[ImageLike],
+        *,
+        model: str,
+        nodes: str | Sequence[str] | None = None,
+        style: bool = False,
+        native_resolution: bool = False,
+        timeout: Timeout = UNSET,
+    ) -> CompareResult:
+        """Perceptual distance of each pair (a[i], b[i]), computed on the server (no feature
+        maps travel). ``nodes``: feature-map nodes; None uses the model's ``compare_nodes``
+        (VGG16: features.3, 8, 15, 22, 29). ``style``: also Gram-matrix style distances.
+        ``a``/``b``: one image each, or lists of the same length (any form :meth:`extract`
+        takes). Pairs past the server's ``max_images_per_request`` (both sides count) are
+        split into several calls; ``timeout`` applies to each."""
+        info = self._limits(timeout) if several_pairs(a) else self._info
+        requests = compare_requests(
+            a,
+            b,
+            model=model,
+            nodes=nodes,
+            style=style,
+            native_resolution=native_resolution,
+            info=info,
+        )
+        responses = [self._call(self._stub.Compare, r, timeout) for r in requests]
+        return parse_compare_responses(responses)
+
     def extract(
         self,
         images: ImageLike | Sequence[ImageLike],
@@ -235,6 +270,13 @@ class FeatureClient:
         gem_p: float = 3.0,
         normalize: bool = False,
         dtype: str = "float32",
+        post: PostArg = None,
+        concat: bool = False,
+        concat_key: str | None = None,
+        tta: TtaArg = None,
+        rmac_levels: int = 0,
+        roi_size: int = 0,
+        regions: RegionsArg = None,
         priority: str = "normal",
         native_resolution: bool = False,
         timeout: Timeout = UNSET,
@@ -244,11 +286,31 @@ class FeatureClient:
         ``images``: file paths, encoded bytes, PIL images, numpy arrays or torch tensors
         (a list/tuple is several images; anything else is one). ``nodes``: a name, a list of
         names, or a mapping node -> output key. ``pool``: None/"raw", "avg", "max", "gem",
-        "cls" or "mean". ``dtype``: "float32", "float16" or "bfloat16" on the wire
-        (bfloat16 is returned widened to float32, exactly). ``priority``: "normal"
+        "avgmax", "catavgmax" (2C values), "rmac", "rgem" (feature maps only, with
+        ``rmac_levels``, 0: 3), or for tokens "cls", "mean", "cls_mean" (alias "cls+mean",
+        2C values). ``dtype``: "float32", "float16" or "bfloat16" on the wire (bfloat16 is
+        returned widened to float32, exactly), or "int8" for L2-normalised pooled descriptors
+        (np.int8 arrays of round(127 x): divide by 127 for [-1, 1]). ``priority``: "normal"
         (interactive) or "low" (batched only when no normal-priority image waits).
         ``native_resolution``: skip the resize and centre crop (normalise only).
         Returns output key -> [N, ...].
+
+        Descriptor options (pooled outputs only):
+
+        - ``post``: steps applied in order after pooling: "l2", "power" (signed square root,
+          then L2), "power:0.3", "center:HEAD", "pca:HEAD", "pca:HEAD:128", "whiten:HEAD",
+          "whiten:HEAD:128" (HEAD: a head of :meth:`get_server_info`, 128: keep that many
+          components), or dicts ``{"op": "whiten", "head": "HEAD", "dim": 128}``; then
+          ``normalize``.
+        - ``concat=True``: every node pooled and L2-normalised, concatenated in request order,
+          L2-normalised: one output keyed ``concat_key`` (default "descriptor").
+        - ``tta``: "flip" or ``{"flip": True, "scales": [1, 0.7071, 0.5]}``: each view pooled
+          and L2-normalised, then averaged.
+        - ``regions``: one entry per image, None or boxes (x1, y1, x2, y2) in pixels of the
+          image as given (a list of tuples or an [R, 4] array); that image's outputs are then
+          [R, ...] pooled from ``roi_size`` x ``roi_size`` roi_align bins (0: 7; raw outputs
+          are [R, C, roi_size, roi_size]). When R differs between images ``result[key]`` is a
+          list of per-image arrays (see :class:`ExtractResult`).
 
         More images than the server's ``max_images_per_request``, or more bytes than one
         message may carry, are split into several calls, made one after another, and their
@@ -268,8 +330,15 @@ class FeatureClient:
             dtype=dtype,
             priority=priority,
             native_resolution=native_resolution,
+            post=post,
+            concat=concat,
+            concat_key=concat_key,
+            tta=tta,
+            rmac_levels=rmac_levels,
+            roi_size=roi_size,
         )
         proto_images = images_to_proto(images)
+        attach_regions(proto_images, regions)
         info = self._limits(timeout) if len(proto_images) > 1 else self._info
         parts = []
         for request in plan_requests(template, proto_images, info, self._max_message_bytes):
@@ -287,6 +356,12 @@ class FeatureClient:
         gem_p: float = 3.0,
         normalize: bool = False,
         dtype: str = "float32",
+        post: PostArg = None,
+        concat: bool = False,
+        concat_key: str | None = None,
+        tta: TtaArg = None,
+        rmac_levels: int = 0,
+        roi_size: int = 0,
         batch_size: int = 8,
         concurrency: int = 4,
         ordered: bool = True,
@@ -300,9 +375,11 @@ class FeatureClient:
         """Extract from many images (a list, or a lazy generator of any length) with bounded
         memory; yields ``(id, result)`` per image.
 
-        ``items``: images (anything :meth:`extract` takes as one image) or ``(id, image)``
-        tuples; a bare image's id is ``str(position)``. Each result is an
-        :class:`ExtractResult` for that one image (arrays with leading dimension 1).
+        ``items``: images (anything :meth:`extract` takes as one image), ``(id, image)``
+        tuples, or ``(id, image, regions)`` with that image's boxes (see :meth:`extract`); a
+        bare image's id is ``str(position)``. Each result is an :class:`ExtractResult` for
+        that one image (arrays with leading dimension 1). The descriptor options (``post``,
+        ``concat``, ``tta`` ...) are those of :meth:`extract`.
 
         - ``ordered=True`` yields in input order; ``False`` as images complete.
         - ``errors="raise"`` raises the first failed image's :class:`FeatureServiceError`
@@ -337,6 +414,12 @@ class FeatureClient:
             gem_p=gem_p,
             normalize=normalize,
             dtype=dtype,
+            post=post,
+            concat=concat,
+            concat_key=concat_key,
+            tta=tta,
+            rmac_levels=rmac_levels,
+            roi_size=roi_size,
             batch_size=batch_size,
             concurrency=concurrency,
             ordered=ordered,

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from . import _cli_extract
+from . import _cli_compare, _cli_extract, _cli_whitening
 from ._cli_tree import tree_rows
 from ._convert import OUTPUT_DTYPES, POOLING
 from ._options import DEFAULT_TARGET
@@ -155,7 +155,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--pool", choices=list(POOLING), default=None)
     ext.add_argument("--gem-p", type=_positive_float, default=3.0)
     ext.add_argument("--normalize", action="store_true", help="L2-normalise each output")
-    ext.add_argument("--dtype", choices=OUTPUT_DTYPES, default="float32")
+    ext.add_argument(
+        "--dtype",
+        choices=OUTPUT_DTYPES,
+        default="float32",
+        help="int8: L2-normalised descriptors as round(127 x) (divide by 127 for [-1, 1])",
+    )
+    _cli_extract.add_descriptor_arguments(ext)
     ext.add_argument(
         "-o",
         "--output",
@@ -216,6 +222,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--count", type=_positive_int, default=64, metavar="K", help="kernels shown (default: 64)"
     )
     filters.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
+    _cli_whitening.register(sub, common, _COMMANDS)
+    _cli_compare.register(sub, common, _COMMANDS)
     return parser
 
 
@@ -320,6 +328,7 @@ def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             checkpoint_every=args.checkpoint_every,
             progress=not args.no_progress,
+            **_cli_extract.descriptor_options(args),
         )
         try:
             return _cli_extract.run(client, opts)
@@ -333,11 +342,9 @@ def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
         gem_p=args.gem_p,
         normalize=args.normalize,
         dtype=args.dtype,
+        **_cli_extract.descriptor_options(args),
     )
-    rows = [
-        [key, str(list(arr.shape)), str(arr.dtype), result.nodes.get(key, "")]
-        for key, arr in result.items()
-    ]
+    rows = _cli_extract.summary_rows(result)
     print(_format_table(["KEY", "SHAPE", "DTYPE", "NODE"], rows))
     meta = result.metadata
     print(
@@ -348,7 +355,7 @@ def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
         path: Path = args.output
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")  # what np.savez would do; report it
-        _save_npz(path, result)
+        _save_npz(path, {key: result.array(key) for key in result})
         print(f"wrote {path}")
     return 0
 
@@ -400,7 +407,7 @@ def _cmd_show_maps(client: FeatureClient, args: argparse.Namespace) -> int:
         args.output,
         count=args.channels,
         top=args.top,
-        title=f"{args.model} {node}  {list(result['map'].shape[1:])}"
+        title=f"{args.model} {node}  {list(result.array('map').shape[1:])}"
         + ("  (most active channels)" if args.top else ""),
     )
     w, h = picture.size_px

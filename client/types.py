@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -45,6 +45,27 @@ class ModelInfo:
     """Why the model is not ready; empty when it is."""
     random_weights: bool
     compute_dtype: str
+    prefix_tokens: int = 0
+    """Leading non-patch tokens (CLS, registers) of the model's NLC outputs."""
+    extraction_mode: str = ""
+    """"fx" (graph nodes) or "hooks" (module outputs only); "" from an older server."""
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """A post-processing head (centering / PCA / whitening) registered in the server config,
+    usable as ``post=["whiten:NAME"]`` on descriptors of ``input_dim`` values."""
+
+    name: str
+    model: str
+    """The model it was fitted for ("" when any model may use it)."""
+    input_dim: int
+    """Descriptor dimension it takes."""
+    components: int
+    """Components it holds: the largest ``dim`` a "pca"/"whiten" step may ask for."""
+    nodes: tuple[str, ...] = ()
+    """What it was fitted on (informative)."""
+    pool: str = ""
 
 
 @dataclass(frozen=True)
@@ -73,6 +94,8 @@ class ServerInfo:
     devices: tuple[str, ...] = ()
     methods: tuple[str, ...] = ()
     """RPC names the server implements (empty: unknown, an older server)."""
+    heads: tuple[HeadInfo, ...] = ()
+    """Post-processing heads for ``post=`` steps "center"/"pca"/"whiten"."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +130,8 @@ class ModelDescription:
     nodes: list[NodeInfo]
     modules: list[ModuleInfo]
     extraction_mode: str
+    extraction_reason: str = ""
+    """Why this mode: configured, or the trace error that made the server fall back to hooks."""
 
     @property
     def node_names(self) -> list[str]:
@@ -146,12 +171,24 @@ class ExtractMetadata:
     timings: Timings
 
 
-class ExtractResult(Mapping[str, np.ndarray]):
+Output: TypeAlias = np.ndarray | list[np.ndarray]
+"""One output of all images: stacked [N, ...], or a list of N per-image arrays (ragged)."""
+
+
+class ExtractResult(Mapping[str, Output]):
     """Output key -> activations of all images stacked along a new first axis ([N, ...]).
 
     Keys are in request order. Arrays are writable float32/float16 (bfloat16 outputs are
-    widened to float32, which is exact). ``per_image[i][key]`` is image ``i``'s array
-    without the batch axis; when all images share a shape it is a view into the stacked one.
+    widened to float32, which is exact) or int8 for ``dtype="int8"`` descriptors
+    (``round(127 x)`` of an L2-normalised x: divide by 127 to get back [-1, 1]).
+
+    ``per_image[i][key]`` is image ``i``'s array without the batch axis; when all images
+    share a shape it is a view into the stacked one. When they do not (region outputs with a
+    different number of boxes R per image, each image's output being [R, ...]; raw maps at
+    ``native_resolution`` of differently sized images), ``result[key]`` is a **list** of the N
+    per-image arrays instead of one array: ``for feats in result[key]`` and
+    ``result[key][i]`` work either way. :meth:`array` always gives one array (ValueError when
+    ragged), :meth:`arrays` always a list.
     """
 
     def __init__(
@@ -170,15 +207,32 @@ class ExtractResult(Mapping[str, np.ndarray]):
         """Output key -> the full node name it resolved to."""
         self.metadata = metadata
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def __getitem__(self, key: str) -> np.ndarray | list[np.ndarray]:
+        array = self._stacked[key]
+        if array is None:
+            return self.arrays(key)
+        return array
+
+    def is_ragged(self, key: str) -> bool:
+        """True when ``key``'s per-image shapes differ, so ``result[key]`` is a list."""
+        return self._stacked[key] is None
+
+    def array(self, key: str) -> np.ndarray:
+        """``key`` stacked as [N, ...]; ValueError when the images' shapes differ."""
         array = self._stacked[key]
         if array is None:
             shapes = sorted({tuple(img[key].shape) for img in self.per_image})
             raise ValueError(
                 f"output {key!r} has different shapes per image {shapes} and cannot be "
-                "stacked; use result.per_image[i][key]"
+                "stacked; use result.arrays(key) or result.per_image[i][key]"
             )
         return array
+
+    def arrays(self, key: str) -> list[np.ndarray]:
+        """``key`` as a list of the N per-image arrays (views when stacked)."""
+        if key not in self._stacked:
+            raise KeyError(key)
+        return [image[key] for image in self.per_image]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._stacked)
@@ -189,7 +243,7 @@ class ExtractResult(Mapping[str, np.ndarray]):
     def __repr__(self) -> str:
         parts = []
         for key, array in self._stacked.items():
-            desc = f"{list(array.shape)} {array.dtype}" if array is not None else "ragged"
+            desc = f"{list(array.shape)} {array.dtype}" if array is not None else "list (ragged)"
             parts.append(f"{key!r}: {desc}")
         return f"ExtractResult({{{', '.join(parts)}}}, model={self.metadata.model!r})"
 
@@ -197,6 +251,7 @@ class ExtractResult(Mapping[str, np.ndarray]):
 __all__ = [
     "ExtractMetadata",
     "ExtractResult",
+    "HeadInfo",
     "ModelDescription",
     "ModelInfo",
     "ModuleInfo",

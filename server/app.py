@@ -24,6 +24,7 @@ from layertap.v1 import layertap_pb2
 from . import logs, security
 from .batcher import Batcher, BatchPolicy
 from .dispatch import Dispatcher
+from .heads import Head, load_head
 from .metrics import Metrics
 from .prepare import init_decode_thread
 from .settings import (
@@ -136,11 +137,25 @@ class Server:
             self.metrics.close()
 
 
+def load_heads(settings: Settings) -> dict[str, Head]:
+    """Every [[heads]] entry, read and checked now: a bad head file stops start-up (ConfigError
+    with the file's problem) rather than failing requests later."""
+    heads: dict[str, Head] = {}
+    for entry in settings.heads:
+        try:
+            heads[entry.name] = load_head(entry.name, entry.file, entry.model)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    return heads
+
+
 async def create_server(settings: Settings) -> tuple[Server, int]:
     """Build every stage and bind the port; returns the server and the port actually bound."""
-    # settings problems (bad PEM files, unreadable token file) surface before any thread starts
+    # settings problems (bad PEM files, unreadable token file, bad head files) surface before
+    # any thread starts
     credentials = security.server_credentials(settings)
     interceptors = security.interceptors(settings)
+    heads = load_heads(settings)
     metrics = Metrics(m.name for m in settings.models) if settings.metrics else None
     runtimes = _runtimes(settings, metrics)
     runtime = runtimes[0]
@@ -167,7 +182,8 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     # imported here: the servicer module pulls in protobuf stubs and codec
     from .service import FeatureService, add_to_server
 
-    add_to_server(FeatureService(settings, runtime, batcher, decode_pool, metrics), grpc_server)
+    service = FeatureService(settings, runtime, batcher, decode_pool, metrics, heads=heads)
+    add_to_server(service, grpc_server)
     health = HealthServicer()
     for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in settings.models)):
         await health.set(name, NOT_SERVING)

@@ -55,16 +55,22 @@ class NodeSpec:
 
 @dataclass
 class Catalog:
-    """The traced eval graph of one model and the nodes it offers."""
+    """The nodes one model offers: from its traced eval graph (mode "fx"), or its named modules
+    seen by forward hooks during one forward (mode "hooks", server/hooks.py; graph is None)."""
 
     root: nn.Module
-    graph: fx.Graph
+    graph: fx.Graph | None
     input_size: tuple[int, int]
     nodes: list[NodeSpec]
-    # every qualified node name of the eval graph, in execution order (torchvision's eval names)
+    # every qualified node name of the eval graph, in execution order (torchvision's eval names);
+    # in hooks mode every named module
     all_names: list[str]
     fx_nodes: dict[str, fx.Node] = field(repr=False)
     input_name: str = "x"
+    mode: str = "fx"  # "fx" | "hooks"
+    reason: str = ""  # why this mode (DescribeModel's extraction_reason)
+    # hooks mode: modules that ran but are not nodes, with why ("outputs a tuple, not a tensor")
+    skipped: dict[str, str] = field(default_factory=dict, repr=False)
     by_name: dict[str, NodeSpec] = field(init=False, repr=False)
     order: dict[str, int] = field(init=False, repr=False)  # execution position of each node
 
@@ -82,7 +88,7 @@ class Catalog:
         that dotted prefix). Raises UnknownNode with the closest valid names."""
         if requested in self.by_name:
             return requested
-        if requested:
+        if requested and requested not in self.skipped:  # hooks: a module's own output or none
             depth = requested.count(".") + 1
             for spec in reversed(self.nodes):
                 if ".".join(spec.name.split(".")[:depth]) == requested:
@@ -101,6 +107,12 @@ class Catalog:
             return (
                 f"node {shown} is the model input itself, not an activation{hint}. "
                 "Hint: call DescribeModel for the list."
+            )
+        if requested in self.skipped:
+            return (
+                f"module {shown} {self.skipped[requested]}: this model is served through forward "
+                f"hooks, which return module outputs that are batch-first tensors{hint}. Hint: "
+                "ask for one of its submodules (DescribeModel lists the nodes)."
             )
         if requested in self.all_names:
             return (
@@ -242,6 +254,8 @@ def build_extractor(catalog: Catalog, names: Sequence[str]) -> fx.GraphModule:
     Each requested value is cloned right where it is produced, so a later in-place op (ReLU
     with inplace=True, x.relu_(), ...) cannot overwrite what we return.
     """
+    if catalog.graph is None:
+        raise ValueError(f"this catalogue has no fx graph (mode {catalog.mode!r})")
     graph = fx.Graph()
     val_map: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(catalog.graph, val_map, return_output_node=False)

@@ -94,6 +94,8 @@ DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
+    # scalar-quantised L2 descriptors (round(127 x)): 1 byte per value for index builders
+    "int8": torch.int8,
 }
 _WIRE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # numpy views used for byte order; bfloat16 has no numpy dtype, its bits travel as int16.
@@ -102,6 +104,7 @@ _NP_WIRE: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
     "bfloat16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
 }
 
 ACCEPTED_FORMATS = "JPEG, PNG, WebP, GIF, BMP"
@@ -368,7 +371,7 @@ def decode_raw(dtype: str, shape: Sequence[int], data: bytes, limits: DecodeLimi
 def encode_tensor(t: torch.Tensor) -> tuple[str, list[int], bytes]:
     """Tensor -> (wire dtype, shape, raw little-endian C-order bytes); never pickle.
 
-    Accepts float32/float16/bfloat16/uint8 on any device; bfloat16 bits travel as int16.
+    Accepts float32/float16/bfloat16/uint8/int8 on any device; bfloat16 bits travel as int16.
     """
     wire = _WIRE_NAMES.get(t.dtype)
     if wire is None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import urlparse
 
@@ -70,17 +73,56 @@ def base_key(cfg: ModelConfig) -> tuple[object, ...]:
 
 
 def classification_models() -> list[str]:
-    """Every architecture clients may name through an `arch` entry."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    """Every architecture clients may name through an `arch` entry: classification models and
+    detection models (served through hooks at the top level, or a traceable `submodule`)."""
+    return sorted(
+        {
+            *torchvision.models.list_models(module=torchvision.models),
+            *detection_models(),
+        }
+    )
+
+
+def detection_models() -> list[str]:
+    return list(torchvision.models.list_models(module=torchvision.models.detection))
+
+
+def _import_file(path: str) -> ModuleType:
+    """A factory module given as a .py file (a config-relative path made absolute by
+    settings.parse_model), imported once under a name derived from its path."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ImportError(f"no such file: {file}")
+    name = "layertap_factory_" + hashlib.sha1(str(file).encode()).hexdigest()[:12] + "_" + file.stem
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, file)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"cannot import {file}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return module
 
 
 def import_object(spec: str) -> Any:
-    """'package.module:attr' → the object (config-only; clients never reach this)."""
-    module_name, _, attr = spec.partition(":")
+    """'package.module:attr' (importable from sys.path) or 'path/to/file.py:attr' → the object
+    (config-only; clients never reach this)."""
+    module_name, _, attr = spec.rpartition(":") if ".py:" in spec else spec.partition(":")
     if not module_name or not attr:
-        raise ModelLoadError(f"{spec!r} is not of the form 'package.module:name'")
+        raise ModelLoadError(
+            f"{spec!r} is not of the form 'package.module:name' or 'path/to/file.py:name'"
+        )
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = (
+            _import_file(module_name)
+            if module_name.endswith(".py")
+            else importlib.import_module(module_name)
+        )
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as exc:
@@ -127,13 +169,38 @@ def _is_file_spec(weights: str) -> bool:
     return weights.endswith((".safetensors", ".pth", ".pt", ".bin")) or os.sep in weights
 
 
+def _detection_preprocessing(cfg: ModelConfig, module: nn.Module) -> Preprocessing | None:
+    """Detection models (torchvision's GeneralizedRCNNTransform inside) have no classification
+    preset. Default input: a square of the transform's min_size (320 for the *_320_fpn models,
+    800 for most, 300 for SSD), shorter side resized to it then centre-cropped. At the top
+    level the model normalises inside its transform, so the server sends [0, 1] pixels
+    (mean 0, std 1); a `submodule` (e.g. backbone.body) runs after that transform, so it gets
+    the transform's own mean/std. Each default yields to the entry's own settings."""
+    transform = getattr(module, "transform", None)
+    if transform is None or type(transform).__name__ != "GeneralizedRCNNTransform":
+        return None
+    size = int(transform.min_size[-1])
+    if cfg.submodule:
+        mean = tuple(float(m) for m in transform.image_mean)
+        std = tuple(float(s) for s in transform.image_std)
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return Preprocessing(
+        resize_size=size,
+        crop_size=(size, size),
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+    )
+
+
 def _default_preprocessing(
     cfg: ModelConfig, module: nn.Module, enum: WeightsEnum | None
 ) -> Preprocessing:
     """The weights' own transforms; for random/file weights, the architecture's default ones."""
-    base: Preprocessing | None = None
-    source = enum
-    if source is None and cfg.arch is not None:
+    base: Preprocessing | None = _detection_preprocessing(cfg, module)
+    detection = base is not None
+    source = None if detection else enum
+    if base is None and source is None and cfg.arch is not None:
         try:
             source = torchvision.models.get_model_weights(cfg.arch).DEFAULT
         except (ValueError, KeyError, AttributeError):
@@ -156,7 +223,8 @@ def _default_preprocessing(
         resize = round(image_size * 256 / 224)
     if cfg.input_size is not None:
         crop = (int(cfg.input_size[0]), int(cfg.input_size[1]))
-        resize = round(min(crop) * 256 / 224) if cfg.resize_size is None else resize
+        ratio = 1.0 if detection else 256 / 224  # detection: resize straight to the crop
+        resize = round(min(crop) * ratio) if cfg.resize_size is None else resize
     if cfg.resize_size is not None:
         resize = cfg.resize_size or None
     return Preprocessing(
@@ -230,6 +298,17 @@ def build_model(cfg: ModelConfig) -> LoadedWeights:
                     f"model {cfg.name!r}: weights = 'none' needs allow_random = true"
                 )
             random_init, note = True, "random init (weights = none)"
+        if cfg.arch in detection_models():
+            # torchvision's detection builders download ImageNet backbone weights by default
+            # when `weights` is None: never (offline), and never mixed into a random model.
+            backbone = kwargs.get("weights_backbone")
+            if backbone is not None and str(backbone).lower() != "none":
+                raise ModelLoadError(
+                    f"model {cfg.name!r}: weights_backbone is not supported (no downloads); "
+                    "give the whole detection model's weights in `weights` (a cached "
+                    "torchvision enum or a local file)"
+                )
+            kwargs["weights_backbone"] = None
         # Force weights_only even inside torchvision's own loader.
         os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         try:

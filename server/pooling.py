@@ -1,47 +1,164 @@
-"""Pooled descriptors from activations: pure tensor → tensor functions, run on the worker thread.
+"""Pooled descriptors from activations: pure tensor → tensor functions.
 
-x is one batch of a node's output; the layout says where channels and positions are.
-Definitions follow DESIGN-NOTES §4 (eps = 1e-6).
+x is one batch of a node's output; the layout says where channels and positions are. The worker
+thread pools (pool_maps / roi_pool, float32); the finish stage averages TTA views, concatenates
+parts and runs the post chain (finish). Definitions follow DESIGN-NOTES §4 (eps = 1e-6) and
+docs/DESCRIPTORS.md.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 
 from .errors import InvalidArgument
+from .heads import Head
 
-EPS = 1e-6
-SPATIAL_POOLS = ("avg", "max", "gem")
-TOKEN_POOLS = ("cls", "mean")
+EPS = 1e-6  # GeM clamp
+L2_EPS = 1e-12  # F.normalize: a zero vector stays zero instead of becoming NaN
+SPATIAL_POOLS = ("avg", "max", "gem", "avgmax", "catavgmax", "rmac", "rgem")
+TOKEN_POOLS = ("cls", "mean", "cls_mean")
+MAP_ONLY_POOLS = ("rmac", "rgem")  # NCHW / NHWC only
+ROI_POOLS = ("avg", "max", "gem", "avgmax", "catavgmax", "rmac", "rgem")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OUTPUT_DTYPES = (*DTYPES, "int8")
+POST_OPS = ("l2", "power", "center", "pca", "whiten")
+HEAD_OPS = ("center", "pca", "whiten")
+UNIT_POST_OPS = ("l2", "power", "pca", "whiten")  # ops whose output is L2-normalised
+RMAC_OVERLAP = 0.4  # desired overlap of neighbouring regions (Tolias et al.)
+RMAC_STEPS = (2, 3, 4, 5, 6, 7)  # candidate region counts along the long side
+
+
+@dataclass(frozen=True)
+class PostOp:
+    """One post-processing step (DESIGN-NOTES §4)."""
+
+    op: str  # "l2" | "power" | "center" | "pca" | "whiten"
+    alpha: float = 0.5  # power exponent, 0 < alpha <= 1
+    head: str = ""  # center / pca / whiten: a head name from the config
+    dim: int = 0  # pca / whiten: leading components kept (0 = all of the head's)
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """What a request wants done to each activation after the forward."""
+    """What a request wants done to each activation after the forward (hashable: the worker
+    groups items by it)."""
 
-    pool: str = "raw"  # raw | avg | max | gem | cls | mean
+    pool: str = "raw"  # raw | SPATIAL_POOLS | TOKEN_POOLS
     gem_p: float = 3.0
     normalize: bool = False
-    dtype: str = "float32"
+    dtype: str = "float32"  # a DTYPES name or "int8"
+    post: tuple[PostOp, ...] = ()
+    concat: bool = False
+    rmac_levels: int = 3
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    roi_size: int = 7
+
+
+# --------------------------------------------------------------------------- checks
 
 
 def check_pool(pool: str, layout: str, node: str) -> None:
     """Refuse a pooling that the node's layout cannot support (before any compute)."""
     if pool == "raw":
         return
+    if pool not in SPATIAL_POOLS and pool not in TOKEN_POOLS:
+        raise InvalidArgument(
+            f"unknown pool {pool!r}; use raw, {', '.join(SPATIAL_POOLS + TOKEN_POOLS)}"
+        )
     if pool in TOKEN_POOLS and layout != "NLC":
         raise InvalidArgument(
             f"pool '{pool}' needs a token output (layout NLC); node {node!r} is "
-            f"{layout or 'unknown'}; use avg, max or gem for feature maps"
+            f"{layout or 'unknown'}; use avg, max, gem, avgmax or catavgmax for feature maps"
+        )
+    if pool in MAP_ONLY_POOLS and layout not in ("NCHW", "NHWC"):
+        raise InvalidArgument(
+            f"pool '{pool}' needs a spatial feature map (layout NCHW or NHWC); node {node!r} is "
+            f"{layout or 'unknown'}; use gem or max"
+            + (", or cls, mean or cls_mean for tokens" if layout == "NLC" else "")
         )
     if pool in SPATIAL_POOLS and layout not in ("NCHW", "NHWC", "NLC", "NC"):
         raise InvalidArgument(
             f"pool '{pool}' cannot pool node {node!r}: its layout is unknown; request raw output"
         )
+
+
+def is_unit_output(spec: OutputSpec) -> bool:
+    """Whether finish() leaves every vector L2-normalised (the int8 precondition): `normalize`,
+    or a post chain ending in l2 / power / pca / whiten, or concat with no post chain after it
+    (a trailing `center` undoes the unit length of a concat)."""
+    if spec.normalize:
+        return True
+    if spec.post:
+        return spec.post[-1].op in UNIT_POST_OPS
+    return spec.concat
+
+
+def check_output(spec: OutputSpec, heads: Mapping[str, Head]) -> None:
+    """Validate the spec's pooling-independent parts before compute: post ops, heads, dims,
+    alpha, levels, dtype and the int8 rule (finish() repeats it; this runs before the forward)."""
+    if spec.dtype not in OUTPUT_DTYPES:
+        raise InvalidArgument(
+            f"output dtype {spec.dtype!r} is not supported; use {', '.join(OUTPUT_DTYPES)}"
+        )
+    if spec.dtype == "int8":
+        if spec.pool == "raw":
+            raise InvalidArgument(
+                "dtype int8 is for pooled, L2-normalised descriptors; raw maps use float32, "
+                "float16 or bfloat16"
+            )
+        if not is_unit_output(spec):
+            raise InvalidArgument(
+                "dtype int8 needs L2-normalised descriptors: set normalize, use concat, or end "
+                "the post chain with l2, power, pca or whiten"
+            )
+    if not (math.isfinite(spec.gem_p) and spec.gem_p > 0):
+        raise InvalidArgument(f"gem_p must be a finite number > 0, got {spec.gem_p}")
+    if spec.pool in MAP_ONLY_POOLS and spec.rmac_levels < 1:
+        raise InvalidArgument(f"rmac_levels must be >= 1, got {spec.rmac_levels}")
+    if spec.roi_size < 1:
+        raise InvalidArgument(f"roi_size must be >= 1, got {spec.roi_size}")
+    for i, step in enumerate(spec.post):
+        where = f"post step {i} ({step.op})"
+        if step.op not in POST_OPS:
+            raise InvalidArgument(
+                f"post step {i}: unknown op {step.op!r}; use {', '.join(POST_OPS)}"
+            )
+        if step.op == "power" and not (math.isfinite(step.alpha) and 0 < step.alpha <= 1):
+            raise InvalidArgument(f"{where}: alpha must be in (0, 1], got {step.alpha}")
+        if step.op in HEAD_OPS:
+            head = _head(step, heads, where)
+            if step.dim < 0:
+                raise InvalidArgument(f"{where}: dim must be >= 0 (0 = all), got {step.dim}")
+            if step.dim > head.n_components:
+                raise InvalidArgument(
+                    f"{where}: dim {step.dim} is more than head {step.head!r}'s "
+                    f"{head.n_components} components"
+                )
+
+
+def _head(step: PostOp, heads: Mapping[str, Head], where: str) -> Head:
+    if not step.head:
+        raise InvalidArgument(f"{where} needs a head name")
+    head = heads.get(step.head)
+    if head is None:
+        known = ", ".join(sorted(heads)) or "none are configured"
+        raise InvalidArgument(f"{where}: unknown head {step.head!r}; known heads: {known}")
+    return head
+
+
+def pooled_dim(pool: str, channels: int) -> int:
+    """Descriptor size of one pooled vector: 2C for catavgmax / cls_mean, else C."""
+    return 2 * channels if pool in ("catavgmax", "cls_mean") else channels
+
+
+# --------------------------------------------------------------------------- pools
 
 
 def _to_nc_positions(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -57,6 +174,14 @@ def _to_nc_positions(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise InvalidArgument(f"cannot pool layout {layout!r}")
 
 
+def _to_nchw(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "NCHW":
+        return x
+    if layout == "NHWC":
+        return x.permute(0, 3, 1, 2)
+    raise InvalidArgument(f"this pooling needs a NCHW or NHWC feature map, not {layout!r}")
+
+
 def gem(pos: torch.Tensor, p: float) -> torch.Tensor:
     """GeM over the last dim, `x.clamp(min=eps).pow(p).mean().pow(1/p)`, computed relative to
     the max so that large p or large activations do not overflow float32."""
@@ -65,27 +190,233 @@ def gem(pos: torch.Tensor, p: float) -> torch.Tensor:
     return (x / scale).pow(p).mean(-1).pow(1.0 / p) * scale.squeeze(-1)
 
 
-def pool(x: torch.Tensor, layout: str, spec: OutputSpec, n_prefix: int = 1) -> torch.Tensor:
-    """Pool a [N, ...] activation to [N, C] (or return it as is for raw), compute in float32."""
-    if spec.pool == "raw":
-        out = x
-    else:
-        xf = x.float()
-        if spec.pool == "cls":
-            out = xf[:, 0]
-        elif spec.pool == "mean":
-            out = xf[:, n_prefix:].mean(1) if xf.shape[1] > n_prefix else xf.mean(1)
+def _pool_positions(pos: torch.Tensor, spec: OutputSpec) -> torch.Tensor:
+    """[N, C, P] → [N, D] for the global spatial pools (not the region ones)."""
+    if spec.pool == "avg":
+        return pos.mean(-1)
+    if spec.pool == "max":
+        return pos.amax(-1)
+    if spec.pool == "gem":
+        return gem(pos, spec.gem_p)
+    if spec.pool == "avgmax":
+        return 0.5 * (pos.mean(-1) + pos.amax(-1))
+    if spec.pool == "catavgmax":
+        return torch.cat([pos.mean(-1), pos.amax(-1)], dim=1)
+    raise InvalidArgument(f"unknown pool {spec.pool!r}")
+
+
+def rmac_regions(h: int, w: int, levels: int) -> list[tuple[int, int, int]]:
+    """The R-MAC region grid as (top, left, side), global region excluded, exactly as cirtorch's
+    `rmac` / `roipool`: square regions of side floor(2·min(H,W)/(l+1)) at level l, l·l regions
+    (plus extra ones along the long side) spaced so neighbours overlap by ~40 %."""
+    side_min = min(h, w)
+    extra_w = extra_h = 0
+    if h != w:
+        # extra regions along the long side: the count whose overlap is closest to RMAC_OVERLAP
+        # (float32 and first minimum, as cirtorch)
+        steps = torch.tensor(RMAC_STEPS, dtype=torch.float32)
+        spacing = (max(h, w) - side_min) / (steps - 1)
+        err = torch.abs((side_min**2 - side_min * spacing) / side_min**2 - RMAC_OVERLAP)
+        extra = int(torch.argmin(err).item()) + 1
+        if h < w:
+            extra_w = extra
         else:
-            pos = _to_nc_positions(xf, layout)
-            if spec.pool == "avg":
-                out = pos.mean(-1)
-            elif spec.pool == "max":
-                out = pos.amax(-1)
-            elif spec.pool == "gem":
-                out = gem(pos, spec.gem_p)
-            else:
-                raise InvalidArgument(f"unknown pool {spec.pool!r}")
+            extra_h = extra
+    regions: list[tuple[int, int, int]] = []
+    for level in range(1, levels + 1):
+        wl = math.floor(2 * side_min / (level + 1))
+        if wl == 0:
+            continue
+        wl2 = math.floor(wl / 2 - 1)
+        starts = []
+        for n, extent in ((level + extra_h, h), (level + extra_w, w)):
+            b = 0.0 if n == 1 else (extent - wl) / (n - 1)
+            # cirtorch computes the centres in float32; do the same so the grid matches exactly
+            cen = torch.floor(wl2 + torch.arange(n, dtype=torch.float32) * b) - wl2
+            starts.append([int(c) for c in cen.tolist()])
+        regions.extend((top, left, wl) for top in starts[0] for left in starts[1])
+    return regions
+
+
+def _regional(x: torch.Tensor, spec: OutputSpec) -> torch.Tensor:
+    """R-MAC / R-GeM of an NCHW map: each region (global one included) max- or GeM-pooled and
+    L2-normalised, summed, and the sum L2-normalised."""
+
+    def region_pool(r: torch.Tensor) -> torch.Tensor:
+        flat = r.flatten(2)
+        return flat.amax(-1) if spec.pool == "rmac" else gem(flat, spec.gem_p)
+
+    total = F.normalize(region_pool(x), dim=-1, eps=L2_EPS)
+    for top, left, side in rmac_regions(x.shape[2], x.shape[3], spec.rmac_levels):
+        region = x[:, :, top : top + side, left : left + side]
+        total = total + F.normalize(region_pool(region), dim=-1, eps=L2_EPS)
+    return F.normalize(total, dim=-1, eps=L2_EPS)
+
+
+def _pool_map(x: torch.Tensor, spec: OutputSpec) -> torch.Tensor:
+    """Float32 NCHW map → [N, D] with a spatial pool."""
+    if spec.pool in MAP_ONLY_POOLS:
+        return _regional(x, spec)
+    return _pool_positions(x.flatten(2), spec)
+
+
+def pool_maps(x: torch.Tensor, layout: str, spec: OutputSpec, n_prefix: int) -> torch.Tensor:
+    """Pool a [N, ...] activation to float32 [N, D] (spec.pool != raw). No normalisation (R-MAC
+    and R-GeM are unit vectors by definition), no dtype change."""
+    xf = x.float()
+    p = spec.pool
+    if p == "raw":
+        raise InvalidArgument("pool_maps needs a pooling; raw outputs go through finish_raw")
+    if p in TOKEN_POOLS:
+        if layout != "NLC":
+            raise InvalidArgument(f"pool '{p}' needs a token output (NLC), not {layout!r}")
+        cls = xf[:, 0]
+        if p == "cls":
+            return cls
+        patches = xf[:, n_prefix:] if xf.shape[1] > n_prefix else xf  # no patch tokens: all
+        mean = patches.mean(1)
+        return mean if p == "mean" else torch.cat([cls, mean], dim=1)
+    if p in MAP_ONLY_POOLS:
+        return _regional(_to_nchw(xf, layout), spec)
+    return _pool_positions(_to_nc_positions(xf, layout), spec)
+
+
+def roi_pool(
+    x: torch.Tensor,
+    layout: str,
+    boxes: list[torch.Tensor],
+    spec: OutputSpec,
+    input_hw: tuple[int, int],
+) -> list[torch.Tensor]:
+    """Region descriptors of one batch: boxes[i] is float [R_i, 4] (x1, y1, x2, y2) in model-input
+    pixels of image i, input_hw the batch's input (H, W). roi_align (aligned, sampling_ratio=2)
+    samples each box on a roi_size × roi_size grid of the map; raw → float32 [R_i, C, s, s],
+    otherwise the bins are pooled with spec.pool → float32 [R_i, D]."""
+    if spec.pool in TOKEN_POOLS:
+        raise InvalidArgument(f"pool '{spec.pool}' is for tokens; regions need a spatial pool")
+    if spec.pool != "raw" and spec.pool not in ROI_POOLS:
+        raise InvalidArgument(f"unknown pool {spec.pool!r}")
+    fmap = _to_nchw(x.float(), layout).contiguous()
+    n, c, h, w = fmap.shape
+    if len(boxes) != n:
+        raise InvalidArgument(f"{len(boxes)} box lists for a batch of {n} images")
+    in_h, in_w = input_hw
+    scale = torch.tensor([w / in_w, h / in_h, w / in_w, h / in_h], device=fmap.device)
+    counts = [int(b.shape[0]) for b in boxes]
+    size = spec.roi_size
+    if sum(counts) == 0:
+        bins = fmap.new_zeros((0, c, size, size))
+    else:
+        scaled = [
+            b.to(device=fmap.device, dtype=torch.float32).reshape(-1, 4) * scale for b in boxes
+        ]
+        bins = roi_align(
+            fmap, scaled, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True
+        )
+    if spec.pool == "raw":
+        out = bins
+    elif bins.shape[0] == 0:
+        out = bins.new_zeros((0, pooled_dim(spec.pool, c)))
+    else:
+        out = _pool_map(bins, spec)
+    return list(out.split(counts))
+
+
+# --------------------------------------------------------------------------- finishing
+
+
+def l2n(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise over the last dim (a zero vector stays zero)."""
+    return F.normalize(x, p=2, dim=-1, eps=L2_EPS)
+
+
+def average_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """Test-time augmentation: L2-normalise each view's [.., D] descriptor, then average."""
+    if not views:
+        raise InvalidArgument("no views to average")
+    return torch.stack([l2n(v.float()) for v in views]).mean(0)
+
+
+def concat_parts(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Multi-node descriptor: L2 each part [.., D_i], concatenate in order, L2 the whole."""
+    if not parts:
+        raise InvalidArgument("no parts to concatenate")
+    return l2n(torch.cat([l2n(p.float()) for p in parts], dim=-1))
+
+
+def apply_head(x: torch.Tensor, head: Head, op: str, dim: int = 0) -> torch.Tensor:
+    """A head op before its final L2: center → x − m; pca → P[:d](x − m);
+    whiten → diag(λ[:d])^-½ P[:d](x − m). x is float32 [.., D]."""
+    if x.shape[-1] != head.input_dim:
+        raise InvalidArgument(
+            f"head {head.name!r} takes {head.input_dim}-d descriptors but this one has "
+            f"{x.shape[-1]} values; use a head fitted on the same model, nodes and pool"
+        )
+    if dim < 0 or dim > head.n_components:
+        raise InvalidArgument(
+            f"dim {dim} is out of range for head {head.name!r}: it has {head.n_components} "
+            "components (0 = all)"
+        )
+    centred = x - head.mean.to(x.device)
+    if op == "center":
+        return centred
+    k = dim or head.n_components
+    projected = centred @ head.components[:k].to(x.device).T
+    if op == "pca":
+        return projected
+    if op == "whiten":
+        return projected * head.eigvals[:k].to(x.device).rsqrt()
+    raise InvalidArgument(f"unknown head op {op!r}; use {', '.join(HEAD_OPS)}")
+
+
+def _post_step(x: torch.Tensor, step: PostOp, heads: Mapping[str, Head]) -> torch.Tensor:
+    if step.op == "l2":
+        return l2n(x)
+    if step.op == "power":
+        return l2n(x.sign() * x.abs().pow(step.alpha))
+    head = _head(step, heads, f"post step {step.op}")
+    out = apply_head(x, head, step.op, step.dim)
+    return out if step.op == "center" else l2n(out)
+
+
+def _to_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    if dtype == "int8":
+        return torch.round(127.0 * x).clamp(-127, 127).to(torch.int8)
+    if dtype not in DTYPES:
+        raise InvalidArgument(
+            f"output dtype {dtype!r} is not supported; use {', '.join(OUTPUT_DTYPES)}"
+        )
+    return x.to(DTYPES[dtype])
+
+
+def finish(x: torch.Tensor, spec: OutputSpec, heads: Mapping[str, Head]) -> torch.Tensor:
+    """Pooled [.., D] → post chain in order → `normalize` L2 → dtype (int8: round(127 x), only
+    for L2-normalised vectors)."""
+    check_output(spec, heads)
+    out = x.float()
+    for step in spec.post:
+        out = _post_step(out, step, heads)
     if spec.normalize:
-        flat = out.float().flatten(1)
-        out = F.normalize(flat, p=2, dim=1, eps=1e-12).reshape(out.shape)
-    return out.to(DTYPES[spec.dtype])
+        out = l2n(out)
+    return _to_dtype(out, spec.dtype)
+
+
+def finish_raw(x: torch.Tensor, spec: OutputSpec) -> torch.Tensor:
+    """Raw [N, ...] maps: L2 over all of each item's elements if `normalize`, then dtype."""
+    if spec.dtype == "int8":
+        raise InvalidArgument(
+            "dtype int8 is for pooled, L2-normalised descriptors; raw maps use float32, "
+            "float16 or bfloat16"
+        )
+    out = x
+    if spec.normalize:
+        flat = x.float().flatten(1)
+        out = F.normalize(flat, p=2, dim=1, eps=L2_EPS).reshape(x.shape)
+    return _to_dtype(out, spec.dtype)
+
+
+def pool(x: torch.Tensor, layout: str, spec: OutputSpec, n_prefix: int = 1) -> torch.Tensor:
+    """Pool and finish one activation without heads (the one-step path of earlier callers)."""
+    if spec.pool == "raw":
+        return finish_raw(x, spec)
+    return finish(pool_maps(x, layout, spec, n_prefix), spec, {})

@@ -5,17 +5,25 @@ never spends time on JPEG decoding or serialisation.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from . import codec
 from .errors import InvalidImage
-from .preprocess import Preprocessing, preprocess
+from .heads import Head
+from .pooling import OutputSpec, average_views, concat_parts, finish
+from .preprocess import Geometry, Preprocessing, geometry, preprocess
+
+# Region boxes may poke this far (pixels) past the image's edge (rounding in the client's maths).
+BOX_TOLERANCE = 1.0
+Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -29,9 +37,22 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class View:
+    """One model input of an image: the image itself, or a TTA view (flipped, rescaled)."""
+
+    tensor: torch.Tensor  # float32 [3, h, w]
+    boxes: torch.Tensor | None  # float32 [R, 4] in this view's input pixels, or None
+
+
+@dataclass(frozen=True)
 class Prepared:
     tensor: torch.Tensor  # float32 [3, H, W] model input (on the GPU when GPU-decoded)
     decode_s: float
+    geometry: Geometry | None = None  # original pixels -> model input (None: not recorded)
+    views: tuple[View, ...] = ()  # what goes to the batcher; empty: just `tensor`
+
+    def inputs(self) -> tuple[View, ...]:
+        return self.views or (View(self.tensor, None),)
 
 
 class _DecodeThread(threading.local):
@@ -56,39 +77,146 @@ def init_decode_thread(gpu_decode_device: str | None = None) -> None:
 
 def _decode_on_gpu(
     data: bytes, limits: codec.DecodeLimits, spec: Preprocessing, native: bool
-) -> torch.Tensor | None:
+) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
     """nvJPEG decode and preprocessing on this thread's stream; the stream is synchronised
-    before returning, so the tensor is complete whenever the worker reads it. None when the
-    image is not a JPEG nvJPEG decodes exactly (codec.decode_jpeg_cuda says which)."""
+    before returning, so the tensor is complete whenever the worker reads it. (None, None) when
+    the image is not a JPEG nvJPEG decodes exactly (codec.decode_jpeg_cuda says which); else
+    the tensor and the decoded image's (H, W)."""
     assert _thread.device is not None
     with torch.cuda.stream(_thread.stream):
         pixels = codec.decode_jpeg_cuda(data, limits, _thread.device)
         if pixels is None:
-            return None
+            return None, None
         tensor = preprocess(pixels, spec, native).contiguous()
     _thread.stream.synchronize()
-    return tensor
+    return tensor, (int(pixels.shape[-2]), int(pixels.shape[-1]))
 
 
 def prepare_image(
-    image: ImageInput, limits: codec.DecodeLimits, spec: Preprocessing, native: bool = False
+    image: ImageInput,
+    limits: codec.DecodeLimits,
+    spec: Preprocessing,
+    native: bool = False,
+    regions: Sequence[Box] = (),
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> Prepared:
     """Decode and preprocess one image; raw float32 input is already normalised and kept as is.
     `native`: normalise only (no resize, no crop). On a decode thread set up for GPU decode
-    (init_decode_thread), plain JPEGs are decoded and preprocessed on the GPU."""
+    (init_decode_thread), plain JPEGs are decoded and preprocessed on the GPU.
+    `regions` (original-image pixels) are checked and mapped to model-input pixels; `flip` and
+    `scales` add TTA views (each one more item for the batcher)."""
     started = time.perf_counter()
+    tensor: torch.Tensor | None = None
+    size: tuple[int, int] | None = None
     if image.encoded is not None and _thread.device is not None:
-        gpu = _decode_on_gpu(image.encoded, limits, spec, native)
-        if gpu is not None:
-            return Prepared(gpu, time.perf_counter() - started)
-    if image.encoded is not None:
-        pixels = codec.decode_encoded(image.encoded, limits)
-    else:
-        pixels = codec.decode_raw(image.dtype, image.shape, image.data, limits)
-    tensor = preprocess(pixels, spec, native) if pixels.dtype == torch.uint8 else pixels.float()
-    if tensor.dim() != 3 or tensor.shape[0] != 3:
-        raise InvalidImage(f"expected 3 channels after decoding, got shape {tuple(tensor.shape)}")
-    return Prepared(tensor.contiguous(), time.perf_counter() - started)
+        tensor, size = _decode_on_gpu(image.encoded, limits, spec, native)
+    if tensor is None:
+        if image.encoded is not None:
+            pixels = codec.decode_encoded(image.encoded, limits)
+        else:
+            pixels = codec.decode_raw(image.dtype, image.shape, image.data, limits)
+        size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        if pixels.dtype == torch.uint8:
+            tensor = preprocess(pixels, spec, native)
+        else:
+            tensor = pixels.float()
+            native = True  # raw float input: its coordinates are input coordinates
+        if tensor.dim() != 3 or tensor.shape[0] != 3:
+            raise InvalidImage(
+                f"expected 3 channels after decoding, got shape {tuple(tensor.shape)}"
+            )
+        tensor = tensor.contiguous()
+    assert size is not None
+    geo = geometry(size[0], size[1], spec, native)
+    boxes = map_boxes(regions, geo, native) if regions else None
+    views = (
+        make_views(tensor, boxes, flip, scales)
+        if boxes is not None or flip or (tuple(scales) != (1.0,))
+        else ()
+    )
+    return Prepared(tensor, time.perf_counter() - started, geo, views)
+
+
+def map_boxes(regions: Sequence[Box], geo: Geometry, native: bool) -> torch.Tensor:
+    """Original-image boxes -> float32 [R, 4] model-input boxes, clipped to the input (the
+    model never sees the rest). Raises InvalidImage naming the box; the caller adds the image."""
+    h, w = geo.orig_hw
+    ih, iw = geo.input_hw
+    mapped: list[Box] = []
+    for j, (x1, y1, x2, y2) in enumerate(regions):
+        where = f"regions[{j}] ({x1:g}, {y1:g}, {x2:g}, {y2:g})"
+        tol = BOX_TOLERANCE
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x1 >= x2 or y1 >= y2:
+            raise InvalidImage(f"{where} is not a box: need finite x1 < x2 and y1 < y2")
+        if x1 < -tol or y1 < -tol or x2 > w + tol or y2 > h + tol:
+            raise InvalidImage(
+                f"{where} is outside the image, which is {w}x{h} pixels (as decoded, after EXIF "
+                f"rotation); boxes are x1, y1, x2, y2 in [0, {w}] x [0, {h}]"
+            )
+        bx1, by1, bx2, by2 = geo.to_input((max(x1, 0.0), max(y1, 0.0), min(x2, w), min(y2, h)))
+        cx1, cy1, cx2, cy2 = max(bx1, 0.0), max(by1, 0.0), min(bx2, iw), min(by2, ih)
+        if cx2 - cx1 <= 1e-3 or cy2 - cy1 <= 1e-3:
+            hint = "" if native else "; send native_resolution=true to keep the whole image"
+            raise InvalidImage(
+                f"{where} lies entirely outside the model's {iw}x{ih} centre crop of this "
+                f"image (resize and crop keep x in [{geo.offset[1] / geo.scale[1]:.1f}, "
+                f"{(geo.offset[1] + iw) / geo.scale[1]:.1f}], y in "
+                f"[{geo.offset[0] / geo.scale[0]:.1f}, {(geo.offset[0] + ih) / geo.scale[0]:.1f}]"
+                f" of the original){hint}"
+            )
+        mapped.append((cx1, cy1, cx2, cy2))
+    return torch.tensor(mapped, dtype=torch.float32).reshape(-1, 4)
+
+
+def make_views(
+    tensor: torch.Tensor, boxes: torch.Tensor | None, flip: bool, scales: Sequence[float]
+) -> tuple[View, ...]:
+    """TTA views, scale by scale (each with its flip after it when `flip`): a scale s is an
+    antialiased bilinear resize of the model input to round(H s) x round(W s); boxes follow
+    (scaled, mirrored)."""
+    h, w = int(tensor.shape[-2]), int(tensor.shape[-1])
+    views: list[View] = []
+    for s in scales:
+        if s == 1.0:
+            t, b = tensor, boxes
+        else:
+            sh, sw = max(1, round(h * s)), max(1, round(w * s))
+            t = F.interpolate(
+                tensor[None], size=(sh, sw), mode="bilinear", align_corners=False, antialias=True
+            )[0].contiguous()
+            b = None
+            if boxes is not None:
+                b = boxes * torch.tensor([sw / w, sh / h, sw / w, sh / h], dtype=boxes.dtype)
+        views.append(View(t, b))
+        if flip:
+            fb = None
+            if b is not None:
+                vw = float(t.shape[-1])
+                fb = torch.stack([vw - b[:, 2], b[:, 1], vw - b[:, 0], b[:, 3]], dim=1)
+            views.append(View(torch.flip(t, [-1]).contiguous(), fb))
+    return tuple(views)
+
+
+def finish_image(
+    views: Sequence[Mapping[str, torch.Tensor]],
+    nodes: Sequence[str],
+    spec: OutputSpec,
+    heads: Mapping[str, Head],
+    concat_name: str = "",
+) -> dict[str, torch.Tensor]:
+    """One image's pooled outputs from the worker, per view -> its answer: views averaged
+    (TTA), parts concatenated (`concat_name` set), post chain, normalize and dtype. Raw outputs
+    were finished on the worker and pass through. Runs in the decode pool, never the loop."""
+    if spec.pool == "raw":
+        return dict(views[0])
+    merged: dict[str, torch.Tensor] = {}
+    for name in nodes:
+        parts = [v[name] for v in views]
+        merged[name] = parts[0] if len(parts) == 1 else average_views(parts)
+    if concat_name:
+        return {concat_name: finish(concat_parts([merged[n] for n in nodes]), spec, heads)}
+    return {name: finish(x, spec, heads) for name, x in merged.items()}
 
 
 @dataclass(frozen=True)
@@ -108,3 +236,15 @@ def encode_results(results: Sequence[dict[str, torch.Tensor]]) -> list[dict[str,
             row[name] = EncodedTensor(dtype, shape, data)
         encoded.append(row)
     return encoded
+
+
+def finish_results(
+    rows: Sequence[Sequence[Mapping[str, torch.Tensor]]],
+    nodes: Sequence[str],
+    spec: OutputSpec,
+    heads: Mapping[str, Head],
+    concat_name: str = "",
+) -> list[dict[str, EncodedTensor]]:
+    """A request's worker outputs (per image, per view) -> finished (finish_image) and encoded
+    rows, in one decode-pool call."""
+    return encode_results([finish_image(views, nodes, spec, heads, concat_name) for views in rows])

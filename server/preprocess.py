@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 
 from .errors import InvalidImage
 
-__all__ = ["Preprocessing", "preprocess"]
+__all__ = ["Geometry", "Preprocessing", "geometry", "preprocess"]
 
 # Above this many resized pixels, resize only the centre strip (see module docstring).
 _MAX_RESIZED_PIXELS = 1 << 22
@@ -194,6 +194,43 @@ def _resize_center_strip(
     if spec.interpolation == "bicubic":
         x = x.clamp(0, 255)
     return x.round().to(torch.uint8)[0]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the original image's pixels land in the model input: input = original * scale -
+    offset, per axis (continuous pixel coordinates, the image spanning [0, W] x [0, H]). Region
+    boxes sent in original-image pixels are mapped with it."""
+
+    orig_hw: tuple[int, int]  # the decoded image (after EXIF rotation), H, W
+    input_hw: tuple[int, int]  # the model input, H, W
+    scale: tuple[float, float] = (1.0, 1.0)  # y, x
+    offset: tuple[float, float] = (0.0, 0.0)  # top, left (negative: the crop zero-pads)
+
+    def to_input(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """(x1, y1, x2, y2) in original pixels -> model-input pixels (not clipped)."""
+        (sy, sx), (top, left) = self.scale, self.offset
+        x1, y1, x2, y2 = box
+        return (x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top)
+
+
+def geometry(h: int, w: int, spec: Preprocessing, native: bool = False) -> Geometry:
+    """The resize + centre crop `preprocess` applies to an h x w image, as a Geometry (the same
+    arithmetic as torchvision's resize and center_crop; the thin-image strip path agrees to
+    sub-pixel precision)."""
+    if native:
+        return Geometry((h, w), (h, w))
+    rh, rw = (h, w) if spec.resize_size is None else _resized_size(h, w, spec.resize_size)
+    ch, cw = spec.crop_size
+
+    def crop_start(size: int, crop: int) -> int:
+        if crop > size:  # torchvision pads (crop - size) // 2 before, then crops at 0
+            return -((crop - size) // 2)
+        return round((size - crop) / 2.0)
+
+    return Geometry(
+        (h, w), (ch, cw), (rh / h, rw / w), (float(crop_start(rh, ch)), float(crop_start(rw, cw)))
+    )
 
 
 def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -> torch.Tensor:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from layertap.v1 import layertap_pb2_grpc as pb_grpc
 from . import codec
 from .batcher import BatchInfo, BatchQueue, set_request_deadline
 from .catalog import NodeSpec
+from .compare import compare as run_compare
 from .errors import (
     Cancelled,
     InvalidArgument,
@@ -37,9 +38,20 @@ from .errors import (
     QueueFull,
     Unavailable,
 )
+from .heads import Head
 from .metrics import Metrics, layertap_version
-from .pooling import DTYPES, OutputSpec, check_pool
-from .prepare import ImageInput, Prepared, encode_results, prepare_image
+from .pooling import (
+    DTYPES,
+    HEAD_OPS,
+    OUTPUT_DTYPES,
+    UNIT_POST_OPS,
+    OutputSpec,
+    PostOp,
+    check_output,
+    check_pool,
+    pooled_dim,
+)
+from .prepare import Box, ImageInput, Prepared, encode_results, finish_results, prepare_image
 from .preprocess import Preprocessing
 from .settings import Settings, default_batch_size
 from .stream import StreamSession
@@ -70,7 +82,26 @@ _POOLS = {
     pb.POOLING_GEM: "gem",
     pb.POOLING_CLS: "cls",
     pb.POOLING_MEAN: "mean",
+    pb.POOLING_AVGMAX: "avgmax",
+    pb.POOLING_CATAVGMAX: "catavgmax",
+    pb.POOLING_RMAC: "rmac",
+    pb.POOLING_RGEM: "rgem",
+    pb.POOLING_CLS_MEAN: "cls_mean",
 }
+_POST_OPS = {
+    pb.PostStep.OP_L2: "l2",
+    pb.PostStep.OP_POWER: "power",
+    pb.PostStep.OP_CENTER: "center",
+    pb.PostStep.OP_PCA: "pca",
+    pb.PostStep.OP_WHITEN: "whiten",
+}
+# Bounds of the descriptor options (each view is one more forward; regions one more roi).
+MAX_TTA_VIEWS = 8
+TTA_SCALES = (0.25, 4.0)
+RMAC_LEVELS = (1, 5)
+ROI_SIZES = (1, 64)
+MAX_REGIONS = 256
+DEFAULT_CONCAT_KEY = "descriptor"
 
 _PRIORITIES = (pb.PRIORITY_NORMAL, pb.PRIORITY_LOW)
 
@@ -228,6 +259,8 @@ def _model_info_pb(s: ModelStatus) -> pb.ModelInfo:
         status_message=s.message,
         random_weights=s.random_weights,
         compute_dtype=s.compute_dtype,
+        prefix_tokens=s.prefix_tokens,
+        extraction_mode=s.extraction_mode,
     )
 
 
@@ -253,7 +286,71 @@ def plan_outputs(nodes: Sequence[str], aliases: dict[str, str]) -> list[tuple[st
     return plan
 
 
-def output_spec(options: pb.OutputOptions) -> OutputSpec:
+def _post_op(index: int, step: pb.PostStep, heads: Mapping[str, Head], model: str) -> PostOp:
+    """One PostStep -> PostOp, every field checked (heads must exist and suit the model)."""
+    op = _POST_OPS.get(step.op)
+    if op is None:
+        names = ", ".join(f"{pb.PostStep.Op.Name(k)} ({k})" for k in sorted(_POST_OPS))
+        raise InvalidArgument(f"post[{index}]: unknown op {step.op}; use one of {names}")
+    where = f"post[{index}] ({pb.PostStep.Op.Name(step.op)})"
+    alpha = 0.5
+    if op == "power":
+        alpha = step.alpha or 0.5
+        if not math.isfinite(alpha) or not 0 < alpha <= 1:
+            raise InvalidArgument(f"{where}: alpha must be in (0, 1] (0: 0.5), got {step.alpha}")
+    elif step.alpha:
+        raise InvalidArgument(f"{where}: alpha is for OP_POWER only; leave it 0")
+    if op not in HEAD_OPS:
+        if step.head or step.dim:
+            raise InvalidArgument(f"{where}: head and dim are for OP_CENTER/OP_PCA/OP_WHITEN only")
+        return PostOp(op, alpha)
+    known = ", ".join(sorted(heads)) or "none; add [[heads]] to the server config"
+    if not step.head:
+        raise InvalidArgument(f"{where} needs a head name; registered heads: {known}")
+    head = heads.get(step.head)
+    if head is None:
+        raise InvalidArgument(
+            f"{where}: head {step.head!r} is not registered on this server; registered heads: "
+            f"{known} (GetServerInfo lists them)"
+        )
+    if head.model and model and head.model != model:
+        raise InvalidArgument(
+            f"{where}: head {step.head!r} was fitted for model {head.model!r}, not {model!r}; "
+            "use a head registered for this model"
+        )
+    if step.dim < 0:
+        raise InvalidArgument(f"{where}: dim must be >= 0 (0: all components), got {step.dim}")
+    if op == "center" and step.dim:
+        raise InvalidArgument(f"{where}: dim is for OP_PCA/OP_WHITEN only")
+    if step.dim > head.n_components:
+        raise InvalidArgument(
+            f"{where}: dim {step.dim} is more than the {head.n_components} components of head "
+            f"{step.head!r}"
+        )
+    return PostOp(op, alpha, step.head, step.dim)
+
+
+def _tta_scales(tta: pb.TestTimeAugmentation) -> tuple[float, ...]:
+    """Distinct scales in request order (empty: 1), each finite and in TTA_SCALES."""
+    scales: list[float] = []
+    low, high = TTA_SCALES
+    for index, scale in enumerate(tta.scales):
+        if not math.isfinite(scale) or not low <= scale <= high:
+            raise InvalidArgument(
+                f"tta.scales[{index}] = {scale} is out of range; scales are finite factors in "
+                f"[{low}, {high}] of the preprocessed input (e.g. 1, 0.7071, 0.5)"
+            )
+        if float(scale) not in scales:  # duplicates collapse: the same view twice adds nothing
+            scales.append(float(scale))
+    return tuple(scales) or (1.0,)
+
+
+def output_spec(
+    options: pb.OutputOptions, heads: Mapping[str, Head] | None = None, model: str = ""
+) -> OutputSpec:
+    """OutputOptions -> OutputSpec, refusing (INVALID_ARGUMENT) anything that cannot be served
+    before any compute. `heads`: the registered heads; `model`: the request's model."""
+    heads = heads or {}
     pool = _POOLS.get(options.pool)
     if pool is None:
         names = ", ".join(f"{pb.Pooling.Name(k)} ({k})" for k in sorted(_POOLS))
@@ -262,9 +359,91 @@ def output_spec(options: pb.OutputOptions) -> OutputSpec:
     if not math.isfinite(p) or not 0.1 <= p <= 100:
         raise InvalidArgument(f"gem_p must be a finite number in [0.1, 100], got {options.gem_p}")
     dtype = options.dtype or "float32"
-    if dtype not in DTYPES:
-        raise InvalidArgument(f"output dtype {dtype!r} is not supported; use {', '.join(DTYPES)}")
-    return OutputSpec(pool=pool, gem_p=float(p), normalize=options.normalize, dtype=dtype)
+    if dtype not in OUTPUT_DTYPES:
+        raise InvalidArgument(
+            f"output dtype {dtype!r} is not supported; use {', '.join(OUTPUT_DTYPES)}"
+        )
+    post = tuple(_post_op(i, step, heads, model) for i, step in enumerate(options.post))
+    levels = options.rmac_levels or 3
+    if not RMAC_LEVELS[0] <= levels <= RMAC_LEVELS[1]:
+        raise InvalidArgument(
+            f"rmac_levels must be in {RMAC_LEVELS[0]}..{RMAC_LEVELS[1]} (0: 3), got "
+            f"{options.rmac_levels}"
+        )
+    roi_size = options.roi_size or 7
+    if not ROI_SIZES[0] <= roi_size <= ROI_SIZES[1]:
+        raise InvalidArgument(
+            f"roi_size must be in {ROI_SIZES[0]}..{ROI_SIZES[1]} (0: 7), got {options.roi_size}"
+        )
+    flip = options.tta.flip
+    scales = _tta_scales(options.tta)
+    views = len(scales) * (2 if flip else 1)
+    if views > MAX_TTA_VIEWS:
+        raise InvalidArgument(
+            f"tta asks for {views} views ({len(scales)} scales"
+            f"{' x 2 with flip' if flip else ''}); at most {MAX_TTA_VIEWS} per image"
+        )
+    if pool == "raw":
+        extras = [
+            name
+            for name, used in (
+                ("post", bool(post)),
+                ("concat", options.concat),
+                ("tta", views > 1 or scales != (1.0,)),
+            )
+            if used
+        ]
+        if extras:
+            raise InvalidArgument(
+                f"{' and '.join(extras)}: only for pooled outputs, but pool is POOLING_RAW; pick "
+                "a pool (e.g. POOLING_GEM)"
+            )
+    if options.concat_key and not options.concat:
+        raise InvalidArgument("concat_key is set but concat is not; set concat=true or drop it")
+    spec = OutputSpec(
+        pool=pool,
+        gem_p=float(p),
+        normalize=options.normalize,
+        dtype=dtype,
+        post=post,
+        concat=options.concat,
+        rmac_levels=levels,
+        flip=flip,
+        scales=scales,
+        roi_size=roi_size,
+    )
+    # L2-normalised at the end: normalize, else the last post op ends in L2, else (no post) a
+    # concat (a center step after a concat undoes its L2; TTA averages are not unit vectors)
+    unit = spec.normalize or (post[-1].op in UNIT_POST_OPS if post else spec.concat)
+    if dtype == "int8" and (pool == "raw" or not unit):
+        what = "raw maps" if pool == "raw" else "this descriptor is not L2-normalised at the end"
+        raise InvalidArgument(
+            f"dtype int8 quantises L2-normalised pooled descriptors (round(127 x)), but {what}; "
+            "use a pool, and set normalize=true, concat=true, or end post with OP_L2, OP_POWER, "
+            "OP_PCA or OP_WHITEN"
+        )
+    check_output(spec, heads)  # pooling's own checks, same rules
+    return spec
+
+
+def regions_of(image: pb.Image, index: int) -> list[Box]:
+    """An image's region boxes, checked for shape here (bounds need the decoded size)."""
+    if len(image.regions) > MAX_REGIONS:
+        raise InvalidArgument(
+            f"image {index}: {len(image.regions)} regions, more than {MAX_REGIONS} per image; "
+            "split them over several requests"
+        )
+    boxes: list[Box] = []
+    for j, r in enumerate(image.regions):
+        box = (float(r.x1), float(r.y1), float(r.x2), float(r.y2))
+        if not all(math.isfinite(v) for v in box) or not (box[0] < box[2] and box[1] < box[3]):
+            raise InvalidArgument(
+                f"image {index}: regions[{j}] = ({box[0]:g}, {box[1]:g}, {box[2]:g}, "
+                f"{box[3]:g}) is not a box; need finite x1 < x2 and y1 < y2 in pixels of the "
+                "image as sent"
+            )
+        boxes.append(box)
+    return boxes
 
 
 def image_input(image: pb.Image, index: int) -> ImageInput:
@@ -277,17 +456,64 @@ def image_input(image: pb.Image, index: int) -> ImageInput:
     raise InvalidImage("neither 'encoded' bytes nor a 'tensor' is set", index)
 
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 
 
-def _bytes_per_image(node: NodeSpec, spec: OutputSpec) -> int:
-    """Output bytes of one image at the model's input size (from the catalogue's shapes)."""
+def _channels(node: NodeSpec) -> int | None:
+    """C of a node from the catalogue's shape (None when unknown)."""
+    channel_dim = {"NHWC": 3, "NLC": 2}.get(node.layout, 1)
+    return int(node.shape[channel_dim]) if len(node.shape) > channel_dim else None
+
+
+def descriptor_dims(
+    nodes: Sequence[NodeSpec], spec: OutputSpec, heads: Mapping[str, Head]
+) -> list[int | None]:
+    """Length of each pooled output (one for concat) after the post chain, checking every
+    head step against the dimension it would receive (INVALID_ARGUMENT before compute)."""
     if spec.pool == "raw":
-        elements = math.prod(node.shape[1:])
+        return []
+    parts: list[tuple[str, int | None]] = []
+    for node in nodes:
+        c = _channels(node)
+        parts.append((f"node {node.name!r}", None if c is None else pooled_dim(spec.pool, c)))
+    if spec.concat:
+        sizes = [d for _, d in parts]
+        total = None if None in sizes else sum(d for d in sizes if d is not None)
+        parts = [(f"the concatenation of {len(nodes)} nodes", total)]
+    dims: list[int | None] = []
+    for what, dim in parts:
+        for index, step in enumerate(spec.post):
+            if step.op not in HEAD_OPS or dim is None:
+                continue
+            head = heads[step.head]
+            if dim != head.input_dim:
+                raise InvalidArgument(
+                    f"post[{index}] ({step.op}): head {step.head!r} takes {head.input_dim}-d "
+                    f"descriptors but {what} pooled with {spec.pool} gives {dim}; use a head "
+                    "fitted on the same model, nodes and pool"
+                )
+            if step.op != "center":
+                dim = step.dim or head.n_components
+        dims.append(dim)
+    return dims
+
+
+def estimate_bytes(
+    nodes: Sequence[NodeSpec],
+    spec: OutputSpec,
+    dims: Sequence[int | None],
+    regions: Sequence[int],
+) -> int:
+    """Output bytes of a request at the model's input size: per image the outputs' elements
+    (pooled: the descriptor dims; raw: the catalogue's shapes, or C x roi x roi per region),
+    times the image's region count (1 without regions)."""
+    itemsize = _ITEMSIZE[spec.dtype]
+    if spec.pool == "raw":
+        whole = sum(math.prod(n.shape[1:]) for n in nodes)
+        per_region = sum((_channels(n) or 1) * spec.roi_size**2 for n in nodes)
     else:
-        channel_dim = {"NHWC": 3, "NLC": 2}.get(node.layout, 1)
-        elements = node.shape[channel_dim] if len(node.shape) > channel_dim else 1
-    return elements * _ITEMSIZE[spec.dtype]
+        whole = per_region = sum(d or 1 for d in dims)
+    return itemsize * sum(per_region * r if r else whole for r in regions)
 
 
 class FeatureService(pb_grpc.FeatureServiceServicer):
@@ -300,8 +526,10 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         batcher: BatchQueue,
         decode_pool: Executor,
         metrics: Metrics | None = None,
+        heads: Mapping[str, Head] | None = None,
     ) -> None:
         self.settings = settings
+        self.heads: Mapping[str, Head] = dict(heads or {})  # loaded at start-up (app.load_heads)
         self.metrics = metrics
         self.runtime = runtime
         self.batcher = batcher
@@ -343,10 +571,21 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             image_formats=list(codec.IMAGE_FORMATS),
             input_dtypes=list(codec.RAW_INPUT_DTYPES),
             pools=[pb.Pooling.Name(k) for k in sorted(_POOLS)],
-            output_dtypes=list(DTYPES),
+            output_dtypes=list(OUTPUT_DTYPES),
             models=self.runtime.names(),
             devices=list(self.batcher.devices) or [str(self.runtime.device)],
             methods=[m.name for m in service.methods],
+            heads=[
+                pb.HeadInfo(
+                    name=h.name,
+                    model=h.model,
+                    input_dim=h.input_dim,
+                    components=h.n_components,
+                    nodes=list(h.nodes),
+                    pool=h.pool,
+                )
+                for h in self.heads.values()
+            ],
         )
 
     @rpc
@@ -381,6 +620,13 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 for name, t in encoded.items()
             ],
         )
+
+    @rpc
+    async def Compare(
+        self, request: pb.CompareRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CompareResponse:
+        set_request_deadline(context.time_remaining())  # the batcher tells deadline from cancel
+        return await run_compare(self, request)  # server/compare.py
 
     @rpc
     async def ExtractStream(
@@ -421,7 +667,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             model=_model_info_pb(self.runtime.status(request.model)),
             nodes=nodes,
             modules=modules,
-            extraction_mode="fx",
+            extraction_mode=loaded.catalog.mode,
+            extraction_reason=loaded.catalog.reason,
         )
 
     def _observe(
@@ -470,14 +717,27 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             )
         plan = plan_outputs(list(request.nodes), dict(request.aliases))
         specs = self.runtime.resolve(request.model, [name for _, name in plan])
-        spec = output_spec(request.output)
+        spec = output_spec(request.output, self.heads, request.model)
         for node in specs:
             check_pool(spec.pool, node.layout, node.name)
-            if spec.pool == "cls" and loaded.n_prefix_tokens == 0:
+            if spec.pool in ("cls", "cls_mean") and loaded.n_prefix_tokens == 0:
                 raise InvalidArgument(f"model {request.model!r} has no CLS token; use pool 'mean'")
         full_nodes = tuple(dict.fromkeys(n.name for n in specs))
+        unique_specs = [next(n for n in specs if n.name == name) for name in full_nodes]
+        concat_key = ""
+        if spec.concat:
+            concat_key = request.output.concat_key or DEFAULT_CONCAT_KEY
+        dims = descriptor_dims(unique_specs, spec, self.heads)
 
         inputs = [image_input(img, i) for i, img in enumerate(request.images)]
+        regions = [regions_of(img, i) for i, img in enumerate(request.images)]
+        if any(regions):
+            for node in unique_specs:
+                if node.layout not in ("NCHW", "NHWC"):
+                    raise InvalidArgument(
+                        f"regions need feature-map nodes (layout NCHW or NHWC); node "
+                        f"{node.name!r} is {node.layout or 'of unknown layout'}"
+                    )
         for index, given in enumerate(inputs):  # cheap size check before any queue room is held
             if given.encoded is not None:
                 try:
@@ -486,12 +746,12 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                     raise exc.at(index) from None
         # Inputs at the model's own size have known output sizes: refuse oversize answers
         # before spending compute on them (raw float inputs of other sizes are checked after).
-        estimate = count * sum(_bytes_per_image(n, spec) for n in specs)
+        estimate = estimate_bytes(unique_specs, spec, dims, [len(r) for r in regions])
         if estimate > s.max_message_bytes - 64 * 1024:
             raise LimitExceeded(
                 f"the response would carry about {estimate} bytes of tensors, over "
-                f"max_message_bytes={s.max_message_bytes}; request pooled outputs, fewer nodes "
-                "or fewer images"
+                f"max_message_bytes={s.max_message_bytes}; request pooled outputs, fewer nodes, "
+                "regions or images"
             )
         preprocessing = loaded.weights.preprocessing
         native = request.native_resolution
@@ -500,14 +760,25 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
             raise InvalidArgument(
                 f"unknown priority {priority}; use PRIORITY_NORMAL (0) or PRIORITY_LOW (1)"
             )
-        futures: list[asyncio.Future[Any]] = [None] * count  # type: ignore[list-item]
+        n_views = len(spec.scales) * (2 if spec.flip else 1)
+        # futures[i][v]: view v of image i (TTA views are items of their own)
+        futures: list[list[asyncio.Future[Any]]] = [[] for _ in range(count)]
         try:
             # queue room is held from before decoding: a full queue refuses at once
-            with self.batcher.reserve(count):
+            with self.batcher.reserve(count * n_views):
                 prepared = await asyncio.gather(
                     *(
-                        self._in_pool(prepare_image, img, self.limits, preprocessing, native)
-                        for img in inputs
+                        self._in_pool(
+                            prepare_image,
+                            img,
+                            self.limits,
+                            preprocessing,
+                            native,
+                            boxes,
+                            spec.flip,
+                            spec.scales,
+                        )
+                        for img, boxes in zip(inputs, regions, strict=True)
                     ),
                     return_exceptions=True,
                 )
@@ -517,54 +788,70 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                     if isinstance(result, BaseException):
                         raise result
                 images: list[Prepared] = prepared  # type: ignore[assignment]
-                # one batch key per input shape: a batch must stack
-                groups: dict[tuple[int, ...], list[int]] = {}
+                # one batch key per input shape: a batch must stack (a flip view has its
+                # image's shape and batches with it; each scale with same-shaped views)
+                groups: dict[tuple[int, ...], list[tuple[int, Item]]] = {}
                 for index, image in enumerate(images):
-                    groups.setdefault(tuple(image.tensor.shape), []).append(index)
-                for shape, indices in groups.items():
+                    for view in image.inputs():
+                        item = Item(view.tensor, spec, full_nodes, view.boxes)
+                        groups.setdefault(tuple(view.tensor.shape), []).append((index, item))
+                for shape, entries in groups.items():
                     # requests for other node sets of the same model share the forward
                     key = (request.model, shape)
-                    items = [Item(images[i].tensor, spec, full_nodes) for i in indices]
                     submitted = self.batcher.submit_many(
-                        key, items, reserved=True, priority=int(priority)
+                        key, [item for _, item in entries], reserved=True, priority=int(priority)
                     )
-                    for i, fut in zip(indices, submitted, strict=True):
-                        futures[i] = fut
-            done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*futures)
+                    for (i, _), fut in zip(entries, submitted, strict=True):
+                        futures[i].append(fut)
+            flat = [fut for per_image in futures for fut in per_image]
+            done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*flat)
         except BaseException:  # client gone, queue full or a failed batch: drop our other items
-            for fut in futures:
-                if fut is not None and not fut.done():
-                    fut.cancel()
+            for per_image in futures:
+                for fut in per_image:
+                    if not fut.done():
+                        fut.cancel()
             raise
+        rows: list[list[dict[str, Any]]] = []
+        position = 0
+        for per_image in futures:  # back to per-image view lists (order is irrelevant: averaged)
+            rows.append([r for r, _ in done[position : position + len(per_image)]])
+            position += len(per_image)
         encode_started = time.perf_counter()
-        encoded = await self._in_pool(encode_results, [r for r, _ in done])
+        # finish (TTA average, concat, post chain, dtype) and encode: decode pool, not the loop
+        encoded = await self._in_pool(
+            finish_results, rows, full_nodes, spec, self.heads, concat_key
+        )
         encode_s = time.perf_counter() - encode_started
-        node_of = {name: n.name for (_, name), n in zip(plan, specs, strict=True)}
-        size = sum(len(row[node_of[name]].data) for row in encoded for _, name in plan)
+        size = sum(len(t.data) for row in encoded for t in row.values())
         if size > s.max_message_bytes - 64 * 1024:
             raise LimitExceeded(
                 f"the response would carry {size} bytes of tensors, over max_message_bytes="
                 f"{s.max_message_bytes}; request pooled outputs, fewer nodes or fewer images"
             )
 
+        node_of = {name: n.name for (_, name), n in zip(plan, specs, strict=True)}
         layout_of = {n.name: n.layout for n in specs}
-        out_layout = "NC" if spec.pool != "raw" else None
         results = []
-        for row in encoded:
+        for index, row in enumerate(encoded):
+            has_regions = bool(regions[index])
+            if concat_key:
+                out_plan = [(concat_key, "+".join(full_nodes), concat_key)]
+            else:
+                out_plan = [(key, node_of[name], node_of[name]) for key, name in plan]
             outputs = []
-            for out_key, name in plan:
-                full = node_of[name]
-                t = row[full]
+            for out_key, node_field, row_key in out_plan:
+                t = row[row_key]
+                if spec.pool != "raw":
+                    layout = "NC"
+                elif has_regions:
+                    layout = "NCHW"  # roi_align bins, whatever the node's layout
+                else:
+                    layout = layout_of[node_field]
                 outputs.append(
                     pb.NamedTensor(
                         key=out_key,
-                        node=full,
-                        tensor=pb.Tensor(
-                            dtype=t.dtype,
-                            shape=t.shape,
-                            data=t.data,
-                            layout=out_layout or layout_of[full],
-                        ),
+                        node=node_field,
+                        tensor=pb.Tensor(dtype=t.dtype, shape=t.shape, data=t.data, layout=layout),
                     )
                 )
             results.append(pb.ImageResult(outputs=outputs))

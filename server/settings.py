@@ -69,6 +69,30 @@ class ModelConfig:
     # "max-autotune"; compile_backend "inductor" needs a C++ compiler (and Triton on CUDA).
     compile: str = ""
     compile_backend: str = "inductor"
+    # How nodes are found and extracted: "fx" (torch.fx graph nodes; a trace failure stops the
+    # load), "hooks" (forward hooks on named modules: module outputs only) or "auto" (fx, falling
+    # back to hooks when tracing fails; DescribeModel reports the mode and the trace error).
+    extraction: str = "auto"
+    # Serve this dotted submodule of the built model instead of the whole model (e.g. a detection
+    # model's traceable "backbone.body"); weights still load into the whole model.
+    submodule: str = ""
+    # Leading non-patch tokens (CLS, registers) of NLC outputs; -1: 1 when the served module has
+    # a class_token (torchvision ViT), else 0.
+    prefix_tokens: int = -1
+    # Feature-map nodes the Compare RPC uses when a request names none (VGG16 defaults to
+    # relu1_2..relu5_3 = features.3, 8, 15, 22, 29; other models need this or request nodes).
+    compare_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A named post-processing head (centering / PCA / whitening) that requests pick by name."""
+
+    name: str
+    # The .npz written by `layertap fit-whitening` (relative paths: from the config file).
+    file: str
+    # The model it may be used with ("" = any; checked against the file's own model).
+    model: str = ""
 
 
 DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 32}
@@ -126,6 +150,8 @@ class Settings:
     auth_tokens_file: str = ""
     auth_open_health: bool = True
     models: tuple[ModelConfig, ...] = ()
+    # [[heads]] in the config file (TOML only, like [[models]]); loaded at start-up.
+    heads: tuple[HeadConfig, ...] = ()
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -147,6 +173,7 @@ class Settings:
         data["models"] = [
             {k: v for k, v in m.items() if v not in (None, (), {}, "")} for m in data["models"]
         ]
+        data["heads"] = [{k: v for k, v in h.items() if v != ""} for h in data["heads"]]
         return data
 
 
@@ -296,15 +323,44 @@ def _validate(s: Settings) -> None:
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"model names must be unique; repeated: {sorted(dupes)}")
+    head_names = [h.name for h in s.heads]
+    dupes = {n for n in head_names if head_names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"head names must be unique; repeated: {sorted(dupes)}")
+    for head in s.heads:
+        if not head.name or not head.file:
+            raise ConfigError(f"every [[heads]] entry needs a 'name' and a 'file', got {head}")
+        if head.model and head.model not in names:
+            raise ConfigError(
+                f"head {head.name!r} is bound to model {head.model!r}, which is not configured "
+                f"(models: {', '.join(names) or 'none'}); fix its 'model' or leave it empty"
+            )
 
 
 AUTOCAST_DTYPES = ("", "float16", "bfloat16")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 
 
+EXTRACTION_MODES = ("auto", "fx", "hooks")
+
+
 def _validate_model(m: ModelConfig) -> None:
     """Per-model engine options; device-dependent checks (float16 on CPU) happen at load."""
     where = f"model {m.name!r}"
+    if m.extraction not in EXTRACTION_MODES:
+        raise ConfigError(
+            f"{where}: extraction must be one of {EXTRACTION_MODES}, got {m.extraction!r}"
+        )
+    if not isinstance(m.prefix_tokens, int) or m.prefix_tokens < -1:
+        raise ConfigError(
+            f"{where}: prefix_tokens must be >= 0, or -1 (auto); got {m.prefix_tokens}"
+        )
+    parts = m.submodule.split(".") if isinstance(m.submodule, str) else [""]
+    if m.submodule and any(not (p.isidentifier() or p.isdigit()) for p in parts):
+        raise ConfigError(
+            f"{where}: submodule must be a dotted module path such as 'backbone.body', "
+            f"got {m.submodule!r}"
+        )
     if m.autocast not in AUTOCAST_DTYPES:
         raise ConfigError(f"{where}: autocast must be one of {AUTOCAST_DTYPES}, got {m.autocast!r}")
     if m.compile not in COMPILE_MODES:
@@ -318,6 +374,23 @@ def _validate_model(m: ModelConfig) -> None:
 
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
+_HEAD_KEYS = {f.name for f in dataclasses.fields(HeadConfig)}
+
+
+def parse_head(entry: Mapping[str, Any], base_dir: Path | None = None) -> HeadConfig:
+    """One [[heads]] table -> HeadConfig, the file made absolute (relative to the config)."""
+    unknown = set(entry) - _HEAD_KEYS
+    if unknown:
+        raise ConfigError(
+            f"head entry {entry.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
+            f"known: {sorted(_HEAD_KEYS)}"
+        )
+    if not entry.get("name") or not entry.get("file"):
+        raise ConfigError("every [[heads]] entry needs a 'name' and a 'file' (.npz)")
+    path = Path(str(entry["file"])).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = (base_dir / path).resolve()
+    return HeadConfig(name=str(entry["name"]), file=str(path), model=str(entry.get("model", "")))
 
 
 def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> ModelConfig:
@@ -336,6 +409,10 @@ def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> Model
     for key in ("input_size", "mean", "std", "leaf_modules", "autowrap_functions"):
         if key in values and values[key] is not None:
             values[key] = tuple(values[key])
+    if isinstance(values.get("compare_nodes"), (list, tuple)):
+        values["compare_nodes"] = tuple(str(n) for n in values["compare_nodes"])
+    elif "compare_nodes" in values:
+        raise ConfigError(f"model {values['name']!r}: compare_nodes must be a list of node names")
     if "warmup_batch_sizes" in values:
         values["warmup_batch_sizes"] = tuple(int(b) for b in values["warmup_batch_sizes"])
     if "warmup_nodes" in values:  # a list of node lists; a bare string is one single-node set
@@ -344,6 +421,12 @@ def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> Model
         )
     if isinstance(values.get("input_size"), tuple) and len(values["input_size"]) == 1:
         values["input_size"] = (values["input_size"][0], values["input_size"][0])
+    factory = values.get("factory")
+    if base_dir is not None and isinstance(factory, str) and ".py:" in factory:
+        # a factory in a Python file next to the config ("model.py:build"): made absolute
+        file, _, attr = factory.rpartition(":")
+        path = Path(file).expanduser()
+        values["factory"] = f"{path if path.is_absolute() else (base_dir / path).resolve()}:{attr}"
     weights = str(values.get("weights", "DEFAULT"))
     if base_dir is not None and weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
         path = Path(weights).expanduser()
@@ -389,7 +472,8 @@ def load_settings(
         ceiling = merged.get("max_message_bytes", Settings.max_message_bytes) - PARAMETER_HEADROOM
         merged["max_parameter_bytes"] = min(Settings.max_parameter_bytes, max(1, ceiling))
     models = tuple(parse_model(m, base_dir) for m in data.get("models", []))
-    settings = Settings(**merged, models=models)
+    heads = tuple(parse_head(h, base_dir) for h in data.get("heads", []))
+    settings = Settings(**merged, models=models, heads=heads)
     _validate(settings)
     return settings
 

@@ -28,8 +28,9 @@ import torch
 from . import models as model_loading
 from .catalog import Catalog, NodeSpec, build_catalog, build_extractor, module_tree
 from .errors import InvalidArgument, LayertapError, LimitExceeded, ModelNotFound, Unavailable
+from .hooks import build_hook_catalog, build_hook_extractor
 from .metrics import Metrics
-from .pooling import DTYPES, OutputSpec, pool
+from .pooling import DTYPES, OutputSpec, finish_raw, pool_maps, roi_pool
 from .preprocess import Preprocessing
 from .settings import ModelConfig, Settings
 
@@ -52,6 +53,8 @@ class ModelStatus:
     ready: bool
     message: str
     compute_dtype: str = "float32"
+    prefix_tokens: int = 0
+    extraction_mode: str = ""  # "fx" | "hooks" once loaded
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Item:
     tensor: torch.Tensor  # float32 [3, H, W], preprocessed; CPU, or CUDA when GPU-decoded
     spec: OutputSpec
     nodes: tuple[str, ...]  # resolved full node names this image's request wants
+    # region boxes (x1, y1, x2, y2) in this tensor's pixels, float32 [R, 4]; None: whole image
+    boxes: torch.Tensor | None = None
 
 
 @dataclass
@@ -113,6 +118,18 @@ def default_torch_threads(settings: Settings, cpu_workers: int = 1) -> int:
     if settings.torch_threads > 0:
         return settings.torch_threads
     return max(1, usable_cores() // max(1, cpu_workers))
+
+
+def _submodule(cfg: ModelConfig, module: torch.nn.Module) -> torch.nn.Module:
+    """The configured `submodule` of the built model, or a load error listing the top ones."""
+    try:
+        return module.get_submodule(cfg.submodule)
+    except AttributeError:
+        children = ", ".join(name for name, _ in module.named_children())
+        raise model_loading.ModelLoadError(
+            f"model {cfg.name!r}: {type(module).__name__} has no submodule {cfg.submodule!r}; "
+            f"its children are: {children} (DescribeModel of the whole model lists every path)"
+        ) from None
 
 
 class SharedWeights:
@@ -232,25 +249,64 @@ class ModelRuntime:
                 module = module.to(memory_format=torch.channels_last)
             loaded.module = module.eval()
             self._bases[key] = loaded
+        if cfg.submodule:  # the base (whole model) stays shared; this entry serves a part
+            loaded = dataclasses.replace(loaded, module=_submodule(cfg, loaded.module))
         module = loaded.module
-        try:
-            catalog = build_catalog(
-                module,
-                loaded.preprocessing.crop_size,
-                leaf_modules=_import_all(cfg.leaf_modules),
-                autowrap_functions=_import_all(cfg.autowrap_functions),
-            )
-        except Exception as exc:
-            raise model_loading.ModelLoadError(
-                f"model {cfg.name!r}: torch.fx cannot trace it ({type(exc).__name__}: {exc}); "
-                "mark the offending modules in leaf_modules or functions in autowrap_functions"
-            ) from exc
+        catalog = self._catalog(cfg, module, loaded.preprocessing.crop_size)
         module.eval()
-        n_prefix = 1 if hasattr(module, "class_token") else 0
+        n_prefix = cfg.prefix_tokens
+        if n_prefix < 0:
+            n_prefix = 1 if hasattr(module, "class_token") else 0
         result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix, autocast=autocast)
         self._warm_up(result)
         log.info("loaded %s (%s) in %.1fs", cfg.name, loaded.weights_id, time.monotonic() - started)
         return result
+
+    def _catalog(
+        self, cfg: ModelConfig, module: torch.nn.Module, input_size: tuple[int, int]
+    ) -> Catalog:
+        """The node catalogue in the entry's extraction mode: fx ("fx"; "auto" first) or forward
+        hooks ("hooks"; "auto" when tracing fails, with the trace error as the reason)."""
+        if cfg.extraction == "hooks":
+            reason = "configured: extraction = 'hooks'"
+        else:
+            try:
+                catalog = build_catalog(
+                    module,
+                    input_size,
+                    leaf_modules=_import_all(cfg.leaf_modules),
+                    autowrap_functions=_import_all(cfg.autowrap_functions),
+                )
+            except model_loading.ModelLoadError:
+                raise  # a bad leaf_modules / autowrap_functions import path
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                if cfg.extraction == "fx":
+                    raise model_loading.ModelLoadError(
+                        f"model {cfg.name!r}: torch.fx cannot trace it ({error}); mark the "
+                        "offending modules in leaf_modules or functions in autowrap_functions, "
+                        "or set extraction = 'hooks' (or 'auto') to serve module outputs "
+                        "through forward hooks"
+                    ) from exc
+                reason = f"torch.fx cannot trace it ({error}); serving module outputs through hooks"
+                log.warning("model %s: %s", cfg.name, reason)
+            else:
+                catalog.reason = (
+                    "configured: extraction = 'fx'"
+                    if cfg.extraction == "fx"
+                    else "torch.fx traced the eval graph (extraction = 'auto')"
+                )
+                return catalog
+        if cfg.compile:
+            reason += "; compile is ignored in hooks mode"
+        try:
+            return build_hook_catalog(module, input_size, self.device, reason)
+        except Exception as exc:
+            raise model_loading.ModelLoadError(
+                f"model {cfg.name!r}: the discovery forward for hooks extraction failed at "
+                f"input {input_size[0]}x{input_size[1]} ({type(exc).__name__}: {exc})"
+                + ("" if cfg.extraction == "hooks" else f"; before that, {reason}")
+            ) from exc
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         """Before the model reports ready: build (and compile) the extractors of its
@@ -308,6 +364,8 @@ class ModelRuntime:
             ready=True,
             message=w.note,
             compute_dtype=loaded.config.autocast or "float32",
+            prefix_tokens=loaded.n_prefix_tokens,
+            extraction_mode=loaded.catalog.mode,
         )
 
     def _not_found(self, name: str) -> str:
@@ -347,9 +405,13 @@ class ModelRuntime:
                 m.cache_hits.labels(name).inc()
             return cache[nodes]
         started = time.perf_counter()
-        extractor: torch.nn.Module = build_extractor(loaded.catalog, nodes)
+        extractor: torch.nn.Module
+        if loaded.catalog.mode == "hooks":
+            extractor = build_hook_extractor(loaded.catalog, nodes)
+        else:
+            extractor = build_extractor(loaded.catalog, nodes)
         cfg = loaded.config
-        if cfg.compile:
+        if cfg.compile and loaded.catalog.mode == "fx":
             # compiled lazily by its first call, on this thread (torch.compile is not
             # thread-safe); each new batch size compiles again, hence warmup_batch_sizes
             options: dict[str, Any] = {"backend": cfg.compile_backend}
@@ -460,21 +522,62 @@ class ModelRuntime:
                 f"(its input size is {size[0]}x{size[1]}): "
                 f"{str(exc).splitlines()[0][:200]}"
             ) from exc
-        results: list[dict[str, torch.Tensor]] = [{} for _ in items]
-        groups: dict[tuple[OutputSpec, tuple[str, ...]], list[int]] = {}
+        results: list[dict[str, torch.Tensor] | BaseException] = [{} for _ in items]
+        groups: dict[tuple[OutputSpec, tuple[str, ...], bool], list[int]] = {}
         for index, item in enumerate(items):
-            groups.setdefault((item.spec, item.nodes), []).append(index)
+            groups.setdefault((item.spec, item.nodes, item.boxes is not None), []).append(index)
+        input_hw = (int(batch.shape[-2]), int(batch.shape[-1]))
+        for (spec, _, _), indices in groups.items():
+            try:
+                pooled = self._pool_group(
+                    loaded, outputs, [items[i] for i in indices], indices, len(items), input_hw
+                )
+            except Exception as exc:  # this group's requests fail, not the batch's others
+                if _is_oom(exc):
+                    raise
+                log.debug("pooling %s for %d items failed: %r", spec, len(indices), exc)
+                for index in indices:
+                    results[index] = exc
+                continue
+            for index, row in zip(indices, pooled, strict=True):
+                results[index] = row
+        return results  # type: ignore[return-value]  # per-item errors: the batcher's contract
+
+    def _pool_group(
+        self,
+        loaded: LoadedModel,
+        outputs: dict[str, torch.Tensor],
+        items: list[Item],
+        indices: list[int],
+        batch_size: int,
+        input_hw: tuple[int, int],
+    ) -> list[dict[str, torch.Tensor]]:
+        """One group's outputs (same spec, nodes and with/without regions), on the CPU: pooled
+        float32 [D] / [R, D] (finished later, in the service's decode pool) or finished raw
+        maps [...] / [R, C, s, s]."""
+        spec, wanted = items[0].spec, items[0].nodes
+        rows: list[dict[str, torch.Tensor]] = [{} for _ in items]
         with torch.inference_mode():
-            for (spec, wanted), indices in groups.items():
-                idx = torch.tensor(indices, device=self.device)
-                for name in wanted:
-                    layout = loaded.catalog.by_name[name].layout
-                    value = outputs[name]
-                    part = value if len(indices) == len(items) else value.index_select(0, idx)
-                    pooled = pool(part, layout, spec, loaded.n_prefix_tokens).cpu()
-                    for j, index in enumerate(indices):
-                        results[index][name] = pooled[j]
-        return results
+            idx = torch.tensor(indices, device=self.device)
+            for name in wanted:
+                layout = loaded.catalog.by_name[name].layout
+                value = outputs[name]
+                part = value if len(indices) == batch_size else value.index_select(0, idx)
+                if items[0].boxes is not None:
+                    boxes = [i.boxes for i in items if i.boxes is not None]
+                    per_item = roi_pool(part, layout, boxes, spec, input_hw)
+                    if spec.pool == "raw":
+                        per_item = [finish_raw(r, spec) for r in per_item]
+                    for row, out in zip(rows, per_item, strict=True):
+                        row[name] = out.cpu()
+                    continue
+                if spec.pool == "raw":
+                    done = finish_raw(part, spec).cpu()
+                else:
+                    done = pool_maps(part, layout, spec, loaded.n_prefix_tokens).cpu()
+                for j, row in enumerate(rows):
+                    row[name] = done[j]
+        return rows
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -218,7 +218,8 @@ def test_nodes_forms() -> None:
     assert normalize_nodes(["a", "b"]) == (["a", "b"], {})
     assert normalize_nodes(("a",)) == (["a"], {})
     assert normalize_nodes({"layer4": "feat", "fc": "logits"}) == (
-        ["layer4", "fc"], {"layer4": "feat", "fc": "logits"},
+        ["layer4", "fc"],
+        {"layer4": "feat", "fc": "logits"},
     )
     with pytest.raises(ValueError, match="no nodes"):
         normalize_nodes([])
@@ -243,8 +244,13 @@ def test_pool_names() -> None:
 
 def test_build_extract_request() -> None:
     request, n = build_extract_request(
-        [RGB, b"jpeg"], model="m", nodes={"layer4": "feat", "fc": "fc"}, pool="gem",
-        gem_p=4.0, normalize=True, dtype="bfloat16",
+        [RGB, b"jpeg"],
+        model="m",
+        nodes={"layer4": "feat", "fc": "fc"},
+        pool="gem",
+        gem_p=4.0,
+        normalize=True,
+        dtype="bfloat16",
     )
     assert n == 2
     assert list(request.nodes) == ["layer4", "fc"]
@@ -260,8 +266,15 @@ def test_build_extract_request() -> None:
         ({"model": ""}, "model"),
     ]
     for kwargs, match in cases:
-        args: dict[str, Any] = {"model": "m", "nodes": "x", "pool": None, "gem_p": 3.0,
-                                "normalize": False, "dtype": "float32", **kwargs}
+        args: dict[str, Any] = {
+            "model": "m",
+            "nodes": "x",
+            "pool": None,
+            "gem_p": 3.0,
+            "normalize": False,
+            "dtype": "float32",
+            **kwargs,
+        }
         with pytest.raises(ValueError, match=match):
             build_extract_request(RGB, **args)
 
@@ -282,16 +295,19 @@ def test_decode_float_and_uint8_tensors_are_writable_native_copies() -> None:
 
 def test_bfloat16_decode_is_bit_exact() -> None:
     # bfloat16 bit patterns and the float32 values they denote.
-    bits = np.array([0x3F80, 0xC000, 0x4049, 0x0000, 0x8000, 0x7F80, 0x0001, 0x3EAB],
-                    dtype=np.uint16)
-    expected = np.array([1.0, -2.0, 3.140625, 0.0, -0.0, np.inf, 2.0**-133, 0.333984375],
-                        dtype=np.float32)
+    bits = np.array(
+        [0x3F80, 0xC000, 0x4049, 0x0000, 0x8000, 0x7F80, 0x0001, 0x3EAB], dtype=np.uint16
+    )
+    expected = np.array(
+        [1.0, -2.0, 3.140625, 0.0, -0.0, np.inf, 2.0**-133, 0.333984375], dtype=np.float32
+    )
     t = pb.Tensor(dtype="bfloat16", shape=[8], data=bits.astype("<u2").tobytes())
     out = decode_tensor(t)
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
-    np.testing.assert_array_equal(bfloat16_to_float32(bits).view(np.uint32),
-                                  bits.astype(np.uint32) << 16)
+    np.testing.assert_array_equal(
+        bfloat16_to_float32(bits).view(np.uint32), bits.astype(np.uint32) << 16
+    )
 
 
 def test_bfloat16_nan_survives() -> None:
@@ -317,9 +333,14 @@ def test_malformed_tensors_raise_service_error(tensor: pb.Tensor, match: str) ->
 
 def _named(key: str, array: np.ndarray, node: str = "", layout: str = "NC") -> pb.NamedTensor:
     return pb.NamedTensor(
-        key=key, node=node or key,
-        tensor=pb.Tensor(dtype="float32", shape=list(array.shape),
-                         data=array.astype("<f4").tobytes(), layout=layout),
+        key=key,
+        node=node or key,
+        tensor=pb.Tensor(
+            dtype="float32",
+            shape=list(array.shape),
+            data=array.astype("<f4").tobytes(),
+            layout=layout,
+        ),
     )
 
 
@@ -327,11 +348,19 @@ def _response(per_image: list[list[pb.NamedTensor]]) -> pb.ExtractResponse:
     return pb.ExtractResponse(
         results=[pb.ImageResult(outputs=outs) for outs in per_image],
         metadata=pb.ExtractMetadata(
-            model="m", weights_sha256="ab" * 32, device="cpu", batch_size=2,
+            model="m",
+            weights_sha256="ab" * 32,
+            device="cpu",
+            batch_size=2,
             nodes=[pb.ResolvedNode(key="feat", requested="layer4", node="layer4.2.relu_2")],
-            preprocessing=pb.Preprocessing(resize_size=232, crop_size=[224, 224],
-                                           mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-                                           interpolation="bilinear", antialias=True),
+            preprocessing=pb.Preprocessing(
+                resize_size=232,
+                crop_size=[224, 224],
+                mean=[0.485, 0.456, 0.406],
+                std=[0.229, 0.224, 0.225],
+                interpolation="bilinear",
+                antialias=True,
+            ),
             timings=pb.Timings(queue_ms=1.0, decode_ms=2.0, compute_ms=3.0, total_ms=7.0),
         ),
     )
@@ -340,10 +369,12 @@ def _response(per_image: list[list[pb.NamedTensor]]) -> pb.ExtractResponse:
 def test_parse_response_stacks_in_server_order() -> None:
     a = [RNG.standard_normal((4, 2, 2)).astype(np.float32) for _ in range(2)]
     b = [RNG.standard_normal((8,)).astype(np.float32) for _ in range(2)]
-    resp = _response([
-        [_named("z_last", a[i], node="layer4.2.relu_2", layout="NCHW"), _named("a_first", b[i])]
-        for i in range(2)
-    ])
+    resp = _response(
+        [
+            [_named("z_last", a[i], node="layer4.2.relu_2", layout="NCHW"), _named("a_first", b[i])]
+            for i in range(2)
+        ]
+    )
     result = parse_extract_response(resp, 2)
     assert isinstance(result, ExtractResult)
     assert list(result) == ["z_last", "a_first"]  # server order, not sorted
@@ -366,14 +397,20 @@ def test_parse_response_stacks_in_server_order() -> None:
     assert "z_last" in repr(result)
 
 
-def test_parse_response_ragged_shapes_are_per_image_only() -> None:
+def test_parse_response_ragged_shapes_give_a_list_per_image() -> None:
     resp = _response([[_named("k", np.zeros((2, 3)))], [_named("k", np.ones((2, 4)))]])
     result = parse_extract_response(resp, 2)
     assert list(result) == ["k"]
-    with pytest.raises(ValueError, match="per_image"):
-        result["k"]
+    assert result.is_ragged("k")
+    ragged = result["k"]
+    assert isinstance(ragged, list) and [a.shape for a in ragged] == [(2, 3), (2, 4)]
+    np.testing.assert_array_equal(ragged[1], np.ones((2, 4)))
+    assert result.arrays("k")[0] is result.per_image[0]["k"]
+    with pytest.raises(ValueError, match=r"result\.arrays\(key\)"):
+        result.array("k")
     assert result.per_image[1]["k"].shape == (2, 4)
     assert result.per_image[1]["k"].flags.writeable
+    assert "list (ragged)" in repr(result)
 
 
 @pytest.mark.parametrize(
@@ -384,7 +421,8 @@ def test_parse_response_ragged_shapes_are_per_image_only() -> None:
         ([[_named("k", np.zeros(2)), _named("k", np.zeros(2))]], 1, "duplicate output keys"),
     ],
 )
-def test_parse_response_inconsistent(per_image: list[list[pb.NamedTensor]], n: int,
-                                     match: str) -> None:
+def test_parse_response_inconsistent(
+    per_image: list[list[pb.NamedTensor]], n: int, match: str
+) -> None:
     with pytest.raises(FeatureServiceError, match=match):
         parse_extract_response(_response(per_image), n)

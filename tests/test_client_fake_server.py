@@ -36,19 +36,36 @@ from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 SHA = "0123456789abcdef" * 4
 PREPROCESSING = pb.Preprocessing(
-    resize_size=232, crop_size=[224, 224], mean=[0.485, 0.456, 0.406],
-    std=[0.229, 0.224, 0.225], interpolation="bilinear", antialias=True,
+    resize_size=232,
+    crop_size=[224, 224],
+    mean=[0.485, 0.456, 0.406],
+    std=[0.229, 0.224, 0.225],
+    interpolation="bilinear",
+    antialias=True,
 )
 MODEL = pb.ModelInfo(
-    name="fake", architecture="resnet18", weights="IMAGENET1K_V1", weights_sha256=SHA,
-    input_size=[224, 224], preprocessing=PREPROCESSING, device="cpu", ready=True,
+    name="fake",
+    architecture="resnet18",
+    weights="IMAGENET1K_V1",
+    weights_sha256=SHA,
+    input_size=[224, 224],
+    preprocessing=PREPROCESSING,
+    device="cpu",
+    ready=True,
     compute_dtype="float32",
 )
 NODES = [
-    pb.NodeInfo(name="layer1.0.relu", shape=[1, 64, 56, 56], dtype="float32", layout="NCHW",
-                op="call_module", target="ReLU"),
-    pb.NodeInfo(name="fc", shape=[1, 1000], dtype="float32", layout="NC",
-                op="call_module", target="Linear"),
+    pb.NodeInfo(
+        name="layer1.0.relu",
+        shape=[1, 64, 56, 56],
+        dtype="float32",
+        layout="NCHW",
+        op="call_module",
+        target="ReLU",
+    ),
+    pb.NodeInfo(
+        name="fc", shape=[1, 1000], dtype="float32", layout="NC", op="call_module", target="Linear"
+    ),
 ]
 
 
@@ -85,7 +102,8 @@ class FakeServicer(pb_grpc.FeatureServiceServicer):
         if request.model != "fake":
             context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not configured")
         return pb.DescribeModelResponse(
-            model=MODEL, nodes=NODES,
+            model=MODEL,
+            nodes=NODES,
             modules=[pb.ModuleInfo(name="", type="ResNet", own_parameters=0)],
             extraction_mode="fx",
         )
@@ -114,19 +132,33 @@ class FakeServicer(pb_grpc.FeatureServiceServicer):
                 data = encode(out, dtype)
                 if request.model == "corrupt":
                     data = data[:-1]
-                outputs.append(pb.NamedTensor(
-                    key=request.aliases.get(node, node), node=f"{node}.resolved",
-                    tensor=pb.Tensor(dtype=dtype, shape=out.shape, data=data,
-                                     layout="NC" if pooled else "NLC"),
-                ))
+                outputs.append(
+                    pb.NamedTensor(
+                        key=request.aliases.get(node, node),
+                        node=f"{node}.resolved",
+                        tensor=pb.Tensor(
+                            dtype=dtype,
+                            shape=out.shape,
+                            data=data,
+                            layout="NC" if pooled else "NLC",
+                        ),
+                    )
+                )
             results.append(pb.ImageResult(outputs=outputs))
         return pb.ExtractResponse(
             results=results,
             metadata=pb.ExtractMetadata(
-                model=request.model, weights_sha256=SHA, device="cpu",
-                batch_size=len(request.images), preprocessing=PREPROCESSING,
-                nodes=[pb.ResolvedNode(key=request.aliases.get(n, n), requested=n,
-                                       node=f"{n}.resolved") for n in nodes],
+                model=request.model,
+                weights_sha256=SHA,
+                device="cpu",
+                batch_size=len(request.images),
+                preprocessing=PREPROCESSING,
+                nodes=[
+                    pb.ResolvedNode(
+                        key=request.aliases.get(n, n), requested=n, node=f"{n}.resolved"
+                    )
+                    for n in nodes
+                ],
                 timings=pb.Timings(queue_ms=0.5, decode_ms=1.5, compute_ms=2.5, total_ms=4.5),
             ),
         )
@@ -195,9 +227,15 @@ def test_extract_stacks_in_request_order(client: FeatureClient) -> None:
     np.testing.assert_array_equal(result.per_image[2]["a.node"], expected_output(33, 1))
     meta = result.metadata
     assert (meta.model, meta.weights_sha256, meta.batch_size, meta.device) == (
-        "fake", SHA, 3, "cpu")
+        "fake",
+        SHA,
+        3,
+        "cpu",
+    )
     assert [tuple(n) for n in meta.nodes] == [
-        ("z.node", "z.node", "z.node.resolved"), ("a.node", "a.node", "a.node.resolved")]
+        ("z.node", "z.node", "z.node.resolved"),
+        ("a.node", "a.node", "a.node.resolved"),
+    ]
     assert meta.timings.total_ms == 4.5
     assert meta.preprocessing.crop_size == (224, 224)
 
@@ -211,8 +249,11 @@ def test_extract_single_image_has_batch_axis(client: FeatureClient) -> None:
 def test_extract_aliases_pool_and_dtypes(client: FeatureClient) -> None:
     for dtype in ("float32", "float16", "bfloat16"):
         result = client.extract(
-            IMAGES, model="fake", nodes={"z.node": "feat", "a.node": "logits"},
-            pool="gem", dtype=dtype,
+            IMAGES,
+            model="fake",
+            nodes={"z.node": "feat", "a.node": "logits"},
+            pool="gem",
+            dtype=dtype,
         )
         _check_stacked(result, ["feat", "logits"], pooled=True)
         expected_dtype = np.float16 if dtype == "float16" else np.float32
@@ -306,7 +347,9 @@ def test_priority_and_native_resolution_travel(client: FeatureClient) -> None:
     client.extract(IMAGES, model="fake", nodes="n")
     client.extract(IMAGES[0], model="fake", nodes="n", priority="low", native_resolution=True)
     assert [(r.priority, r.native_resolution) for r in sent] == [
-        (pb.PRIORITY_NORMAL, False), (pb.PRIORITY_LOW, True)]
+        (pb.PRIORITY_NORMAL, False),
+        (pb.PRIORITY_LOW, True),
+    ]
     with pytest.raises(ValueError, match="priority"):
         client.extract(IMAGES[0], model="fake", nodes="n", priority="high")
 
@@ -330,7 +373,8 @@ async def test_async_client_end_to_end(target: str) -> None:
         result = await client.extract(IMAGES, model="fake", nodes=["z.node", "a.node"])
         _check_stacked(result, ["z.node", "a.node"])
         result = await client.extract(
-            IMAGES, model="fake", nodes={"z.node": "feat"}, pool="avg", dtype="bfloat16")
+            IMAGES, model="fake", nodes={"z.node": "feat"}, pool="avg", dtype="bfloat16"
+        )
         _check_stacked(result, ["feat"], pooled=True)
         assert result.metadata.batch_size == 3
         channel = client._channel
@@ -347,7 +391,9 @@ async def test_async_errors_and_timeout(target: str) -> None:
         with pytest.raises(FeatureServiceError) as info:
             await client.extract(IMAGES, model="bad", nodes="n")
         assert (info.value.code, info.value.details) == (
-            grpc.StatusCode.INVALID_ARGUMENT, "model 'bad' is bad")
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "model 'bad' is bad",
+        )
         with pytest.raises(FeatureServiceError) as info:
             await client.extract(IMAGES[0], model="slow", nodes="n", timeout=0.2)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -366,8 +412,15 @@ def test_cli_models(target: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--target", target, "models"]) == 0
     out = capsys.readouterr().out
     header, row = out.strip().splitlines()
-    assert header.split() == ["NAME", "ARCHITECTURE", "WEIGHTS", "SHA256", "INPUT", "DEVICE",
-                              "READY"]
+    assert header.split() == [
+        "NAME",
+        "ARCHITECTURE",
+        "WEIGHTS",
+        "SHA256",
+        "INPUT",
+        "DEVICE",
+        "READY",
+    ]
     assert row.split() == ["fake", "resnet18", "IMAGENET1K_V1", SHA[:12], "224x224", "cpu", "yes"]
 
 
@@ -398,9 +451,27 @@ def test_cli_extract_writes_npz(
         path.write_bytes(_png(i * 50, size=4 + i))
         paths.append(path)
     out = tmp_path / "feats.npz"
-    argv = ["--target", target, "extract", *map(str, paths), "--model", "fake",
-            "--node", "layer1.0.relu", "--node", "fc", "--pool", "gem", "--gem-p", "4",
-            "--normalize", "--dtype", "float16", "-o", str(out)]
+    argv = [
+        "--target",
+        target,
+        "extract",
+        *map(str, paths),
+        "--model",
+        "fake",
+        "--node",
+        "layer1.0.relu",
+        "--node",
+        "fc",
+        "--pool",
+        "gem",
+        "--gem-p",
+        "4",
+        "--normalize",
+        "--dtype",
+        "float16",
+        "-o",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "layer1.0.relu" in printed and "[2, 3]" in printed and "float16" in printed
@@ -419,8 +490,21 @@ def test_cli_server_error(target: str, tmp_path: Path, capsys: pytest.CaptureFix
     path.write_bytes(_png(1))
     assert main(["--target", target, "extract", str(path), "--model", "bad", "--node", "x"]) == 1
     assert capsys.readouterr().err.strip() == "error: INVALID_ARGUMENT: model 'bad' is bad"
-    assert main(["--target", target, "extract", str(tmp_path / "missing.png"),
-                 "--model", "fake", "--node", "x"]) == 2
+    assert (
+        main(
+            [
+                "--target",
+                target,
+                "extract",
+                str(tmp_path / "missing.png"),
+                "--model",
+                "fake",
+                "--node",
+                "x",
+            ]
+        )
+        == 2
+    )
     assert "missing.png" in capsys.readouterr().err
 
 
@@ -456,8 +540,12 @@ def test_cli_serve_passes_arguments_through(
 
 
 def test_python_dash_m_help() -> None:
-    proc = subprocess.run([sys.executable, "-m", "layertap.client", "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "layertap.client", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0
     for command in ("serve", "models", "nodes", "extract"):
         assert command in proc.stdout

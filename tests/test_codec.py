@@ -390,7 +390,21 @@ def test_dtypes_table() -> None:
         "float32": torch.float32,
         "float16": torch.float16,
         "bfloat16": torch.bfloat16,
+        "int8": torch.int8,
     }
+
+
+def test_int8_wire_is_one_signed_byte_per_value() -> None:
+    """Quantised descriptors: 1 byte each, two's complement, range [-127, 127] kept exactly."""
+    t = torch.tensor([[-127, -1, 0], [1, 64, 127]], dtype=torch.int8)
+    wire, shape, data = encode_tensor(t)
+    assert (wire, shape) == ("int8", [2, 3])
+    assert data == bytes([0x81, 0xFF, 0x00, 0x01, 0x40, 0x7F])
+    assert np.array_equal(np.frombuffer(data, dtype=np.int8).reshape(2, 3), t.numpy())
+    back = decode_tensor_bytes("int8", [2, 3], data)
+    assert back.dtype == torch.int8 and torch.equal(back, t)
+    with pytest.raises(InvalidArgument, match="needs 6 bytes, got 5"):
+        decode_tensor_bytes("int8", [2, 3], data[:5])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -399,6 +413,8 @@ def test_tensor_round_trip_bit_exact(dtype: str, shape: tuple[int, ...]) -> None
     g = torch.Generator().manual_seed(0)
     if dtype == "uint8":
         t = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    elif dtype == "int8":
+        t = torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
     else:
         t = (torch.randn(shape, generator=g) * 1000).to(DTYPES[dtype])
     wire, wire_shape, data = encode_tensor(t)

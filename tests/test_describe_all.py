@@ -157,24 +157,49 @@ def _layouts(catalog: Catalog, names: list[str]) -> dict[str, str]:
     [
         (
             "resnet18",
-            {"conv1": "NCHW", "layer1": "NCHW", "layer2.0.add": "NCHW", "layer4": "NCHW",
-             "avgpool": "NCHW", "flatten": "NC", "fc": "NC"},
+            {
+                "conv1": "NCHW",
+                "layer1": "NCHW",
+                "layer2.0.add": "NCHW",
+                "layer4": "NCHW",
+                "avgpool": "NCHW",
+                "flatten": "NC",
+                "fc": "NC",
+            },
         ),
         (
             "swin_t",
-            {"features.0.0": "NCHW", "features.1": "NHWC", "features.3": "NHWC",
-             "features.5": "NHWC", "features.7": "NHWC", "norm": "NHWC", "permute": "NCHW",
-             "head": "NC"},
+            {
+                "features.0.0": "NCHW",
+                "features.1": "NHWC",
+                "features.3": "NHWC",
+                "features.5": "NHWC",
+                "features.7": "NHWC",
+                "norm": "NHWC",
+                "permute": "NCHW",
+                "head": "NC",
+            },
         ),
         (
             "vit_b_16",
-            {"conv_proj": "NCHW", "encoder.layers.encoder_layer_0": "NLC",
-             "encoder.layers.encoder_layer_11": "NLC", "encoder.ln": "NLC", "heads.head": "NC"},
+            {
+                "conv_proj": "NCHW",
+                "encoder.layers.encoder_layer_0": "NLC",
+                "encoder.layers.encoder_layer_11": "NLC",
+                "encoder.ln": "NLC",
+                "heads.head": "NC",
+            },
         ),
         (
             "mobilenet_v3_small",
-            {"features.0": "NCHW", "features.6": "NCHW", "features.12": "NCHW",
-             "avgpool": "NCHW", "classifier.0": "NC", "classifier.3": "NC"},
+            {
+                "features.0": "NCHW",
+                "features.6": "NCHW",
+                "features.12": "NCHW",
+                "avgpool": "NCHW",
+                "classifier.0": "NC",
+                "classifier.3": "NC",
+            },
         ),
     ],
 )

@@ -81,9 +81,17 @@ def test_health_not_serving_until_loaded_and_warmed_up(warmup: bool) -> None:
     name = "slow"
     services = ("", "layertap.v1.FeatureService", f"layertap.model.{name}")
     settings = Settings(
-        port=0, metrics=False, warmup=warmup,
-        models=(ModelConfig(name=name, factory="test_lifecycle:counting_resnet18",
-                            weights="none", allow_random=True),),
+        port=0,
+        metrics=False,
+        warmup=warmup,
+        models=(
+            ModelConfig(
+                name=name,
+                factory="test_lifecycle:counting_resnet18",
+                weights="none",
+                allow_random=True,
+            ),
+        ),
     )
     forwards_before = FORWARDS["count"]
     running = _boot_without_waiting(settings)
@@ -161,11 +169,24 @@ def served_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen(
             [
-                sys.executable, "-m", "layertap.client.cli", "serve", "--config", str(config),
-                "--host", "127.0.0.1", "--port", str(port), "--metrics", "false",
-                "--shutdown-grace-s", str(GRACE_S),
+                sys.executable,
+                "-m",
+                "layertap.client.cli",
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics",
+                "false",
+                "--shutdown-grace-s",
+                str(GRACE_S),
             ],
-            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
         )
     try:
         yield proc, f"127.0.0.1:{port}", stderr_path
@@ -205,16 +226,20 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(
     # One failing request with our id, to find its log line later.
     with pytest.raises(grpc.RpcError) as info:
         stub.Extract(
-            pb.ExtractRequest(model="r18", images=[pb.Image(encoded=photos[0])],
-                              nodes=["no_such_node"]),
-            metadata=(("x-request-id", "drain-test-bad-node"),), timeout=30,
+            pb.ExtractRequest(
+                model="r18", images=[pb.Image(encoded=photos[0])], nodes=["no_such_node"]
+            ),
+            metadata=(("x-request-id", "drain-test-bad-node"),),
+            timeout=30,
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     def request(i: int) -> pb.ExtractRequest:
         images = [pb.Image(encoded=photos[(i + k) % len(photos)]) for k in range(IMAGES_PER_CALL)]
         return pb.ExtractRequest(
-            model="r18", images=images, nodes=["layer3", "layer4"],
+            model="r18",
+            images=images,
+            nodes=["layer3", "layer4"],
             output=pb.OutputOptions(pool=pb.POOLING_AVG),
         )
 
@@ -235,8 +260,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(
         health = health_pb2_grpc.HealthStub(probe_channel)
         while time.monotonic() - signalled < GRACE_S and proc.poll() is None:
             try:
-                statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(
-                    _check(health, "", timeout=1)))
+                statuses.append(
+                    health_pb2.HealthCheckResponse.ServingStatus.Name(_check(health, "", timeout=1))
+                )
             except grpc.RpcError as exc:
                 statuses.append(exc.code().name)
             if statuses[-1] == "UNAVAILABLE":

@@ -38,6 +38,7 @@ def config_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
                 factory="factories:gated_net",
                 weights="none",
                 allow_random=True,
+                extraction="fx",  # "auto" would fall back to forward hooks (tests/test_hooks.py)
             ),
             ModelConfig(
                 name="gated",

@@ -75,7 +75,11 @@ def grpcurl(*args: str, data: str | None = None) -> subprocess.CompletedProcess[
     if data is not None:
         cmd += ["-d", "@"]
     return subprocess.run(
-        [*cmd, *args], input=data, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+        [*cmd, *args],
+        input=data,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
         check=False,
     )
 
@@ -170,7 +174,8 @@ def test_grpcurl_health_check_serving(server: RunningServer, service: str) -> No
 
 def test_grpcurl_health_check_unknown_service_is_not_found(server: RunningServer) -> None:
     done = grpcurl(
-        server.target, "grpc.health.v1.Health/Check",
+        server.target,
+        "grpc.health.v1.Health/Check",
         data=json.dumps({"service": "layertap.model.nope"}),
     )
     assert done.returncode != 0
@@ -184,8 +189,13 @@ def test_grpcurl_without_reflection_needs_the_proto(resnet18_weights: Path) -> N
         assert done.returncode != 0, f"list worked without reflection: {done.stdout}"
 
         reply = grpcurl_json(
-            "-import-path", str(PROTO_DIR), "-proto", "layertap/v1/layertap.proto",
-            running.target, "layertap.v1.FeatureService/ListModels", data="{}",
+            "-import-path",
+            str(PROTO_DIR),
+            "-proto",
+            "layertap/v1/layertap.proto",
+            running.target,
+            "layertap.v1.FeatureService/ListModels",
+            data="{}",
         )
         assert [m["name"] for m in reply["models"]] == ["r18"]
         assert "limits" in reply
@@ -207,12 +217,18 @@ def _node() -> str:
 def run_node(target: str, model: str, image: Path, node: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [_node(), str(NODE_SCRIPT), target, model, str(image), node],
-        capture_output=True, text=True, timeout=TOOL_TIMEOUT, check=False, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TOOL_TIMEOUT,
+        check=False,
+        cwd=ROOT,
     )
 
 
 def test_node_client_extract_matches_python_client(
-    server: RunningServer, chelsea_jpeg: bytes, reference_gem: dict[bool, np.ndarray],
+    server: RunningServer,
+    chelsea_jpeg: bytes,
+    reference_gem: dict[bool, np.ndarray],
     tmp_path: Path,
 ) -> None:
     image = tmp_path / "chelsea.jpg"
@@ -257,7 +273,8 @@ def test_request_id_is_echoed_on_errors(server: RunningServer) -> None:
     stub = server.stub()
     with pytest.raises(grpc.RpcError) as info:
         stub.DescribeModel.with_call(
-            pb.DescribeModelRequest(model="nope"), metadata=(("x-request-id", "err-42"),),
+            pb.DescribeModelRequest(model="nope"),
+            metadata=(("x-request-id", "err-42"),),
             timeout=30,
         )
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

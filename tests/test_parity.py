@@ -71,10 +71,16 @@ CASES: dict[str, list[Case]] = {
     ],
     "vit_b_16": [
         Case("conv_proj", "conv_proj", hook="conv_proj"),
-        Case("encoder.layers.encoder_layer_5.mlp", "encoder.layers.encoder_layer_5.mlp",
-             hook="encoder.layers.encoder_layer_5.mlp"),
-        Case("encoder.layers.encoder_layer_11", "encoder.layers.encoder_layer_11.add_1",
-             hook="encoder.layers.encoder_layer_11"),
+        Case(
+            "encoder.layers.encoder_layer_5.mlp",
+            "encoder.layers.encoder_layer_5.mlp",
+            hook="encoder.layers.encoder_layer_5.mlp",
+        ),
+        Case(
+            "encoder.layers.encoder_layer_11",
+            "encoder.layers.encoder_layer_11.add_1",
+            hook="encoder.layers.encoder_layer_11",
+        ),
         Case("heads", "heads.head", hook="heads"),
     ],
     "swin_t": [
@@ -103,10 +109,16 @@ CASES: dict[str, list[Case]] = {
     ],
     "regnet_y_400mf": [
         Case("stem", "stem", hook="stem"),
-        Case("trunk_output.block2", "trunk_output.block2.block2-2.activation",
-             hook="trunk_output.block2"),
-        Case("trunk_output.block4.block4-3", "trunk_output.block4.block4-3.activation",
-             hook="trunk_output.block4.block4-3"),
+        Case(
+            "trunk_output.block2",
+            "trunk_output.block2.block2-2.activation",
+            hook="trunk_output.block2",
+        ),
+        Case(
+            "trunk_output.block4.block4-3",
+            "trunk_output.block4.block4-3.activation",
+            hook="trunk_output.block4.block4-3",
+        ),
         Case("fc", "fc", hook="fc"),
     ],
     "densenet121": [
@@ -165,6 +177,7 @@ def hooked_forward(
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for path in modules:
+
         def hook(_m: nn.Module, _i: Any, out: torch.Tensor, path: str = path) -> None:
             assert path not in captured, f"module {path} ran twice; pick another reference"
             captured[path] = out.detach().clone()
@@ -189,8 +202,9 @@ def fx_forward(arch: str, path: Path, node: str, x: torch.Tensor) -> torch.Tenso
         return extractor(x)[node].clone()
 
 
-def extract(server: RunningServer, model: str, images: list[pb.Image], nodes: list[str],
-            **kwargs: Any) -> pb.ExtractResponse:
+def extract(
+    server: RunningServer, model: str, images: list[pb.Image], nodes: list[str], **kwargs: Any
+) -> pb.ExtractResponse:
     request = pb.ExtractRequest(model=model, images=images, nodes=nodes, **kwargs)
     return server.stub().Extract(request, timeout=300)
 
@@ -209,9 +223,7 @@ def weight_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("parity")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {
-            a: save_random_weights(a, folder / f"{a}.pth", **KWARGS.get(a, {})) for a in ARCHS
-        }
+        return {a: save_random_weights(a, folder / f"{a}.pth", **KWARGS.get(a, {})) for a in ARCHS}
 
 
 @pytest.fixture(scope="module")
@@ -245,9 +257,7 @@ def references(weight_files: dict[str, Path]) -> dict[str, nn.Module]:
 # --- tests -------------------------------------------------------------------------------------
 def test_all_models_loaded(server: RunningServer) -> None:
     models = server.stub().ListModels(pb.ListModelsRequest(), timeout=30).models
-    assert {m.name: (m.ready, m.status_message) for m in models} == {
-        a: (True, "") for a in ARCHS
-    }
+    assert {m.name: (m.ready, m.status_message) for m in models} == {a: (True, "") for a in ARCHS}
     for m in models:
         assert not m.random_weights and m.weights == f"{m.name}.pth"
         assert list(m.input_size) == [SIZES.get(m.name, 224)] * 2
@@ -332,13 +342,17 @@ def test_overlapping_names_resnet(
     response = extract(server, "resnet18", raw_images(batch), nodes)
     want = hooked_forward(references["resnet18"], ["layer4", "layer1"], torch.from_numpy(batch))
     assert [(n.key, n.node) for n in response.metadata.nodes] == [
-        ("layer4", "layer4.1.relu_1"), ("layer1", "layer1.1.relu_1"),
+        ("layer4", "layer4.1.relu_1"),
+        ("layer1", "layer1.1.relu_1"),
         ("layer4.1.relu_1", "layer4.1.relu_1"),
     ]
     for i, result in enumerate(response.results):
         assert [o.key for o in result.outputs] == nodes
-        assert [o.node for o in result.outputs] == ["layer4.1.relu_1", "layer1.1.relu_1",
-                                                    "layer4.1.relu_1"]
+        assert [o.node for o in result.outputs] == [
+            "layer4.1.relu_1",
+            "layer1.1.relu_1",
+            "layer4.1.relu_1",
+        ]
         deep, shallow, deep_full = (to_array(o.tensor) for o in result.outputs)
         np.testing.assert_array_equal(deep, deep_full)
         assert_close(deep, want["layer4"][i], f"layer4 image {i}")
@@ -349,11 +363,13 @@ def test_alias_resnet(
     server: RunningServer, references: dict[str, nn.Module], batches: dict[int, np.ndarray]
 ) -> None:
     batch = batches[224]
-    response = extract(server, "resnet18", raw_images(batch), ["layer4", "layer1"],
-                       aliases={"layer4": "deep"})
+    response = extract(
+        server, "resnet18", raw_images(batch), ["layer4", "layer1"], aliases={"layer4": "deep"}
+    )
     want = hooked_forward(references["resnet18"], ["layer4", "layer1"], torch.from_numpy(batch))
     assert [(n.key, n.requested, n.node) for n in response.metadata.nodes] == [
-        ("deep", "layer4", "layer4.1.relu_1"), ("layer1", "layer1", "layer1.1.relu_1"),
+        ("deep", "layer4", "layer4.1.relu_1"),
+        ("layer1", "layer1", "layer1.1.relu_1"),
     ]
     for i, result in enumerate(response.results):
         assert [o.key for o in result.outputs] == ["deep", "layer1"]
@@ -388,8 +404,9 @@ def test_token_pools_vit(
     assert tokens.shape == (2, 197, 768)
     expected = {pb.POOLING_CLS: tokens[:, 0], pb.POOLING_MEAN: tokens[:, 1:].mean(1)}
     for pool, want in expected.items():
-        response = extract(server, "vit_b_16", images, ["encoder"],
-                           output=pb.OutputOptions(pool=pool))
+        response = extract(
+            server, "vit_b_16", images, ["encoder"], output=pb.OutputOptions(pool=pool)
+        )
         assert response.metadata.nodes[0].node == "encoder.ln"
         for i, result in enumerate(response.results):
             out = result.outputs[0].tensor

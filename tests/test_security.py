@@ -77,9 +77,15 @@ def _cert(
     if ca:
         builder = builder.add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -116,22 +122,36 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA, a server certificate for 127.0.0.1/localhost and a client certificate it signed,
     plus an unrelated CA with its own client certificate."""
     d = tmp_path_factory.mktemp("pki")
-    keys = {n: ec.generate_private_key(ec.SECP256R1()) for n in
-            ("ca", "server", "client", "other_ca", "other_client")}
+    keys = {
+        n: ec.generate_private_key(ec.SECP256R1())
+        for n in ("ca", "server", "client", "other_ca", "other_client")
+    }
     ca = _cert("layertap test CA", keys["ca"], None, ca=True)
     other_ca = _cert("unrelated CA", keys["other_ca"], None, ca=True)
     _write(d, "ca", ca)
     _write(d, "other_ca", other_ca)
-    _write(d, "server", _cert("127.0.0.1", keys["server"], (ca, keys["ca"]), server=True),
-           keys["server"])
+    _write(
+        d,
+        "server",
+        _cert("127.0.0.1", keys["server"], (ca, keys["ca"]), server=True),
+        keys["server"],
+    )
     _write(d, "client", _cert("client", keys["client"], (ca, keys["ca"])), keys["client"])
-    _write(d, "other_client",
-           _cert("intruder", keys["other_client"], (other_ca, keys["other_ca"])),
-           keys["other_client"])
+    _write(
+        d,
+        "other_client",
+        _cert("intruder", keys["other_client"], (other_ca, keys["other_ca"])),
+        keys["other_client"],
+    )
     return Pki(
-        ca=d / "ca.pem", server_cert=d / "server.pem", server_key=d / "server.key",
-        client_cert=d / "client.pem", client_key=d / "client.key", other_ca=d / "other_ca.pem",
-        other_client_cert=d / "other_client.pem", other_client_key=d / "other_client.key",
+        ca=d / "ca.pem",
+        server_cert=d / "server.pem",
+        server_key=d / "server.key",
+        client_cert=d / "client.pem",
+        client_key=d / "client.key",
+        other_ca=d / "other_ca.pem",
+        other_client_cert=d / "other_client.pem",
+        other_client_key=d / "other_client.key",
     )
 
 
@@ -183,7 +203,8 @@ def _works(client: FeatureClient) -> None:
     assert [m.name for m in client.list_models()] == ["resnet18"]
     assert "fc" in [n.name for n in client.describe("resnet18").nodes]
     assert client.extract(IMAGE, model="resnet18", nodes="layer4", pool="avg")["layer4"].shape == (
-        1, 512
+        1,
+        512,
     )
     ((key, result),) = client.extract_many([IMAGE], model="resnet18", nodes="layer4", pool="avg")
     assert key == "0" and result["layer4"].shape == (1, 512)
@@ -363,9 +384,7 @@ class _Context:
         raise _Aborted
 
 
-def _intercept(
-    interceptor: security.TokenAuthInterceptor, details: _Details, handler: Any
-) -> Any:
+def _intercept(interceptor: security.TokenAuthInterceptor, details: _Details, handler: Any) -> Any:
     async def continuation(_: Any) -> Any:
         return handler
 
@@ -402,7 +421,8 @@ def test_interceptor_rejects_with_a_handler_of_the_same_kind(kind: str) -> None:
     assert replaced is not handler
     assert getattr(replaced, kind) is not None
     assert (replaced.request_streaming, replaced.response_streaming) == (
-        handler.request_streaming, handler.response_streaming
+        handler.request_streaming,
+        handler.response_streaming,
     )
     assert replaced.request_deserializer is bytes and replaced.response_serializer is bytes
     assert _rejection(replaced) == (grpc.StatusCode.UNAUTHENTICATED, security.MISSING_TOKEN)
@@ -413,8 +433,11 @@ def test_interceptor_rejects_with_a_handler_of_the_same_kind(kind: str) -> None:
 def test_interceptor_open_prefixes_and_unknown_methods() -> None:
     handler = grpc.unary_unary_rpc_method_handler(lambda r, c: r)
     interceptor = security.TokenAuthInterceptor({"alpha"}, security.OPEN_WHEN_PROBES)
-    for method in ("/grpc.health.v1.Health/Check", "/grpc.reflection.v1.ServerReflection/Info",
-                   "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+    for method in (
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1.ServerReflection/Info",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ):
         assert _intercept(interceptor, _Details(method), handler) is handler
     closed = _intercept(interceptor, _Details("/layertap.v1.FeatureService/ListModels"), handler)
     assert closed is not handler
@@ -433,7 +456,10 @@ def test_interceptor_check() -> None:
         assert interceptor.check([("authorization", f"Bearer {token}")]) == denied
     missing = (grpc.StatusCode.UNAUTHENTICATED, security.MISSING_TOKEN)
     for metadata in (
-        None, [], [("x-token", "alpha")], [("authorization", "alpha")],
+        None,
+        [],
+        [("x-token", "alpha")],
+        [("authorization", "alpha")],
         [("authorization", "Bearer alpha"), ("authorization", "Bearer alpha")],
     ):
         assert interceptor.check(metadata) == missing
@@ -460,8 +486,9 @@ def test_interceptors_follow_settings(tokens_file: Path, tmp_path: Path) -> None
 def test_server_credentials_tls_and_mtls(pki: Pki) -> None:
     tls = Settings(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key))
     assert isinstance(security.server_credentials(tls), grpc.ServerCredentials)
-    mtls = Settings(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
-                    tls_client_ca=str(pki.ca))
+    mtls = Settings(
+        tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)
+    )
     assert isinstance(security.server_credentials(mtls), grpc.ServerCredentials)
 
 

@@ -76,11 +76,12 @@ def test_server_info(server: RunningServer) -> None:
     assert list(info.devices) == [listed.models[0].device] == ["cpu"]
     service = pb.DESCRIPTOR.services_by_name["FeatureService"]
     assert list(info.methods) == [m.name for m in service.methods]
-    assert {"ExtractStream", "GetServerInfo", "GetParameters"} <= set(info.methods)
+    assert {"ExtractStream", "GetServerInfo", "GetParameters", "Compare"} <= set(info.methods)
     assert set(info.image_formats) == {"jpeg", "png", "webp", "gif", "bmp"}
     assert set(info.pools) == set(pb.Pooling.keys())
     assert set(info.input_dtypes) == {"uint8", "float32"}
-    assert set(info.output_dtypes) == {"float32", "float16", "bfloat16"}
+    assert set(info.output_dtypes) == {"float32", "float16", "bfloat16", "int8"}
+    assert list(info.heads) == []  # none configured here (test_descriptors_grpc has some)
 
 
 def test_every_advertised_capability_works(server: RunningServer) -> None:
@@ -99,10 +100,12 @@ def test_every_advertised_capability_works(server: RunningServer) -> None:
         extract(server, pb.Image(tensor=raw[dtype]))
     image = pb.Image(encoded=encode(PIXELS, "PNG"))
     for dtype in info.output_dtypes:
-        response = extract(server, image, output=pb.OutputOptions(dtype=dtype))
+        # int8 is for L2-normalised pooled descriptors only
+        pooled = {"pool": pb.POOLING_AVG, "normalize": True} if dtype == "int8" else {}
+        response = extract(server, image, output=pb.OutputOptions(dtype=dtype, **pooled))
         assert response.results[0].outputs[0].tensor.dtype == dtype
     for name in info.pools:
-        if name in ("POOLING_CLS", "POOLING_MEAN"):  # token pools: refused on NCHW by layout
+        if name in ("POOLING_CLS", "POOLING_MEAN", "POOLING_CLS_MEAN"):  # tokens: not on NCHW
             with pytest.raises(grpc.RpcError) as err:
                 extract(server, image, output=pb.OutputOptions(pool=pb.Pooling.Value(name)))
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

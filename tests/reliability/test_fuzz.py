@@ -49,9 +49,28 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 ODD_STRINGS = [
-    "", " ", ".", "..", "../../etc/passwd", "/etc/passwd", "C:\\Windows\\win.ini", "os:system",
-    "torchvision.models:resnet18", "__import__('os')", "eval", ".*", "(", "[a-z]+", "\\", "%s",
-    "{0}", "\x00", "😀", "ｓｔｅｍ", "stem\u200b.0", "x" * 300,
+    "",
+    " ",
+    ".",
+    "..",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "C:\\Windows\\win.ini",
+    "os:system",
+    "torchvision.models:resnet18",
+    "__import__('os')",
+    "eval",
+    ".*",
+    "(",
+    "[a-z]+",
+    "\\",
+    "%s",
+    "{0}",
+    "\x00",
+    "😀",
+    "ｓｔｅｍ",
+    "stem\u200b.0",
+    "x" * 300,
 ]
 
 
@@ -207,13 +226,15 @@ IMAGES = st.one_of(
 
 def model_names() -> st.SearchStrategy[str]:
     return st.integers(0, 19).flatmap(
-        lambda i: st.just("tiny")
-        if i < 14
-        else st.just("resnet18")
-        if i == 14
-        else st.text(max_size=12)
-        if i == 15
-        else st.sampled_from([*ODD_STRINGS, "TINY", "tiny ", "resnet18\x00", "resnet"])
+        lambda i: (
+            st.just("tiny")
+            if i < 14
+            else st.just("resnet18")
+            if i == 14
+            else st.text(max_size=12)
+            if i == 15
+            else st.sampled_from([*ODD_STRINGS, "TINY", "tiny ", "resnet18\x00", "resnet"])
+        )
     )
 
 

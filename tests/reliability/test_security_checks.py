@@ -164,10 +164,12 @@ def test_no_pickle_marshal_eval_exec_or_dunder_import() -> None:
 # A new call site fails here on purpose: check that it cannot see request data, then add it.
 IMPORT_SITES = {
     ("server/models.py", "import_object", "importlib.import_module(module_name)"),
+    # a factory given as a config-relative .py file (import_object's only other branch)
+    ("server/models.py", "_import_file", "spec.loader.exec_module(module)"),
     ("server/models.py", "build_model", "import_object(cfg.factory)"),
     ("server/worker.py", "_import_all", "model_loading.import_object(s)"),
-    ("server/worker.py", "_load", "_import_all(cfg.leaf_modules)"),
-    ("server/worker.py", "_load", "_import_all(cfg.autowrap_functions)"),
+    ("server/worker.py", "_catalog", "_import_all(cfg.leaf_modules)"),
+    ("server/worker.py", "_catalog", "_import_all(cfg.autowrap_functions)"),
 }
 
 
@@ -192,6 +194,7 @@ def test_imports_by_name_come_from_config_only() -> None:
     for path, fn, arg in [
         ("server/models.py", "build_model", "cfg"),
         ("server/worker.py", "_load", "cfg"),
+        ("server/worker.py", "_catalog", "cfg"),
     ]:
         tree = ast.parse((ROOT / path).read_text())
         defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn]
@@ -572,6 +575,7 @@ def _feature_calls() -> list[tuple[str, Any, Any]]:
         ),
         "GetServerInfo": pb.GetServerInfoRequest(),
         "GetParameters": pb.GetParametersRequest(model="tiny", names=["stem.0.weight"]),
+        "Compare": pb.CompareRequest(model="tiny", a=[image], b=[image], nodes=["pools"]),
     }
     service = pb.DESCRIPTOR.services_by_name["FeatureService"]
     calls = []

@@ -15,6 +15,11 @@ class Pooling(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     POOLING_GEM: _ClassVar[Pooling]
     POOLING_CLS: _ClassVar[Pooling]
     POOLING_MEAN: _ClassVar[Pooling]
+    POOLING_AVGMAX: _ClassVar[Pooling]
+    POOLING_CATAVGMAX: _ClassVar[Pooling]
+    POOLING_RMAC: _ClassVar[Pooling]
+    POOLING_RGEM: _ClassVar[Pooling]
+    POOLING_CLS_MEAN: _ClassVar[Pooling]
 
 class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +31,11 @@ POOLING_MAX: Pooling
 POOLING_GEM: Pooling
 POOLING_CLS: Pooling
 POOLING_MEAN: Pooling
+POOLING_AVGMAX: Pooling
+POOLING_CATAVGMAX: Pooling
+POOLING_RMAC: Pooling
+POOLING_RGEM: Pooling
+POOLING_CLS_MEAN: Pooling
 PRIORITY_NORMAL: Priority
 PRIORITY_LOW: Priority
 
@@ -58,7 +68,7 @@ class Preprocessing(_message.Message):
     def __init__(self, resize_size: _Optional[int] = ..., crop_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., interpolation: _Optional[str] = ..., antialias: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "weights", "weights_sha256", "input_size", "preprocessing", "device", "ready", "status_message", "random_weights", "compute_dtype")
+    __slots__ = ("name", "architecture", "weights", "weights_sha256", "input_size", "preprocessing", "device", "ready", "status_message", "random_weights", "compute_dtype", "prefix_tokens", "extraction_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +80,8 @@ class ModelInfo(_message.Message):
     STATUS_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTION_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     weights: str
@@ -81,7 +93,9 @@ class ModelInfo(_message.Message):
     status_message: str
     random_weights: bool
     compute_dtype: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., status_message: _Optional[str] = ..., random_weights: _Optional[bool] = ..., compute_dtype: _Optional[str] = ...) -> None: ...
+    prefix_tokens: int
+    extraction_mode: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., status_message: _Optional[str] = ..., random_weights: _Optional[bool] = ..., compute_dtype: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., extraction_mode: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -150,36 +164,98 @@ class ModuleInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., own_parameters: _Optional[int] = ...) -> None: ...
 
 class DescribeModelResponse(_message.Message):
-    __slots__ = ("model", "nodes", "modules", "extraction_mode")
+    __slots__ = ("model", "nodes", "modules", "extraction_mode", "extraction_reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     EXTRACTION_MODE_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTION_REASON_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     nodes: _containers.RepeatedCompositeFieldContainer[NodeInfo]
     modules: _containers.RepeatedCompositeFieldContainer[ModuleInfo]
     extraction_mode: str
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., extraction_mode: _Optional[str] = ...) -> None: ...
+    extraction_reason: str
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., nodes: _Optional[_Iterable[_Union[NodeInfo, _Mapping]]] = ..., modules: _Optional[_Iterable[_Union[ModuleInfo, _Mapping]]] = ..., extraction_mode: _Optional[str] = ..., extraction_reason: _Optional[str] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("encoded", "tensor")
+    __slots__ = ("encoded", "tensor", "regions")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     tensor: Tensor
-    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Box]
+    def __init__(self, encoded: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., regions: _Optional[_Iterable[_Union[Box, _Mapping]]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
+
+class PostStep(_message.Message):
+    __slots__ = ("op", "alpha", "head", "dim")
+    class Op(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OP_UNSPECIFIED: _ClassVar[PostStep.Op]
+        OP_L2: _ClassVar[PostStep.Op]
+        OP_POWER: _ClassVar[PostStep.Op]
+        OP_CENTER: _ClassVar[PostStep.Op]
+        OP_PCA: _ClassVar[PostStep.Op]
+        OP_WHITEN: _ClassVar[PostStep.Op]
+    OP_UNSPECIFIED: PostStep.Op
+    OP_L2: PostStep.Op
+    OP_POWER: PostStep.Op
+    OP_CENTER: PostStep.Op
+    OP_PCA: PostStep.Op
+    OP_WHITEN: PostStep.Op
+    OP_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    op: PostStep.Op
+    alpha: float
+    head: str
+    dim: int
+    def __init__(self, op: _Optional[_Union[PostStep.Op, str]] = ..., alpha: _Optional[float] = ..., head: _Optional[str] = ..., dim: _Optional[int] = ...) -> None: ...
+
+class TestTimeAugmentation(_message.Message):
+    __slots__ = ("flip", "scales")
+    FLIP_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    flip: bool
+    scales: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, flip: _Optional[bool] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
-    __slots__ = ("pool", "gem_p", "normalize", "dtype")
+    __slots__ = ("pool", "gem_p", "normalize", "dtype", "post", "concat", "concat_key", "tta", "rmac_levels", "roi_size")
     POOL_FIELD_NUMBER: _ClassVar[int]
     GEM_P_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    POST_FIELD_NUMBER: _ClassVar[int]
+    CONCAT_FIELD_NUMBER: _ClassVar[int]
+    CONCAT_KEY_FIELD_NUMBER: _ClassVar[int]
+    TTA_FIELD_NUMBER: _ClassVar[int]
+    RMAC_LEVELS_FIELD_NUMBER: _ClassVar[int]
+    ROI_SIZE_FIELD_NUMBER: _ClassVar[int]
     pool: Pooling
     gem_p: float
     normalize: bool
     dtype: str
-    def __init__(self, pool: _Optional[_Union[Pooling, str]] = ..., gem_p: _Optional[float] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[str] = ...) -> None: ...
+    post: _containers.RepeatedCompositeFieldContainer[PostStep]
+    concat: bool
+    concat_key: str
+    tta: TestTimeAugmentation
+    rmac_levels: int
+    roi_size: int
+    def __init__(self, pool: _Optional[_Union[Pooling, str]] = ..., gem_p: _Optional[float] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[str] = ..., post: _Optional[_Iterable[_Union[PostStep, _Mapping]]] = ..., concat: _Optional[bool] = ..., concat_key: _Optional[str] = ..., tta: _Optional[_Union[TestTimeAugmentation, _Mapping]] = ..., rmac_levels: _Optional[int] = ..., roi_size: _Optional[int] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
     __slots__ = ("model", "images", "nodes", "aliases", "output", "priority", "native_resolution")
@@ -303,7 +379,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("server_version", "limits", "image_formats", "input_dtypes", "pools", "output_dtypes", "models", "devices", "methods")
+    __slots__ = ("server_version", "limits", "image_formats", "input_dtypes", "pools", "output_dtypes", "models", "devices", "methods", "heads")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FORMATS_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +389,7 @@ class GetServerInfoResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     METHODS_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     limits: ServerLimits
     image_formats: _containers.RepeatedScalarFieldContainer[str]
@@ -322,7 +399,64 @@ class GetServerInfoResponse(_message.Message):
     models: _containers.RepeatedScalarFieldContainer[str]
     devices: _containers.RepeatedScalarFieldContainer[str]
     methods: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., image_formats: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., pools: _Optional[_Iterable[str]] = ..., output_dtypes: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ...) -> None: ...
+    heads: _containers.RepeatedCompositeFieldContainer[HeadInfo]
+    def __init__(self, server_version: _Optional[str] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., image_formats: _Optional[_Iterable[str]] = ..., input_dtypes: _Optional[_Iterable[str]] = ..., pools: _Optional[_Iterable[str]] = ..., output_dtypes: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[str]] = ..., methods: _Optional[_Iterable[str]] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ...) -> None: ...
+
+class HeadInfo(_message.Message):
+    __slots__ = ("name", "model", "input_dim", "components", "nodes", "pool")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIM_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    input_dim: int
+    components: int
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    pool: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., input_dim: _Optional[int] = ..., components: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ..., pool: _Optional[str] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("model", "a", "b", "nodes", "style", "native_resolution")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    STYLE_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    a: _containers.RepeatedCompositeFieldContainer[Image]
+    b: _containers.RepeatedCompositeFieldContainer[Image]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    style: bool
+    native_resolution: bool
+    def __init__(self, model: _Optional[str] = ..., a: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., b: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., style: _Optional[bool] = ..., native_resolution: _Optional[bool] = ...) -> None: ...
+
+class PairDistance(_message.Message):
+    __slots__ = ("distance", "layer_distances", "style_distance", "style_layer_distances")
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    STYLE_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    STYLE_LAYER_DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    distance: float
+    layer_distances: _containers.RepeatedScalarFieldContainer[float]
+    style_distance: float
+    style_layer_distances: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, distance: _Optional[float] = ..., layer_distances: _Optional[_Iterable[float]] = ..., style_distance: _Optional[float] = ..., style_layer_distances: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("model", "weights_sha256", "nodes", "pairs")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights_sha256: str
+    nodes: _containers.RepeatedCompositeFieldContainer[ResolvedNode]
+    pairs: _containers.RepeatedCompositeFieldContainer[PairDistance]
+    def __init__(self, model: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[ResolvedNode, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[PairDistance, _Mapping]]] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
     __slots__ = ("model", "names", "dtype")

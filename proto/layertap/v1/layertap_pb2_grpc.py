@@ -64,6 +64,11 @@ class FeatureServiceStub:
                 request_serializer=layertap_dot_v1_dot_layertap__pb2.GetParametersRequest.SerializeToString,
                 response_deserializer=layertap_dot_v1_dot_layertap__pb2.GetParametersResponse.FromString,
                 _registered_method=True)
+        self.Compare = channel.unary_unary(
+                '/layertap.v1.FeatureService/Compare',
+                request_serializer=layertap_dot_v1_dot_layertap__pb2.CompareRequest.SerializeToString,
+                response_deserializer=layertap_dot_v1_dot_layertap__pb2.CompareResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -114,6 +119,15 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compare(self, request, context):
+        """Perceptual distance between image pairs (a[i], b[i]) on configured layers (LPIPS-style,
+        unlearned): unit-normalise channels per position, squared difference, spatial mean, summed
+        over layers; optionally Gram-matrix style distances.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +160,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.GetParameters,
                     request_deserializer=layertap_dot_v1_dot_layertap__pb2.GetParametersRequest.FromString,
                     response_serializer=layertap_dot_v1_dot_layertap__pb2.GetParametersResponse.SerializeToString,
+            ),
+            'Compare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compare,
+                    request_deserializer=layertap_dot_v1_dot_layertap__pb2.CompareRequest.FromString,
+                    response_serializer=layertap_dot_v1_dot_layertap__pb2.CompareResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +329,33 @@ class FeatureService:
             '/layertap.v1.FeatureService/GetParameters',
             layertap_dot_v1_dot_layertap__pb2.GetParametersRequest.SerializeToString,
             layertap_dot_v1_dot_layertap__pb2.GetParametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layertap.v1.FeatureService/Compare',
+            layertap_dot_v1_dot_layertap__pb2.CompareRequest.SerializeToString,
+            layertap_dot_v1_dot_layertap__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,
