@@ -22,7 +22,6 @@ from ._convert import (
     RegionsArg,
     TtaArg,
     attach_regions,
-    build_request_template,
     description_from_proto,
     images_to_proto,
     merge_results,
@@ -31,6 +30,7 @@ from ._convert import (
     parameters_request,
     parse_extract_response,
     plan_requests,
+    request_template,
     server_info_from_proto,
 )
 from ._options import (
@@ -210,18 +210,10 @@ class AsyncFeatureClient:
         timeout: Timeout = UNSET,
     ) -> CompareResult:
         """Perceptual distance of each pair; see FeatureClient.compare."""
+        arguments = locals()
         info = await self._limits(timeout) if several_pairs(a) else self._info
         requests = await _maybe_offload(
-            _is_large_input(a) or _is_large_input(b),
-            lambda: compare_requests(
-                a,
-                b,
-                model=model,
-                nodes=nodes,
-                style=style,
-                native_resolution=native_resolution,
-                info=info,
-            ),
+            _is_large_input(a) or _is_large_input(b), lambda: compare_requests(arguments, info)
         )
         responses = [await self._call("Compare", r, timeout) for r in requests]
         return parse_compare_responses(responses)
@@ -250,22 +242,7 @@ class AsyncFeatureClient:
         """Activations of ``nodes`` for one image or a list of images; see
         FeatureClient.extract (descriptor options, regions, and the split into several calls
         past server limits, which keeps each image's regions with it)."""
-        template = build_request_template(
-            model=model,
-            nodes=nodes,
-            pool=pool,
-            gem_p=gem_p,
-            normalize=normalize,
-            dtype=dtype,
-            priority=priority,
-            native_resolution=native_resolution,
-            post=post,
-            concat=concat,
-            concat_key=concat_key,
-            tta=tta,
-            rmac_levels=rmac_levels,
-            roi_size=roi_size,
-        )
+        template = request_template(locals())
         proto_images = await _maybe_offload(
             _is_large_input(images), lambda: images_to_proto(images)
         )
@@ -316,29 +293,7 @@ class AsyncFeatureClient:
         the server's limits are read (once per client) when iteration starts.
         """
         options = bulk_options(
-            model=model,
-            nodes=nodes,
-            pool=pool,
-            gem_p=gem_p,
-            normalize=normalize,
-            dtype=dtype,
-            post=post,
-            concat=concat,
-            concat_key=concat_key,
-            tta=tta,
-            rmac_levels=rmac_levels,
-            roi_size=roi_size,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            ordered=ordered,
-            progress=progress,
-            transport=transport,
-            errors=errors,
-            priority=priority,
-            native_resolution=native_resolution,
-            timeout=resolve_timeout(timeout, self.timeout),
-            retries=self.retries,
-            client_max_message_bytes=self._max_message_bytes,
+            locals(), resolve_timeout(timeout, self.timeout), self.retries, self._max_message_bytes
         )
         return self._extract_many(items, options, timeout)
 

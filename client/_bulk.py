@@ -26,7 +26,14 @@ import itertools
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,10 +43,6 @@ import grpc.aio
 from layertap.v1 import layertap_pb2 as pb
 
 from ._convert import (
-    NodesArg,
-    PostArg,
-    TtaArg,
-    build_request_template,
     check_image,
     image_budget,
     image_to_proto,
@@ -47,6 +50,7 @@ from ._convert import (
     images_per_request,
     parse_boxes,
     parse_extract_response,
+    request_template,
     split_result,
     with_images,
 )
@@ -87,6 +91,10 @@ class BulkOptions:
     client_max_message_bytes: int
 
 
+_RUN_OPTIONS = ("batch_size", "concurrency", "ordered", "progress", "transport", "errors")
+"""The keyword arguments of ``extract_many`` that shape the run rather than the request."""
+
+
 def check_bulk_args(
     batch_size: int, concurrency: int, transport: str, errors: str, ordered: bool
 ) -> None:
@@ -103,57 +111,21 @@ def check_bulk_args(
 
 
 def bulk_options(
-    *,
-    model: str,
-    nodes: NodesArg,
-    pool: str | None,
-    gem_p: float,
-    normalize: bool,
-    dtype: str,
-    batch_size: int,
-    concurrency: int,
-    ordered: bool,
-    progress: bool | None,
-    transport: Transport,
-    errors: ErrorMode,
-    priority: str,
-    native_resolution: bool,
+    arguments: Mapping[str, Any],
     timeout: float | None,
     retries: int,
     client_max_message_bytes: int,
-    post: PostArg = None,
-    concat: bool = False,
-    concat_key: str | None = None,
-    tta: TtaArg = None,
-    rmac_levels: int = 0,
-    roi_size: int = 0,
 ) -> BulkOptions:
-    """Validate ``extract_many``'s arguments into BulkOptions (shared by both clients)."""
-    check_bulk_args(batch_size, concurrency, transport, errors, ordered)
-    template = build_request_template(
-        model=model,
-        nodes=nodes,
-        pool=pool,
-        gem_p=gem_p,
-        normalize=normalize,
-        dtype=dtype,
-        priority=priority,
-        native_resolution=native_resolution,
-        post=post,
-        concat=concat,
-        concat_key=concat_key,
-        tta=tta,
-        rmac_levels=rmac_levels,
-        roi_size=roi_size,
+    """Validate the arguments of an ``extract_many`` call of either client (its ``locals()``:
+    the request's options, see :func:`request_template`, and the run's) into BulkOptions;
+    ``timeout`` is the call's, resolved against the client's default."""
+    run = {name: arguments[name] for name in _RUN_OPTIONS}
+    check_bulk_args(
+        run["batch_size"], run["concurrency"], run["transport"], run["errors"], run["ordered"]
     )
     return BulkOptions(
-        template=template,
-        batch_size=batch_size,
-        concurrency=concurrency,
-        ordered=ordered,
-        progress=progress,
-        transport=transport,
-        errors=errors,
+        template=request_template(arguments),
+        **run,
         retries=retries,
         timeout=timeout,
         client_max_message_bytes=client_max_message_bytes,

@@ -8,25 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, MutableMapping
 from pathlib import Path
 
+from ._cli_args import Subcommands
 from ._compare import CompareResult
 from ._sync import FeatureClient
 
-Command = Callable[[FeatureClient, argparse.Namespace], int]
 
-
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    common: argparse.ArgumentParser,
-    commands: MutableMapping[str, Command],
-) -> None:
-    """Add the ``compare`` subcommand to the ``layertap`` parser and its handler to the
-    command table (one call from client/cli.py)."""
-    p = sub.add_parser(
+def register(subcommands: Subcommands) -> None:
+    """Add the ``compare`` subcommand (one call from client/cli.py)."""
+    p = subcommands.add(
         "compare",
-        parents=[common],
+        run,
         help="perceptual (LPIPS-style) distance of image pairs, computed on the server",
         description="Distance of each pair (A, B), (A2, B2), ...: feature maps of the chosen "
         "nodes, channels unit-normalised at each position, squared difference, mean over "
@@ -50,7 +43,6 @@ def register(
     )
     p.add_argument("--layers", action="store_true", help="also print every node's term")
     p.add_argument("--json", action="store_true", help="one JSON object per pair")
-    commands["compare"] = run
 
 
 def _nodes(values: list[str] | None) -> list[str] | None:

@@ -23,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from ._cli_args import positive_int
 from ._convert import POST_FORMS, parse_post_step
 from .errors import FeatureServiceError
 
@@ -542,16 +543,6 @@ def _scales(text: str) -> list[float]:
     return values
 
 
-def _levels(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def add_descriptor_arguments(parser: argparse.ArgumentParser) -> None:
     """The descriptor options of ``layertap extract`` (see FeatureClient.extract)."""
     parser.add_argument(
@@ -582,10 +573,29 @@ def add_descriptor_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--rmac-levels",
-        type=_levels,
+        type=positive_int,
         default=0,
         metavar="L",
         help="R-MAC / R-GeM region levels (--pool rmac/rgem; default: 3)",
+    )
+
+
+def options_from_args(args: argparse.Namespace, output: Path, **fields: Any) -> Options:
+    """The bulk run's :class:`Options` for a subcommand that took ``add_input_arguments``,
+    ``add_bulk_arguments`` (:mod:`._cli_args`), --pool, --gem-p and --no-progress, writing
+    ``output``; ``fields``: any further Options fields."""
+    return Options(
+        inputs=[Path(p) for p in args.images],
+        output=output,
+        model=args.model,
+        nodes=list(args.nodes),
+        pool=args.pool,
+        gem_p=args.gem_p,
+        recursive=args.recursive,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        progress=not args.no_progress,
+        **fields,
     )
 
 

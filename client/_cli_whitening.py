@@ -13,48 +13,32 @@ import argparse
 import io
 import sys
 import tempfile
-from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from . import _cli_extract, _whitening
+from ._cli_args import Subcommands, add_bulk_arguments, add_input_arguments, positive_float
 from ._convert import POOLING
 
 if TYPE_CHECKING:
     from ._sync import FeatureClient
 
-Command = Callable[["FeatureClient", argparse.Namespace], int]
 
-
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    common: argparse.ArgumentParser,
-    commands: MutableMapping[str, Command],
-) -> None:
-    """Add the ``fit-whitening`` subcommand to the ``layertap`` parser and its handler to the
-    command table (one call from client/cli.py)."""
-    from .cli import _positive_float, _positive_int  # cli imports this module first
-
-    p = sub.add_parser(
+def register(subcommands: Subcommands) -> None:
+    """Add the ``fit-whitening`` subcommand (one call from client/cli.py)."""
+    p = subcommands.add(
         "fit-whitening",
-        parents=[common],
+        command,
         help="fit a PCA-whitening head (.npz) over descriptors of a folder of images",
         description="Extract a pooled descriptor of every image (like `layertap extract DIR`), "
         "L2-normalise them and fit their mean, principal axes and variances. Register the "
         "written .npz in the server config as a [[heads]] entry; requests then ask for "
         "post=['l2', 'whiten:NAME'] (or 'pca:NAME:DIM').",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or directories")
-    p.add_argument("--model", required=True)
-    p.add_argument(
-        "-n",
-        "--node",
-        action="append",
-        required=True,
-        dest="nodes",
-        help="node to pool (repeat with --concat for a multi-node descriptor)",
+    add_input_arguments(
+        p, node_help="node to pool (repeat with --concat for a multi-node descriptor)"
     )
     p.add_argument(
         "--concat",
@@ -64,7 +48,7 @@ def register(
     )
     pools = [name for name in POOLING if name != "raw"]
     p.add_argument("--pool", choices=pools, default="gem", help="default: gem")
-    p.add_argument("--gem-p", type=_positive_float, default=3.0)
+    p.add_argument("--gem-p", type=positive_float, default=3.0)
     p.add_argument(
         "--dim",
         type=int,
@@ -92,15 +76,8 @@ def register(
         help="keep the extracted descriptors in this .npz (a rerun resumes from it and "
         "refits without extracting again); default: a temporary file",
     )
-    p.add_argument(
-        "-r", "--recursive", action="store_true", help="also take images in subdirectories"
-    )
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per request")
-    p.add_argument(
-        "--concurrency", type=_positive_int, default=4, help="requests in flight at once"
-    )
+    add_bulk_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    commands["fit-whitening"] = command
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -126,18 +103,7 @@ def descriptors(
 ) -> tuple[list[str], np.ndarray, int]:
     """Extract (or resume) the pooled descriptors into ``path``; return ids, the
     L2-normalised (concatenated) descriptors [n, D] and the bulk run's exit code."""
-    opts = _cli_extract.Options(
-        inputs=[Path(p) for p in args.images],
-        output=path,
-        model=args.model,
-        nodes=list(args.nodes),
-        pool=args.pool,
-        gem_p=args.gem_p,
-        recursive=args.recursive,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        progress=not args.no_progress,
-    )
+    opts = _cli_extract.options_from_args(args, path)
     # A temporary file's summary would only name a path that is about to go: keep the
     # summary for failures (which it lists) and for a --descriptors file the user keeps.
     summary = io.StringIO()

@@ -6,8 +6,9 @@ AsyncFeatureClient.compare, so the two cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def _as_nodes(nodes: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def compare_requests(
+def build_compare_requests(
     a: ImageLike | Sequence[ImageLike],
     b: ImageLike | Sequence[ImageLike],
     *,
@@ -100,6 +101,21 @@ def compare_requests(
         request.b.extend(images_b[start : start + per_call])
         requests.append(request)
     return requests
+
+
+COMPARE_ARGUMENTS = ("a", "b", "model", "nodes", "style", "native_resolution")
+"""The arguments of ``compare`` (both clients) that go into the requests."""
+
+
+def compare_requests(
+    arguments: Mapping[str, Any], info: ServerInfo | None
+) -> list[pb.CompareRequest]:
+    """The requests of a ``compare`` call of either client, from that call's arguments (its
+    ``locals()``, of which the :data:`COMPARE_ARGUMENTS` are read); see
+    :func:`build_compare_requests`."""
+    return build_compare_requests(
+        **{name: arguments[name] for name in COMPARE_ARGUMENTS}, info=info
+    )
 
 
 def parse_compare_responses(responses: Sequence[pb.CompareResponse]) -> CompareResult:

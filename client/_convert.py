@@ -610,45 +610,54 @@ def build_request_template(
     *,
     model: str,
     nodes: NodesArg,
-    pool: str | None,
-    gem_p: float,
-    normalize: bool,
-    dtype: str,
     priority: str = "normal",
     native_resolution: bool = False,
-    post: PostArg = None,
-    concat: bool = False,
-    concat_key: str | None = None,
-    tta: TtaArg = None,
-    rmac_levels: int = 0,
-    roi_size: int = 0,
+    **output: Any,
 ) -> pb.ExtractRequest:
-    """Validate every option client-side and build an ExtractRequest without images."""
+    """Validate every option client-side and build an ExtractRequest without images.
+    ``output``: the keywords of :func:`build_output_options` (pool, gem_p, normalize, dtype,
+    post, concat, concat_key, tta, rmac_levels, roi_size)."""
     if not isinstance(model, str) or not model:
         raise ValueError("model must be a non-empty model name (see list_models())")
     names, aliases = normalize_nodes(nodes)
-    output = build_output_options(
-        pool=pool,
-        gem_p=gem_p,
-        normalize=normalize,
-        dtype=dtype,
-        post=post,
-        concat=concat,
-        concat_key=concat_key,
-        tta=tta,
-        rmac_levels=rmac_levels,
-        roi_size=roi_size,
-    )
+    options = build_output_options(**output)
     if not isinstance(native_resolution, bool):
         raise TypeError(f"native_resolution must be a bool, got {native_resolution!r}")
     return pb.ExtractRequest(
         model=model,
         nodes=names,
         aliases=aliases,
-        output=output,
+        output=options,
         priority=parse_priority(priority),
         native_resolution=native_resolution,
     )
+
+
+EXTRACT_OPTIONS = (
+    "model",
+    "nodes",
+    "priority",
+    "native_resolution",
+    "pool",
+    "gem_p",
+    "normalize",
+    "dtype",
+    "post",
+    "concat",
+    "concat_key",
+    "tta",
+    "rmac_levels",
+    "roi_size",
+)
+"""The keyword arguments of ``extract`` and ``extract_many`` (both clients) that go into the
+request: all but the images, their regions, the timeout and extract_many's run options."""
+
+
+def request_template(arguments: Mapping[str, Any]) -> pb.ExtractRequest:
+    """The validated ExtractRequest (no images) for a call of ``extract`` or ``extract_many``
+    of either client, from that call's arguments (its ``locals()``, of which the
+    :data:`EXTRACT_OPTIONS` are read): the one place their options become a request."""
+    return build_request_template(**{name: arguments[name] for name in EXTRACT_OPTIONS})
 
 
 def with_images(template: pb.ExtractRequest, images: Sequence[pb.Image]) -> pb.ExtractRequest:
@@ -660,33 +669,11 @@ def with_images(template: pb.ExtractRequest, images: Sequence[pb.Image]) -> pb.E
 
 
 def build_extract_request(
-    images: ImageLike | Sequence[ImageLike],
-    *,
-    model: str,
-    nodes: NodesArg,
-    pool: str | None,
-    gem_p: float,
-    normalize: bool,
-    dtype: str,
-    priority: str = "normal",
-    native_resolution: bool = False,
-    regions: RegionsArg = None,
-    **descriptor: Any,
+    images: ImageLike | Sequence[ImageLike], *, regions: RegionsArg = None, **options: Any
 ) -> tuple[pb.ExtractRequest, int]:
     """Validate everything client-side and build the request; returns it and the image count.
-    ``descriptor``: post, concat, concat_key, tta, rmac_levels, roi_size (see
-    :func:`build_output_options`)."""
-    template = build_request_template(
-        model=model,
-        nodes=nodes,
-        pool=pool,
-        gem_p=gem_p,
-        normalize=normalize,
-        dtype=dtype,
-        priority=priority,
-        native_resolution=native_resolution,
-        **descriptor,
-    )
+    ``options``: the keywords of :func:`build_request_template`."""
+    template = build_request_template(**options)
     proto_images = images_to_proto(images)
     attach_regions(proto_images, regions)
     return with_images(template, proto_images), len(proto_images)

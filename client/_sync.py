@@ -24,7 +24,6 @@ from ._convert import (
     RegionsArg,
     TtaArg,
     attach_regions,
-    build_request_template,
     description_from_proto,
     images_to_proto,
     merge_results,
@@ -33,6 +32,7 @@ from ._convert import (
     parameters_request,
     parse_extract_response,
     plan_requests,
+    request_template,
     server_info_from_proto,
 )
 from ._options import (
@@ -248,15 +248,7 @@ class FeatureClient:
         takes). Pairs past the server's ``max_images_per_request`` (both sides count) are
         split into several calls; ``timeout`` applies to each."""
         info = self._limits(timeout) if several_pairs(a) else self._info
-        requests = compare_requests(
-            a,
-            b,
-            model=model,
-            nodes=nodes,
-            style=style,
-            native_resolution=native_resolution,
-            info=info,
-        )
+        requests = compare_requests(locals(), info)
         responses = [self._call(self._stub.Compare, r, timeout) for r in requests]
         return parse_compare_responses(responses)
 
@@ -321,22 +313,7 @@ class FeatureClient:
         client when a call has several images. For thousands of images use
         :meth:`extract_many`.
         """
-        template = build_request_template(
-            model=model,
-            nodes=nodes,
-            pool=pool,
-            gem_p=gem_p,
-            normalize=normalize,
-            dtype=dtype,
-            priority=priority,
-            native_resolution=native_resolution,
-            post=post,
-            concat=concat,
-            concat_key=concat_key,
-            tta=tta,
-            rmac_levels=rmac_levels,
-            roi_size=roi_size,
-        )
+        template = request_template(locals())
         proto_images = images_to_proto(images)
         attach_regions(proto_images, regions)
         info = self._limits(timeout) if len(proto_images) > 1 else self._info
@@ -408,29 +385,7 @@ class FeatureClient:
         channel (same target, credentials and options); breaking out of the loop cancels it.
         """
         options = bulk_options(
-            model=model,
-            nodes=nodes,
-            pool=pool,
-            gem_p=gem_p,
-            normalize=normalize,
-            dtype=dtype,
-            post=post,
-            concat=concat,
-            concat_key=concat_key,
-            tta=tta,
-            rmac_levels=rmac_levels,
-            roi_size=roi_size,
-            batch_size=batch_size,
-            concurrency=concurrency,
-            ordered=ordered,
-            progress=progress,
-            transport=transport,
-            errors=errors,
-            priority=priority,
-            native_resolution=native_resolution,
-            timeout=resolve_timeout(timeout, self.timeout),
-            retries=self.retries,
-            client_max_message_bytes=self._max_message_bytes,
+            locals(), resolve_timeout(timeout, self.timeout), self.retries, self._max_message_bytes
         )
         info = self._limits(timeout)
         return self._extract_many(items, options, info)

@@ -12,7 +12,7 @@ import io
 import os
 import sys
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,14 @@ import grpc
 import numpy as np
 
 from . import _cli_compare, _cli_extract, _cli_whitening
+from ._cli_args import (
+    Command,
+    Subcommands,
+    add_bulk_arguments,
+    add_input_arguments,
+    positive_float,
+    positive_int,
+)
 from ._cli_tree import tree_rows
 from ._convert import OUTPUT_DTYPES, POOLING
 from ._options import DEFAULT_TARGET
@@ -43,26 +51,6 @@ def _default_target() -> str:
     return os.environ.get("LAYERTAP_TARGET") or DEFAULT_TARGET
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
 def _build_parser() -> argparse.ArgumentParser:
     # Global options are accepted before or after the subcommand; SUPPRESS keeps a value given
     # before it from being reset by the subparser's default.
@@ -74,7 +62,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=argparse.SUPPRESS,
         help="per-call deadline in seconds (default: 30)",
     )
@@ -130,7 +118,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the module hierarchy, with each module's type and output shape and layout",
     )
     nodes.add_argument(
-        "--depth", type=_positive_int, metavar="N", help="with --tree: show N levels at most"
+        "--depth", type=positive_int, metavar="N", help="with --tree: show N levels at most"
     )
 
     ext = sub.add_parser(
@@ -142,18 +130,9 @@ def _build_parser() -> argparse.ArgumentParser:
         ".npy/.parquet output, every image is extracted with a progress bar into the output "
         "with its id (path relative to the directory); a rerun skips images already there.",
     )
-    ext.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or directories")
-    ext.add_argument("--model", required=True)
-    ext.add_argument(
-        "-n",
-        "--node",
-        action="append",
-        required=True,
-        dest="nodes",
-        help="node name (repeat for several)",
-    )
+    add_input_arguments(ext, node_help="node name (repeat for several)")
     ext.add_argument("--pool", choices=list(POOLING), default=None)
-    ext.add_argument("--gem-p", type=_positive_float, default=3.0)
+    ext.add_argument("--gem-p", type=positive_float, default=3.0)
     ext.add_argument("--normalize", action="store_true", help="L2-normalise each output")
     ext.add_argument(
         "--dtype",
@@ -169,16 +148,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="output file: .npz (ids + one array per node), .npy (one pooled node; ids in "
         "NAME.ids.txt) or .parquet (id + one list column per node; needs layertap[parquet])",
     )
-    ext.add_argument(
-        "-r", "--recursive", action="store_true", help="also take images in subdirectories"
-    )
-    ext.add_argument("--batch-size", type=_positive_int, default=8, help="images per request")
-    ext.add_argument(
-        "--concurrency", type=_positive_int, default=4, help="requests in flight at once"
-    )
+    add_bulk_arguments(ext)
     ext.add_argument(
         "--checkpoint-every",
-        type=_positive_int,
+        type=positive_int,
         default=500,
         metavar="K",
         help="rewrite the output (atomically) every K new images, so an interrupted run "
@@ -195,14 +168,14 @@ def _build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--model", required=True)
     maps.add_argument("-n", "--node", required=True)
     maps.add_argument(
-        "--channels", type=_positive_int, default=16, metavar="K", help="tiles (default: 16)"
+        "--channels", type=positive_int, default=16, metavar="K", help="tiles (default: 16)"
     )
     maps.add_argument(
         "--top", action="store_true", help="the K most active channels instead of the first K"
     )
     maps.add_argument(
         "--max-size",
-        type=_positive_int,
+        type=positive_int,
         default=1024,
         metavar="PX",
         help="shrink the photo to this longer side first (default: 1024)",
@@ -219,11 +192,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "-n", "--node", required=True, help="conv layer (module path) or its weight's name"
     )
     filters.add_argument(
-        "--count", type=_positive_int, default=64, metavar="K", help="kernels shown (default: 64)"
+        "--count", type=positive_int, default=64, metavar="K", help="kernels shown (default: 64)"
     )
     filters.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
-    _cli_whitening.register(sub, common, _COMMANDS)
-    _cli_compare.register(sub, common, _COMMANDS)
+    subcommands = Subcommands(sub, common, _COMMANDS)
+    _cli_whitening.register(subcommands)
+    _cli_compare.register(subcommands)
     return parser
 
 
@@ -314,20 +288,12 @@ def _cmd_extract(client: FeatureClient, args: argparse.Namespace) -> int:
     if _bulk(args):
         if args.output is None:
             raise ValueError("extracting a directory needs -o/--output (.npz, .npy or .parquet)")
-        opts = _cli_extract.Options(
-            inputs=[Path(p) for p in args.images],
-            output=args.output,
-            model=args.model,
-            nodes=args.nodes,
-            pool=args.pool,
-            gem_p=args.gem_p,
+        opts = _cli_extract.options_from_args(
+            args,
+            args.output,
             normalize=args.normalize,
             dtype=args.dtype,
-            recursive=args.recursive,
-            batch_size=args.batch_size,
-            concurrency=args.concurrency,
             checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress,
             **_cli_extract.descriptor_options(args),
         )
         try:
@@ -454,7 +420,7 @@ def _cmd_show_filters(client: FeatureClient, args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS: dict[str, Callable[[FeatureClient, argparse.Namespace], int]] = {
+_COMMANDS: dict[str, Command] = {
     "models": _cmd_models,
     "nodes": _cmd_nodes,
     "extract": _cmd_extract,

@@ -16,7 +16,7 @@ import contextlib
 import difflib
 import io
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -73,10 +73,28 @@ class Catalog:
     skipped: dict[str, str] = field(default_factory=dict, repr=False)
     by_name: dict[str, NodeSpec] = field(init=False, repr=False)
     order: dict[str, int] = field(init=False, repr=False)  # execution position of each node
+    token_counts: frozenset[int] = field(init=False, repr=False)  # L of every NLC node
 
     def __post_init__(self) -> None:
         self.by_name = {n.name: n for n in self.nodes}
         self.order = {n.name: i for i, n in enumerate(self.nodes)}
+        self.token_counts = frozenset(
+            n.shape[1] for n in self.nodes if n.layout == "NLC" and len(n.shape) == 3
+        )
+
+    def prefix_tokens(self, name: str, model_prefix: int) -> int:
+        """The leading CLS/register tokens of node `name` when the model has `model_prefix` of
+        them (ModelInfo.prefix_tokens): that count for its token outputs, except those computed
+        before the prefix tokens are prepended (ViT's `permute`, DINOv2's `patch_embed`: L
+        patch tokens where the blocks carry L + model_prefix), which have none; 0 for
+        non-token nodes. Token pools must skip exactly these (`cls` on a patch embedding has no
+        CLS token to return)."""
+        node = self.by_name[name]
+        if model_prefix <= 0 or node.layout != "NLC" or len(node.shape) != 3:
+            return 0
+        if node.shape[1] + model_prefix in self.token_counts:
+            return 0  # another node has these tokens plus the prefix: they were prepended later
+        return model_prefix
 
     def in_order(self, names: Iterable[str]) -> tuple[str, ...]:
         """Full node names, deduplicated, in execution order: the extractor cache key, so
@@ -113,6 +131,13 @@ class Catalog:
                 f"module {shown} {self.skipped[requested]}: this model is served through forward "
                 f"hooks, which return module outputs that are batch-first tensors{hint}. Hint: "
                 "ask for one of its submodules (DescribeModel lists the nodes)."
+            )
+        if requested in self.all_names and self.mode == "hooks":
+            return (
+                f"module {shown} did not return a tensor in the forward at load (it did not run "
+                f"for a {self.input_size[0]}x{self.input_size[1]} input, or it is a container "
+                f"such as a ModuleList that is never called){hint}. Hint: call DescribeModel "
+                "for the modules that are nodes."
             )
         if requested in self.all_names:
             return (
@@ -176,11 +201,78 @@ def _layout(base: tuple[int, ...], probe: tuple[int, ...] | None) -> str:
     return ""
 
 
+def _flattens_a_map(
+    node: fx.Node, base: dict[str, tuple[int, ...]], layouts: dict[fx.Node, str]
+) -> bool:
+    """Whether a 3-D node [N, C, H*W] is an NCHW input node [N, C, H, W] with its spatial dims
+    flattened (`x.reshape(n, c, h * w)`, `x.flatten(2)`): channels first, so not NLC tokens.
+    Used when no probe told the spatial dims apart (a model that fixes its input size)."""
+    out = base.get(node.name)
+    if out is None or len(out) != 3:
+        return False
+    for source in node.all_input_nodes:
+        shape = base.get(source.name)
+        if (
+            layouts.get(source) == "NCHW"
+            and shape is not None
+            and len(shape) == 4
+            and shape[:2] == out[:2]
+            and shape[2] * shape[3] == out[2]
+            and shape[2] * shape[3] != shape[1]  # square cases stay ambiguous: keep NLC
+        ):
+            return True
+    return False
+
+
 def _target_name(node: fx.Node, root: nn.Module) -> str:
     if node.op == "call_module":
         return type(root.get_submodule(str(node.target))).__name__
     target = node.target
     return getattr(target, "__name__", str(target))
+
+
+def default_prefix_tokens(module: nn.Module) -> int:
+    """Leading CLS/register tokens of a module's token outputs, read from its attributes (for
+    `prefix_tokens = -1`): timm's `num_prefix_tokens`; else 1 for a CLS token tensor
+    (torchvision's `class_token`, DINOv2's and timm's `cls_token`) plus DINOv2's
+    `num_register_tokens`; else 0."""
+    timm = getattr(module, "num_prefix_tokens", None)
+    if isinstance(timm, int) and not isinstance(timm, bool) and timm >= 0:
+        return timm
+    cls = any(
+        isinstance(getattr(module, a, None), torch.Tensor) for a in ("class_token", "cls_token")
+    )
+    registers = getattr(module, "num_register_tokens", 0)
+    if isinstance(registers, bool) or not isinstance(registers, int) or registers < 0:
+        registers = 0
+    return int(cls) + registers
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _state_restored(model: nn.Module) -> Iterator[None]:
+    """Put every module's attributes, buffers, parameters and children back as they were.
+
+    Symbolic tracing runs the model's Python forward on Proxies, and shape propagation runs leaf
+    modules on fake tensors: code that caches on the module (`if self.grid is None: self.grid =
+    ...`) would keep a Proxy or a fake tensor there and break every real forward after it (the
+    hooks fallback's, or another entry's sharing this module)."""
+    saved = [
+        (m, [(store, dict(store)) for store in (m.__dict__, m._buffers, m._parameters, m._modules)])
+        for m in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for _, stores in saved:
+            for store, before in stores:
+                for key in [k for k in store if k not in before]:
+                    del store[key]
+                for key, value in before.items():
+                    if store.get(key, _MISSING) is not value:
+                        store[key] = value
 
 
 def build_catalog(
@@ -191,20 +283,23 @@ def build_catalog(
 ) -> Catalog:
     """Trace the eval graph and find its batch-dependent tensor nodes with their shapes."""
     model.eval()
-    tracer = _tracer(leaf_modules, autowrap_functions)
-    graph = tracer.trace(model)
-    gm = fx.GraphModule(tracer.root, graph)
     h, w = input_size
-    # The probe (a larger input) tells spatial dims from channels; models that fix their input
-    # size (ViT) refuse it, which is fine. Base runs last so node.meta keeps the real shapes.
-    with contextlib.redirect_stderr(io.StringIO()):
-        probe = _propagate(gm, (2, 3, h + 64, w + 64))
-    base = _propagate(gm, (2, 3, h, w))
+    with _state_restored(model):  # a failed trace must not leave Proxies behind (hooks fallback)
+        tracer = _tracer(leaf_modules, autowrap_functions)
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph)
+        # The probe (a larger input) tells spatial dims from channels; models that fix their
+        # input size (ViT) refuse it, which is fine. Base runs last so node.meta keeps the real
+        # shapes.
+        with contextlib.redirect_stderr(io.StringIO()):
+            probe = _propagate(gm, (2, 3, h + 64, w + 64))
+        base = _propagate(gm, (2, 3, h, w))
     if base is None:
         raise RuntimeError(f"shape propagation failed at input {h}x{w}")
 
     # batch-dependent: computed from the input, a tensor, batch on dim 0
     depends: set[fx.Node] = set()
+    layouts: dict[fx.Node, str] = {}
     nodes: list[NodeSpec] = []
     fx_nodes: dict[str, fx.Node] = {}
     for node in graph.nodes:
@@ -221,14 +316,18 @@ def build_catalog(
             continue
         one = (1, *shape[1:])
         probe_shape = probe.get(node.name) if probe else None
+        if not probe_shape or len(probe_shape) != len(shape):
+            probe_shape = None
+        layout = _layout(shape, probe_shape)
+        if probe_shape is None and layout == "NLC" and _flattens_a_map(node, base, layouts):
+            layout = ""  # [N, C, H*W] (ViT's reshape before its permute): not tokens
+        layouts[node] = layout
         nodes.append(
             NodeSpec(
                 name=name,
                 shape=one,
                 dtype=WIRE_DTYPES.get(meta.dtype, str(meta.dtype).replace("torch.", "")),
-                layout=_layout(
-                    shape, probe_shape if probe_shape and len(probe_shape) == len(shape) else None
-                ),
+                layout=layout,
                 op=node.op,
                 target=_target_name(node, tracer.root),
             )

@@ -33,16 +33,23 @@ VGG16_NODES = ("features.3", "features.8", "features.15", "features.22", "featur
 DEFAULT_NODES = {"vgg16": VGG16_NODES}
 # LPIPS's normalisation epsilon: x / (||x|| + eps) over channels at each position.
 EPS = 1e-10
+# The pair math runs in float64 on slices of this many map elements (32 MiB), not whole maps.
+CHUNK_ELEMENTS = 1 << 22
 MAP_LAYOUTS = ("NCHW", "NHWC", "NLC")
+# Nodes one Compare may name (resolved on the event loop; a message could carry millions).
+MAX_NODES = 128
 _RAW = OutputSpec(pool="raw", dtype="float32")
 
 
 # --------------------------------------------------------------------------- the formulas
 
 
-def positions(x: torch.Tensor, layout: str, n_prefix: int = 0) -> torch.Tensor:
+def positions(
+    x: torch.Tensor, layout: str, n_prefix: int = 0, dtype: torch.dtype | None = torch.float64
+) -> torch.Tensor:
     """One image's map ([C, H, W], [H, W, C] or [L, C] tokens) → float64 [C, P]: channels by
-    positions. Tokens are positions; the leading `n_prefix` (CLS/register) tokens are not."""
+    positions. Tokens are positions; the leading `n_prefix` (CLS/register) tokens are not.
+    `dtype` None: the map's own dtype, a view where the layout allows (no copy)."""
     if layout == "NCHW":
         f = x.reshape(x.shape[0], -1)
     elif layout == "NHWC":
@@ -52,7 +59,7 @@ def positions(x: torch.Tensor, layout: str, n_prefix: int = 0) -> torch.Tensor:
         f = tokens.T
     else:
         raise InvalidArgument(f"cannot compare layout {layout!r}; use NCHW, NHWC or NLC nodes")
-    return f.to(torch.float64)
+    return f if dtype is None else f.to(dtype)
 
 
 def unit_channels(f: torch.Tensor) -> torch.Tensor:
@@ -77,6 +84,26 @@ def style_distance(fa: torch.Tensor, fb: torch.Tensor) -> float:
     return float((gram(fa) - gram(fb)).pow(2).sum())
 
 
+def node_terms(fa: torch.Tensor, fb: torch.Tensor, style: bool) -> tuple[float, float]:
+    """(layer_distance, style_distance) of two [C, P] maps in any float dtype, computed in
+    float64 over slices of positions (CHUNK_ELEMENTS each), so a native-resolution map never
+    has whole float64 copies: the same values as the formulas above, in bounded memory."""
+    c, p = fa.shape
+    step = max(1, CHUNK_ELEMENTS // max(c, 1))
+    squares = 0.0
+    ga = torch.zeros((c, c), dtype=torch.float64)
+    gb = torch.zeros((c, c), dtype=torch.float64)
+    for start in range(0, p, step):
+        a = fa[:, start : start + step].to(torch.float64)
+        b = fb[:, start : start + step].to(torch.float64)
+        squares += float((unit_channels(a) - unit_channels(b)).pow(2).sum())
+        if style:
+            ga += a @ a.T
+            gb += b @ b.T
+    layer = squares / p
+    return layer, float(((ga - gb) / (c * p)).pow(2).sum()) if style else 0.0
+
+
 @dataclass(frozen=True)
 class Distances:
     layers: list[float]
@@ -87,18 +114,19 @@ def pair_distances(
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
     nodes: Sequence[NodeSpec],
-    n_prefix: int,
+    prefix: Mapping[str, int],
     style: bool,
 ) -> Distances:
     """Every node's terms for one pair (raw maps of one image each, keyed by full node name)."""
     layers, styles = [], []
     with torch.inference_mode():
         for node in nodes:
-            fa = positions(a[node.name], node.layout, n_prefix)
-            fb = positions(b[node.name], node.layout, n_prefix)
-            layers.append(layer_distance(fa, fb))
+            fa = positions(a[node.name], node.layout, prefix[node.name], dtype=None)
+            fb = positions(b[node.name], node.layout, prefix[node.name], dtype=None)
+            layer, style_term = node_terms(fa, fb, style)
+            layers.append(layer)
             if style:
-                styles.append(style_distance(fa, fb))
+                styles.append(style_term)
     return Distances(layers, styles)
 
 
@@ -106,6 +134,11 @@ def pair_distances(
 
 
 def _image_input(image: pb.Image, side: str, index: int) -> ImageInput:
+    if image.regions:
+        raise InvalidImage(
+            f"{side}[{index}]: has {len(image.regions)} regions, but Compare compares whole "
+            "images; crop the regions client-side and send them as pairs, or leave regions empty"
+        )
     which = image.WhichOneof("source")
     if which == "encoded":
         return ImageInput(encoded=image.encoded)
@@ -140,9 +173,21 @@ def compare_nodes(
             "model's compare_nodes config); name feature-map nodes in nodes, e.g. "
             "['features.3', 'features.6'] (see DescribeModel)"
         )
+    if len(names) > MAX_NODES:
+        raise InvalidArgument(
+            f"{where}{len(names)} nodes, more than {MAX_NODES}; compare on a few layers "
+            "(LPIPS uses 5)"
+        )
+    given: dict[str, int] = {}
     for index, name in enumerate(names):
         if not name:
             raise InvalidArgument(f"{where}nodes[{index}] is empty; name a feature-map node")
+        if name in given:  # before resolving: cheap, and the message points at the repeat
+            raise InvalidArgument(
+                f"{where}nodes[{given[name]}] and nodes[{index}] are both {name[:80]!r}; list "
+                "each node once"
+            )
+        given[name] = index
     try:
         specs = service.runtime.resolve(request.model, names)
     except InvalidArgument as exc:
@@ -257,7 +302,8 @@ async def compare(service: FeatureService, request: pb.CompareRequest) -> pb.Com
             if not fut.done():
                 fut.cancel()
         raise
-    n_prefix = int(getattr(loaded, "n_prefix_tokens", 0))
+    # per node: patch embeddings carry no CLS token even when the model's blocks do
+    prefix = {n.name: loaded.catalog.prefix_tokens(n.name, loaded.n_prefix_tokens) for n in specs}
     math_started = time.perf_counter()
     distances: list[Distances] = await asyncio.gather(
         *(
@@ -267,7 +313,7 @@ async def compare(service: FeatureService, request: pb.CompareRequest) -> pb.Com
                 done[i][0],
                 done[pairs + i][0],
                 specs,
-                n_prefix,
+                prefix,
                 request.style,
             )
             for i in range(pairs)

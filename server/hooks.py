@@ -41,8 +41,13 @@ _CHANNELS_FIRST = (
 )
 
 
-class _Enough(Exception):
-    """Raised from a hook once every wanted module has fired: ends the forward early."""
+class _Enough(BaseException):
+    """Raised from a hook once every wanted module has fired: ends the forward early.
+
+    A BaseException, like GeneratorExit: model code that wraps a call in ``except Exception``
+    (a fused-kernel fallback, or a re-raise with more context) must not catch it, or the
+    early stop would run the fallback path or fail the request. HookExtractor.forward always
+    catches it, so it never leaves the extractor."""
 
 
 def _kind(value: object) -> str:
@@ -58,15 +63,21 @@ def _kind(value: object) -> str:
 
 
 def _own_layout(module: nn.Module, shape: tuple[int, ...]) -> str | None:
-    """The layout a module's class proves for its own 4-D output, or None when it cannot tell
-    (elementwise modules, containers: they inherit from what they returned)."""
+    """The layout a module's class proves for its own 3-D or 4-D output, or None when it cannot
+    tell (elementwise modules, containers: they inherit from what they returned). A 3-D output
+    of a channels-first module (Conv1d, BatchNorm1d ...) is [N, C, L]: no layout the pools
+    know ("", raw only), never NLC."""
+    rank = len(shape)
     if isinstance(module, _CHANNELS_FIRST):
-        return "NCHW"
+        return "NCHW" if rank == 4 else ""
+    channels_last = "NHWC" if rank == 4 else "NLC"
     last = shape[-1]
     if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (last,):
-        return "NHWC"  # normalises the last dim: channels last (Swin stages)
+        return channels_last  # normalises the last dim: channels last (Swin stages, tokens)
     if isinstance(module, nn.Linear) and module.out_features == last:
-        return "NHWC"
+        return channels_last
+    if rank != 4:
+        return None
     dims = getattr(module, "dims", None)  # torchvision.ops.misc.Permute
     if type(module).__name__ == "Permute" and isinstance(dims, (list, tuple)) and len(dims) == 4:
         if list(dims) == [0, 2, 3, 1]:
@@ -124,9 +135,7 @@ def build_hook_catalog(
         rank = len(shape)
         if rank == 2:
             return "NC"
-        if rank == 3:
-            return "NLC"
-        if rank != 4:
+        if rank not in (3, 4):
             return ""
         own = _own_layout(module, shape)
         if own is not None:
@@ -140,7 +149,7 @@ def build_hook_catalog(
         for i in range(len(records) - 1, starts.get(name, len(records)) - 1, -1):
             if tuple(records[i][2].shape) == shape:
                 return layouts[i]
-        return "NCHW"
+        return "NCHW" if rank == 4 else "NLC"
 
     handles = []
     for name, mod in named:

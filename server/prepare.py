@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import codec
-from .errors import InvalidImage
+from .errors import ImageLimitExceeded, InvalidImage
 from .heads import Head
 from .pooling import OutputSpec, average_views, concat_parts, finish
 from .preprocess import Geometry, Preprocessing, geometry, preprocess
@@ -130,12 +130,37 @@ def prepare_image(
     assert size is not None
     geo = geometry(size[0], size[1], spec, native)
     boxes = map_boxes(regions, geo, native) if regions else None
+    check_view_pixels(tensor, scales, limits)
     views = (
         make_views(tensor, boxes, flip, scales)
         if boxes is not None or flip or (tuple(scales) != (1.0,))
         else ()
     )
     return Prepared(tensor, time.perf_counter() - started, geo, views)
+
+
+def view_size(h: int, w: int, scale: float) -> tuple[int, int]:
+    """(height, width) of the TTA view of an h x w input at `scale` (at least 1 x 1)."""
+    if scale == 1.0:
+        return h, w
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def check_view_pixels(
+    tensor: torch.Tensor, scales: Sequence[float], limits: codec.DecodeLimits
+) -> None:
+    """A TTA scale must not blow a view past the per-image pixel limit (native-resolution inputs
+    scaled by up to 4 would otherwise reach 16 x max_image_pixels in the forward)."""
+    h, w = int(tensor.shape[-2]), int(tensor.shape[-1])
+    limit = max(limits.max_pixels, h * w)  # the model's own input size always runs
+    for s in scales:
+        sh, sw = view_size(h, w, s)
+        if sh * sw > limit:
+            raise ImageLimitExceeded(
+                f"tta scale {s:g} makes a {sw}x{sh} = {sw * sh} pixel view of this {w}x{h} model "
+                f"input, over the limit of {limit} pixels; use smaller scales, or a "
+                "smaller image"
+            )
 
 
 def map_boxes(regions: Sequence[Box], geo: Geometry, native: bool) -> torch.Tensor:
@@ -181,7 +206,7 @@ def make_views(
         if s == 1.0:
             t, b = tensor, boxes
         else:
-            sh, sw = max(1, round(h * s)), max(1, round(w * s))
+            sh, sw = view_size(h, w, s)
             t = F.interpolate(
                 tensor[None], size=(sh, sw), mode="bilinear", align_corners=False, antialias=True
             )[0].contiguous()

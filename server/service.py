@@ -101,6 +101,14 @@ TTA_SCALES = (0.25, 4.0)
 RMAC_LEVELS = (1, 5)
 ROI_SIZES = (1, 64)
 MAX_REGIONS = 256
+# roi_align samples regions x channels x roi_size^2 bins per image and node before pooling; above
+# this many (float32: 128 MiB) a request would hold the worker for seconds and gigabytes.
+MAX_ROI_BINS = 1 << 25
+# Entries a request may list (before duplicates collapse), checked before they are iterated on
+# the event loop: a 64 MiB message holds millions of PostSteps or scales.
+MAX_POST_STEPS = 16
+MAX_REQUESTED_NODES = 10_000  # nodes + aliases of one Extract
+MAX_TTA_SCALE_ENTRIES = 64
 DEFAULT_CONCAT_KEY = "descriptor"
 
 _PRIORITIES = (pb.PRIORITY_NORMAL, pb.PRIORITY_LOW)
@@ -264,9 +272,15 @@ def _model_info_pb(s: ModelStatus) -> pb.ModelInfo:
     )
 
 
-def plan_outputs(nodes: Sequence[str], aliases: dict[str, str]) -> list[tuple[str, str]]:
+def plan_outputs(nodes: Sequence[str], aliases: Mapping[str, str]) -> list[tuple[str, str]]:
     """(output key, requested name) in request order; aliased nodes not in `nodes` come last."""
-    requested = list(nodes) + sorted(n for n in aliases if n not in set(nodes))
+    if len(nodes) + len(aliases) > MAX_REQUESTED_NODES:
+        raise InvalidArgument(
+            f"{len(nodes)} nodes and {len(aliases)} aliases, more than {MAX_REQUESTED_NODES} "
+            "names in one request; no model has that many nodes (see DescribeModel)"
+        )
+    listed = set(nodes)  # once: in the comprehension it was rebuilt per alias (quadratic)
+    requested = list(nodes) + sorted(n for n in aliases if n not in listed)
     if not requested:
         raise InvalidArgument("no nodes requested; name at least one (see DescribeModel)")
     plan: list[tuple[str, str]] = []
@@ -334,6 +348,11 @@ def _tta_scales(tta: pb.TestTimeAugmentation) -> tuple[float, ...]:
     """Distinct scales in request order (empty: 1), each finite and in TTA_SCALES."""
     scales: list[float] = []
     low, high = TTA_SCALES
+    if len(tta.scales) > MAX_TTA_SCALE_ENTRIES:
+        raise InvalidArgument(
+            f"tta.scales lists {len(tta.scales)} values; at most {MAX_TTA_VIEWS} distinct views "
+            f"per image are served, send at most {MAX_TTA_SCALE_ENTRIES} scales"
+        )
     for index, scale in enumerate(tta.scales):
         if not math.isfinite(scale) or not low <= scale <= high:
             raise InvalidArgument(
@@ -362,6 +381,11 @@ def output_spec(
     if dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
             f"output dtype {dtype!r} is not supported; use {', '.join(OUTPUT_DTYPES)}"
+        )
+    if len(options.post) > MAX_POST_STEPS:
+        raise InvalidArgument(
+            f"post has {len(options.post)} steps, more than {MAX_POST_STEPS}; a chain needs a few "
+            "(e.g. OP_POWER, OP_WHITEN)"
         )
     post = tuple(_post_op(i, step, heads, model) for i, step in enumerate(options.post))
     levels = options.rmac_levels or 3
@@ -444,6 +468,23 @@ def regions_of(image: pb.Image, index: int) -> list[Box]:
             )
         boxes.append(box)
     return boxes
+
+
+def check_roi_bins(nodes: Sequence[NodeSpec], roi_size: int, regions: Sequence[list[Box]]) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) region requests whose roi_align bins, per image and node,
+    exceed MAX_ROI_BINS: the worker would spend seconds and gigabytes on them."""
+    for node in nodes:
+        channels = _channels(node) or 1
+        for index, boxes in enumerate(regions):
+            bins = len(boxes) * channels * roi_size**2
+            if bins > MAX_ROI_BINS:
+                fit = max(1, MAX_ROI_BINS // (channels * roi_size**2))
+                raise LimitExceeded(
+                    f"image {index}: {len(boxes)} regions x {channels} channels of node "
+                    f"{node.name!r} x roi_size {roi_size}^2 are {bins} roi_align bins, over "
+                    f"the limit of {MAX_ROI_BINS}; send at most {fit} regions per image at this "
+                    "roi_size, or a smaller roi_size (0: 7)"
+                )
 
 
 def image_input(image: pb.Image, index: int) -> ImageInput:
@@ -715,13 +756,23 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 f"{count} images in one request exceed max_images_per_request="
                 f"{s.max_images_per_request}; split the request"
             )
+        if len(request.nodes) + len(request.aliases) > MAX_REQUESTED_NODES:  # before copying
+            plan_outputs(request.nodes, request.aliases)  # raises with the counts
         plan = plan_outputs(list(request.nodes), dict(request.aliases))
         specs = self.runtime.resolve(request.model, [name for _, name in plan])
         spec = output_spec(request.output, self.heads, request.model)
         for node in specs:
             check_pool(spec.pool, node.layout, node.name)
-            if spec.pool in ("cls", "cls_mean") and loaded.n_prefix_tokens == 0:
-                raise InvalidArgument(f"model {request.model!r} has no CLS token; use pool 'mean'")
+            if (
+                spec.pool in ("cls", "cls_mean")
+                and loaded.catalog.prefix_tokens(node.name, loaded.n_prefix_tokens) == 0
+            ):
+                where = (
+                    f"model {request.model!r} has no CLS token"
+                    if loaded.n_prefix_tokens == 0
+                    else f"node {node.name!r} comes before the CLS token is prepended"
+                )
+                raise InvalidArgument(f"{where}; use pool 'mean' (or a later token node)")
         full_nodes = tuple(dict.fromkeys(n.name for n in specs))
         unique_specs = [next(n for n in specs if n.name == name) for name in full_nodes]
         concat_key = ""
@@ -753,6 +804,8 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 f"max_message_bytes={s.max_message_bytes}; request pooled outputs, fewer nodes, "
                 "regions or images"
             )
+        if any(regions):  # after the size check: for raw regions the message limit says more
+            check_roi_bins(unique_specs, spec.roi_size, regions)
         preprocessing = loaded.weights.preprocessing
         native = request.native_resolution
         priority = request.priority
@@ -761,6 +814,12 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 f"unknown priority {priority}; use PRIORITY_NORMAL (0) or PRIORITY_LOW (1)"
             )
         n_views = len(spec.scales) * (2 if spec.flip else 1)
+        if n_views > 1 and count * n_views > s.max_queue_images:  # the batcher would say "images"
+            raise LimitExceeded(
+                f"{count} images x {n_views} TTA views are {count * n_views} forward inputs, "
+                f"more than the whole batch queue (max_queue_images={s.max_queue_images}); send "
+                f"at most {max(1, s.max_queue_images // n_views)} images per request with this tta"
+            )
         # futures[i][v]: view v of image i (TTA views are items of their own)
         futures: list[list[asyncio.Future[Any]]] = [[] for _ in range(count)]
         try:

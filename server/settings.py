@@ -76,8 +76,8 @@ class ModelConfig:
     # Serve this dotted submodule of the built model instead of the whole model (e.g. a detection
     # model's traceable "backbone.body"); weights still load into the whole model.
     submodule: str = ""
-    # Leading non-patch tokens (CLS, registers) of NLC outputs; -1: 1 when the served module has
-    # a class_token (torchvision ViT), else 0.
+    # Leading non-patch tokens (CLS, registers) of NLC outputs; -1: read from the module (timm's
+    # num_prefix_tokens; else 1 for a class_token/cls_token plus DINOv2's num_register_tokens).
     prefix_tokens: int = -1
     # Feature-map nodes the Compare RPC uses when a request names none (VGG16 defaults to
     # relu1_2..relu5_3 = features.3, 8, 15, 22, 29; other models need this or request nodes).

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +27,14 @@ from typing import Any, TypeVar
 import torch
 
 from . import models as model_loading
-from .catalog import Catalog, NodeSpec, build_catalog, build_extractor, module_tree
+from .catalog import (
+    Catalog,
+    NodeSpec,
+    build_catalog,
+    build_extractor,
+    default_prefix_tokens,
+    module_tree,
+)
 from .errors import InvalidArgument, LayertapError, LimitExceeded, ModelNotFound, Unavailable
 from .hooks import build_hook_catalog, build_hook_extractor
 from .metrics import Metrics
@@ -88,6 +96,12 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The error's first line, without fx's trace-time placeholders (`Proxy(getitem_2)`)."""
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return re.sub(r"Proxy\([^)]*\)", "another size", line)[:200]
 
 
 def pick_device(name: str) -> torch.device:
@@ -254,9 +268,7 @@ class ModelRuntime:
         module = loaded.module
         catalog = self._catalog(cfg, module, loaded.preprocessing.crop_size)
         module.eval()
-        n_prefix = cfg.prefix_tokens
-        if n_prefix < 0:
-            n_prefix = 1 if hasattr(module, "class_token") else 0
+        n_prefix = cfg.prefix_tokens if cfg.prefix_tokens >= 0 else default_prefix_tokens(module)
         result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix, autocast=autocast)
         self._warm_up(result)
         log.info("loaded %s (%s) in %.1fs", cfg.name, loaded.weights_id, time.monotonic() - started)
@@ -519,8 +531,8 @@ class ModelRuntime:
             size = loaded.catalog.input_size
             raise InvalidArgument(
                 f"model {model_name!r} cannot run on input {shape[1]}x{shape[2]} "
-                f"(its input size is {size[0]}x{size[1]}): "
-                f"{str(exc).splitlines()[0][:200]}"
+                f"(its input size is {size[0]}x{size[1]}; native_resolution, raw tensors of "
+                f"other sizes and tta.scales other than 1 change it): {_first_line(exc)}"
             ) from exc
         results: list[dict[str, torch.Tensor] | BaseException] = [{} for _ in items]
         groups: dict[tuple[OutputSpec, tuple[str, ...], bool], list[int]] = {}
@@ -564,17 +576,20 @@ class ModelRuntime:
                 value = outputs[name]
                 part = value if len(indices) == batch_size else value.index_select(0, idx)
                 if items[0].boxes is not None:
-                    boxes = [i.boxes for i in items if i.boxes is not None]
-                    per_item = roi_pool(part, layout, boxes, spec, input_hw)
-                    if spec.pool == "raw":
-                        per_item = [finish_raw(r, spec) for r in per_item]
-                    for row, out in zip(rows, per_item, strict=True):
+                    # one image at a time: roi_align's bins ([R, C, s, s] before pooling) are
+                    # bounded per image (service.MAX_ROI_BINS), not per batch
+                    for j, (row, item) in enumerate(zip(rows, items, strict=True)):
+                        assert item.boxes is not None
+                        (out,) = roi_pool(part[j : j + 1], layout, [item.boxes], spec, input_hw)
+                        if spec.pool == "raw":
+                            out = finish_raw(out, spec)
                         row[name] = out.cpu()
                     continue
                 if spec.pool == "raw":
                     done = finish_raw(part, spec).cpu()
                 else:
-                    done = pool_maps(part, layout, spec, loaded.n_prefix_tokens).cpu()
+                    prefix = loaded.catalog.prefix_tokens(name, loaded.n_prefix_tokens)
+                    done = pool_maps(part, layout, spec, prefix).cpu()
                 for j, row in enumerate(rows):
                     row[name] = done[j]
         return rows
