@@ -326,12 +326,18 @@ def _from_wire(
     return t
 
 
+MAX_RAW_FLOAT = 1e4
+"""Largest |value| of a raw float32 image (normalised inputs are within a few units)."""
+
+
 def decode_raw(dtype: str, shape: Sequence[int], data: bytes, limits: DecodeLimits) -> torch.Tensor:
     """Raw image tensor -> uint8 [3, H, W] or float32 [3, H, W] (contiguous).
 
     uint8 must be HWC RGB, shape [H, W, 3]. float32 must be [1, 3, H, W] or [3, H, W] and already
     normalised: the float32 dtype of the result is what tells callers to skip preprocessing.
-    Non-finite floats are refused, since they would poison every output silently.
+    Non-finite floats are refused, since they would poison every output silently, and so are
+    magnitudes over MAX_RAW_FLOAT: no normalised input comes near it, and values near the float32
+    limit overflow inside the forward into NaN outputs.
     """
     if not isinstance(data, bytes):
         data = bytes(data)
@@ -365,6 +371,12 @@ def decode_raw(dtype: str, shape: Sequence[int], data: bytes, limits: DecodeLimi
     t = t.reshape(3, h, w)
     if not bool(torch.isfinite(t).all()):
         raise InvalidImage("raw float32 image contains NaN or infinite values")
+    peak = float(t.abs().max())
+    if peak > MAX_RAW_FLOAT:
+        raise InvalidImage(
+            f"raw float32 image has a value of magnitude {peak:.3g}, over {MAX_RAW_FLOAT:g}; "
+            "send normalised model input ((x/255 - mean) / std), or uint8 pixels"
+        )
     return t.contiguous()
 
 

@@ -374,6 +374,17 @@ def test_decode_raw_rejects_non_finite(bad: float) -> None:
         decode_raw("float32", [3, 4, 4], x.tobytes(), LIMITS)
 
 
+@pytest.mark.parametrize("bad", [3e38, -2e4])
+def test_decode_raw_rejects_huge_floats(bad: float) -> None:
+    """Finite but far outside any normalised input: would overflow to NaN in the forward."""
+    x = np.zeros((3, 4, 4), "<f4")
+    x[2, 0, 1] = bad
+    with pytest.raises(InvalidImage, match="magnitude"):
+        decode_raw("float32", [3, 4, 4], x.tobytes(), LIMITS)
+    x[2, 0, 1] = 255.0  # unnormalised pixel values still pass
+    assert decode_raw("float32", [3, 4, 4], x.tobytes(), LIMITS).shape == (3, 4, 4)
+
+
 def test_decode_raw_pixel_limit() -> None:
     with pytest.raises(ImageLimitExceeded, match="100x100"):
         decode_raw("uint8", [100, 100, 3], bytes(30000), DecodeLimits(max_pixels=9999))

@@ -34,13 +34,15 @@ from layertap.server.compare import (
     positions,
     style_distance,
 )
-from layertap.server.settings import ModelConfig, Settings, parse_model
+from layertap.server.settings import ModelConfig, Settings, load_settings, parse_model
 from layertap.v1 import layertap_pb2 as pb
 
 MiB = 1024 * 1024
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 MOBILE_NODES = ("features.3", "features.6", "features.13")
+DEFAULT_MOBILENET = next(m for m in load_settings([], env={}).models if m.name == "mobilenet_v2")
+assert DEFAULT_MOBILENET.compare_nodes == MOBILE_NODES
 VGG_SIZE = 64
 
 
@@ -93,12 +95,8 @@ def server() -> Iterator[RunningServer]:
         max_parameter_bytes=100 * MiB,
         log_level="ERROR",
         models=(
-            ModelConfig(
-                name="mobilenet_v2",
-                arch="mobilenet_v2",
-                weights="IMAGENET1K_V1",
-                compare_nodes=MOBILE_NODES,
-            ),
+            # the embedded default config's entry: its compare_nodes are what these tests pin
+            DEFAULT_MOBILENET,
             # random init: no VGG weights offline (production serves IMAGENET1K_V1)
             ModelConfig(
                 name="vgg16",
