@@ -117,7 +117,8 @@ def pair_distances(
     prefix: Mapping[str, int],
     style: bool,
 ) -> Distances:
-    """Every node's terms for one pair (raw maps of one image each, keyed by full node name)."""
+    """Every node's terms for one pair (raw maps of one image each, keyed by full node name);
+    `prefix`: each node's leading CLS/register tokens (Catalog.prefix_tokens), not positions."""
     layers, styles = [], []
     with torch.inference_mode():
         for node in nodes:

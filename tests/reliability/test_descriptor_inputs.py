@@ -335,7 +335,7 @@ def test_compare_math_is_sliced() -> None:
     gen = torch.Generator().manual_seed(0)
     small = [torch.randn(5, 7, 9, generator=gen) for _ in range(2)]
     node = NodeSpec(name="n", shape=(1, 5, 7, 9), dtype="float32", layout="NCHW", op="", target="")
-    got = pair_distances({"n": small[0]}, {"n": small[1]}, [node], 0, True)
+    got = pair_distances({"n": small[0]}, {"n": small[1]}, [node], {"n": 0}, True)
     fa, fb = (positions(x, "NCHW") for x in small)
     assert got.layers[0] == pytest.approx(layer_distance(fa, fb), rel=1e-12)
     assert got.style[0] == pytest.approx(style_distance(fa, fb), rel=1e-12)
@@ -349,7 +349,7 @@ def test_compare_math_is_sliced() -> None:
     )
     Path("/proc/self/clear_refs").write_text("5")
     before = _memory_kb("VmRSS")
-    pair_distances({"n": big[0]}, {"n": big[1]}, [node], 0, True)
+    pair_distances({"n": big[0]}, {"n": big[1]}, [node], {"n": 0}, True)
     grew_mb = (_memory_kb("VmHWM") - before) / 1024
     assert grew_mb < 300, f"the pair math peaked {grew_mb:.0f} MB above the maps"
 
