@@ -130,7 +130,9 @@ class Table:
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``:
-    a crash at any moment leaves either the old file or the new one, never half of one."""
+    a crash at any moment leaves either the old file or the new one, never half of one.
+    Missing parent directories are created (``-o out/features.npz``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:

@@ -426,3 +426,11 @@ def test_float16_outputs_resume_in_every_format(tmp_path: Path, fmt: str) -> Non
     (array,) = arrays.values()
     expected = np.stack([StandIn.vector(f"image {i}".encode(), "a") for i in range(4)])
     np.testing.assert_array_equal(array, expected.astype(np.float16))
+
+
+def test_outputs_go_into_missing_directories(tmp_path: Path) -> None:
+    """`-o new/dir/x.npz` (and fit-whitening's head) creates the directories, atomically."""
+    target = tmp_path / "new" / "dir" / "x.bin"
+    bulk._atomic_write(target, lambda f: f.write(b"abc"))
+    assert target.read_bytes() == b"abc"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.bin"]  # no temp file left
