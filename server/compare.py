@@ -11,19 +11,17 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from layertap.v1 import layertap_pb2 as pb
 
-from . import codec
 from .batcher import BatchInfo
 from .catalog import NodeSpec
 from .errors import InvalidArgument, InvalidImage, LimitExceeded, PerImageError
 from .pooling import OutputSpec
-from .prepare import ImageInput, Prepared, prepare_image
-from .worker import Item
+from .prepare import ImageInput, Prepared
 
 if TYPE_CHECKING:
     from .service import FeatureService
@@ -237,72 +235,34 @@ async def compare(service: FeatureService, request: pb.CompareRequest) -> pb.Com
     sides = [("a", i, img) for i, img in enumerate(request.a)]
     sides += [("b", i, img) for i, img in enumerate(request.b)]
     inputs = [_image_input(img, side, i) for side, i, img in sides]
-    for (side, i, _), given in zip(sides, inputs, strict=True):  # before queue room is held
-        if given.encoded is not None:
-            try:
-                codec.check_encoded_size(len(given.encoded), service.limits)
-            except PerImageError as exc:
-                raise _per_image(exc, side, i) from None
-    preprocessing = loaded.weights.preprocessing
+
+    def label(exc: PerImageError, index: int) -> PerImageError:
+        side, i, _ = sides[index]
+        return _per_image(exc, side, i)
+
     native = request.native_resolution
-    loop = asyncio.get_running_loop()
-    count = len(inputs)
-    futures: list[asyncio.Future[Any]] = []
-    try:
-        with service.batcher.reserve(count):
-            prepared = await asyncio.gather(
-                *(
-                    loop.run_in_executor(
-                        service.decode_pool,
-                        prepare_image,
-                        given,
-                        service.limits,
-                        preprocessing,
-                        native,
-                    )
-                    for given in inputs
-                ),
-                return_exceptions=True,
-            )
-            for (side, i, _), result in zip(sides, prepared, strict=True):
-                if isinstance(result, PerImageError):
-                    raise _per_image(result, side, i)
-                if isinstance(result, BaseException):
-                    raise result
-            images: list[Prepared] = prepared  # type: ignore[assignment]
-            for i in range(pairs):
-                sa, sb = images[i].tensor.shape, images[pairs + i].tensor.shape
-                if sa != sb:
-                    fix = (
-                        "with native_resolution both images of a pair must have the same "
-                        "size: resize them first, or leave native_resolution off"
-                        if native
-                        else "send tensors of the same size for both images of a pair"
-                    )
-                    raise InvalidArgument(
-                        f"pair {i}: a[{i}] is {sa[1]}x{sa[2]} and b[{i}] is {sb[1]}x{sb[2]} "
-                        f"(height x width at the model input); {fix}"
-                    )
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for index, image in enumerate(images):
-                groups.setdefault(tuple(image.tensor.shape), []).append(index)
-            slot: dict[int, asyncio.Future[Any]] = {}
-            for shape, indices in groups.items():
-                # the same key as Extract's: compare images batch with extraction traffic
-                items = [Item(images[i].tensor, _RAW, full_nodes) for i in indices]
-                submitted = service.batcher.submit_many(
-                    (request.model, shape), items, reserved=True
+
+    def same_sizes(images: Sequence[Prepared]) -> None:
+        for i in range(pairs):
+            sa, sb = images[i].tensor.shape, images[pairs + i].tensor.shape
+            if sa != sb:
+                fix = (
+                    "with native_resolution both images of a pair must have the same "
+                    "size: resize them first, or leave native_resolution off"
+                    if native
+                    else "send tensors of the same size for both images of a pair"
                 )
-                futures += submitted
-                slot.update(zip(indices, submitted, strict=True))
-        done: list[tuple[dict[str, torch.Tensor], BatchInfo]] = await asyncio.gather(
-            *(slot[i] for i in range(count))
-        )
-    except BaseException:  # client gone, queue full or a failed batch: drop our other items
-        for fut in futures:
-            if not fut.done():
-                fut.cancel()
-        raise
+                raise InvalidArgument(
+                    f"pair {i}: a[{i}] is {sa[1]}x{sa[2]} and b[{i}] is {sb[1]}x{sb[2]} "
+                    f"(height x width at the model input); {fix}"
+                )
+
+    service._check_encoded_sizes(inputs, label)
+    # the same batch key as Extract's: compare images batch with extraction traffic
+    images, rows, infos = await service._run_images(
+        request.model, inputs, _RAW, full_nodes, native, label=label, check=same_sizes
+    )
+    loop = asyncio.get_running_loop()
     # per node: patch embeddings carry no CLS token even when the model's blocks do
     prefix = {n.name: loaded.catalog.prefix_tokens(n.name, loaded.n_prefix_tokens) for n in specs}
     math_started = time.perf_counter()
@@ -311,8 +271,8 @@ async def compare(service: FeatureService, request: pb.CompareRequest) -> pb.Com
             loop.run_in_executor(
                 service.decode_pool,
                 pair_distances,
-                done[i][0],
-                done[pairs + i][0],
+                rows[i][0],
+                rows[pairs + i][0],
                 specs,
                 prefix,
                 request.style,
@@ -320,7 +280,7 @@ async def compare(service: FeatureService, request: pb.CompareRequest) -> pb.Com
             for i in range(pairs)
         )
     )
-    _observe(service, request.model, images, [info for _, info in done], math_started)
+    _observe(service, request.model, images, infos, math_started)
     return pb.CompareResponse(
         model=request.model,
         weights_sha256=loaded.weights.sha256,

@@ -114,6 +114,8 @@ DEFAULT_CONCAT_KEY = "descriptor"
 _PRIORITIES = (pb.PRIORITY_NORMAL, pb.PRIORITY_LOW)
 
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+# Names a failed image in its error: (error, image index) -> the error to raise.
+Label = Callable[[PerImageError, int], PerImageError]
 
 
 def status_for(exc: LayertapError) -> grpc.StatusCode:
@@ -742,6 +744,98 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         set_request_deadline(context.time_remaining())  # the batcher tells deadline from cancel
         return await self._extract(request)
 
+    def _check_encoded_sizes(
+        self, inputs: Sequence[ImageInput], label: Label = PerImageError.at
+    ) -> None:
+        """The cheap size check of encoded images, before any queue room is held."""
+        for index, given in enumerate(inputs):
+            if given.encoded is not None:
+                try:
+                    codec.check_encoded_size(len(given.encoded), self.limits)
+                except PerImageError as exc:
+                    raise label(exc, index) from None
+
+    async def _run_images(
+        self,
+        model: str,
+        inputs: Sequence[ImageInput],
+        spec: OutputSpec,
+        nodes: tuple[str, ...],
+        native: bool,
+        priority: int = 0,
+        regions: Sequence[Sequence[Box]] | None = None,
+        label: Label = PerImageError.at,
+        check: Callable[[Sequence[Prepared]], None] | None = None,
+    ) -> tuple[list[Prepared], list[list[dict[str, Any]]], list[BatchInfo]]:
+        """Decode (decode pool), then batch and run every image's views; the path Extract and
+        Compare share. Queue room is held from before decoding, so a full queue refuses at
+        once; `label` names a failed image (index → message); `check` sees the decoded images
+        before anything is submitted. Returns the prepared images, each image's worker
+        outputs (one per view) and every item's batch info. If anything fails or the caller
+        goes away, this request's other items are cancelled (dropped before compute)."""
+        preprocessing = self.runtime.model(model).weights.preprocessing
+        n_views = len(spec.scales) * (2 if spec.flip else 1)
+        boxes = regions or [()] * len(inputs)
+        # futures[i][v]: view v of image i (TTA views are items of their own)
+        futures: list[list[asyncio.Future[Any]]] = [[] for _ in inputs]
+        try:
+            with self.batcher.reserve(len(inputs) * n_views):
+                prepared = await asyncio.gather(
+                    *(
+                        self._in_pool(
+                            prepare_image,
+                            img,
+                            self.limits,
+                            preprocessing,
+                            native,
+                            image_boxes,
+                            spec.flip,
+                            spec.scales,
+                        )
+                        for img, image_boxes in zip(inputs, boxes, strict=True)
+                    ),
+                    return_exceptions=True,
+                )
+                for index, result in enumerate(prepared):
+                    if isinstance(result, PerImageError):
+                        raise label(result, index)
+                    if isinstance(result, BaseException):
+                        raise result
+                images: list[Prepared] = prepared  # type: ignore[assignment]
+                if check is not None:
+                    check(images)
+                # one batch key per input shape: a batch must stack (a flip view has its
+                # image's shape and batches with it; each scale with same-shaped views)
+                groups: dict[tuple[int, ...], list[tuple[int, Item]]] = {}
+                for index, image in enumerate(images):
+                    for view in image.inputs():
+                        item = Item(view.tensor, spec, nodes, view.boxes)
+                        groups.setdefault(tuple(view.tensor.shape), []).append((index, item))
+                for shape, entries in groups.items():
+                    # requests for other node sets of the same model share the forward
+                    submitted = self.batcher.submit_many(
+                        (model, shape),
+                        [item for _, item in entries],
+                        reserved=True,
+                        priority=priority,
+                    )
+                    for (i, _), fut in zip(entries, submitted, strict=True):
+                        futures[i].append(fut)
+            flat = [fut for per_image in futures for fut in per_image]
+            done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*flat)
+        except BaseException:  # client gone, queue full or a failed batch: drop our other items
+            for per_image in futures:
+                for fut in per_image:
+                    if not fut.done():
+                        fut.cancel()
+            raise
+        rows: list[list[dict[str, Any]]] = []
+        position = 0
+        for per_image in futures:  # back to per-image view lists
+            rows.append([r for r, _ in done[position : position + len(per_image)]])
+            position += len(per_image)
+        return images, rows, [info for _, info in done]
+
     async def _extract(self, request: pb.ExtractRequest) -> pb.ExtractResponse:
         """The whole of one Extract, shared by the unary RPC and each ExtractStream item;
         failures raise LayertapError (mapped by the caller)."""
@@ -789,12 +883,7 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                         f"regions need feature-map nodes (layout NCHW or NHWC); node "
                         f"{node.name!r} is {node.layout or 'of unknown layout'}"
                     )
-        for index, given in enumerate(inputs):  # cheap size check before any queue room is held
-            if given.encoded is not None:
-                try:
-                    codec.check_encoded_size(len(given.encoded), self.limits)
-                except PerImageError as exc:
-                    raise exc.at(index) from None
+        self._check_encoded_sizes(inputs)
         # Inputs at the model's own size have known output sizes: refuse oversize answers
         # before spending compute on them (raw float inputs of other sizes are checked after).
         estimate = estimate_bytes(unique_specs, spec, dims, [len(r) for r in regions])
@@ -820,61 +909,15 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                 f"more than the whole batch queue (max_queue_images={s.max_queue_images}); send "
                 f"at most {max(1, s.max_queue_images // n_views)} images per request with this tta"
             )
-        # futures[i][v]: view v of image i (TTA views are items of their own)
-        futures: list[list[asyncio.Future[Any]]] = [[] for _ in range(count)]
-        try:
-            # queue room is held from before decoding: a full queue refuses at once
-            with self.batcher.reserve(count * n_views):
-                prepared = await asyncio.gather(
-                    *(
-                        self._in_pool(
-                            prepare_image,
-                            img,
-                            self.limits,
-                            preprocessing,
-                            native,
-                            boxes,
-                            spec.flip,
-                            spec.scales,
-                        )
-                        for img, boxes in zip(inputs, regions, strict=True)
-                    ),
-                    return_exceptions=True,
-                )
-                for index, result in enumerate(prepared):
-                    if isinstance(result, PerImageError):
-                        raise result.at(index)
-                    if isinstance(result, BaseException):
-                        raise result
-                images: list[Prepared] = prepared  # type: ignore[assignment]
-                # one batch key per input shape: a batch must stack (a flip view has its
-                # image's shape and batches with it; each scale with same-shaped views)
-                groups: dict[tuple[int, ...], list[tuple[int, Item]]] = {}
-                for index, image in enumerate(images):
-                    for view in image.inputs():
-                        item = Item(view.tensor, spec, full_nodes, view.boxes)
-                        groups.setdefault(tuple(view.tensor.shape), []).append((index, item))
-                for shape, entries in groups.items():
-                    # requests for other node sets of the same model share the forward
-                    key = (request.model, shape)
-                    submitted = self.batcher.submit_many(
-                        key, [item for _, item in entries], reserved=True, priority=int(priority)
-                    )
-                    for (i, _), fut in zip(entries, submitted, strict=True):
-                        futures[i].append(fut)
-            flat = [fut for per_image in futures for fut in per_image]
-            done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*flat)
-        except BaseException:  # client gone, queue full or a failed batch: drop our other items
-            for per_image in futures:
-                for fut in per_image:
-                    if not fut.done():
-                        fut.cancel()
-            raise
-        rows: list[list[dict[str, Any]]] = []
-        position = 0
-        for per_image in futures:  # back to per-image view lists (order is irrelevant: averaged)
-            rows.append([r for r, _ in done[position : position + len(per_image)]])
-            position += len(per_image)
+        images, rows, infos = await self._run_images(
+            request.model,
+            inputs,
+            spec,
+            full_nodes,
+            native,
+            int(priority),
+            regions,
+        )
         encode_started = time.perf_counter()
         # finish (TTA average, concat, post chain, dtype) and encode: decode pool, not the loop
         encoded = await self._in_pool(
@@ -914,7 +957,6 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
                     )
                 )
             results.append(pb.ImageResult(outputs=outputs))
-        infos = [info for _, info in done]
         if self.metrics is not None:
             self._observe(request.model, images, infos, encode_s, size)
         metadata = pb.ExtractMetadata(
