@@ -164,7 +164,7 @@ def compare_nodes(
     if not names:
         names = list(cfg.compare_nodes)
         where = f"model {request.model!r}'s compare_nodes config: "
-    if not names and not getattr(cfg, "submodule", ""):
+    if not names and not cfg.submodule:
         names = list(DEFAULT_NODES.get(cfg.arch or "", ()))
     if not names:
         raise InvalidArgument(

@@ -44,11 +44,11 @@ from .pooling import (
     DTYPES,
     HEAD_OPS,
     OUTPUT_DTYPES,
-    UNIT_POST_OPS,
     OutputSpec,
     PostOp,
     check_output,
     check_pool,
+    is_unit_output,
     pooled_dim,
 )
 from .prepare import Box, ImageInput, Prepared, encode_results, finish_results, prepare_image
@@ -440,8 +440,7 @@ def output_spec(
     )
     # L2-normalised at the end: normalize, else the last post op ends in L2, else (no post) a
     # concat (a center step after a concat undoes its L2; TTA averages are not unit vectors)
-    unit = spec.normalize or (post[-1].op in UNIT_POST_OPS if post else spec.concat)
-    if dtype == "int8" and (pool == "raw" or not unit):
+    if dtype == "int8" and (pool == "raw" or not is_unit_output(spec)):
         what = "raw maps" if pool == "raw" else "this descriptor is not L2-normalised at the end"
         raise InvalidArgument(
             f"dtype int8 quantises L2-normalised pooled descriptors (round(127 x)), but {what}; "
