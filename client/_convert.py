@@ -834,6 +834,7 @@ def preprocessing_from_proto(p: pb.Preprocessing) -> Preprocessing:
         std=tuple(_f32(x) for x in p.std),
         interpolation=p.interpolation,
         antialias=bool(p.antialias),
+        resize_kernel=p.resize_kernel,
     )
 
 

@@ -26,6 +26,9 @@ class Preprocessing:
     std: tuple[float, ...]
     interpolation: str
     antialias: bool
+    resize_kernel: str = ""
+    """"uint8" (torchvision v2's native kernel) or "float" (weights.transforms() on tensors);
+    empty from servers that predate the choice."""
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ def _decode_pillow(im: ImageFile.ImageFile, fmt: str) -> torch.Tensor:
         raise InvalidImage(
             f"cannot decode {fmt} image: {_clean(e)} (corrupt or truncated data?)"
         ) from None
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1)  # channels-last view, like torchvision's
 
 
 def check_encoded_size(size: int, limits: DecodeLimits) -> None:
@@ -241,7 +241,11 @@ def check_encoded_size(size: int, limits: DecodeLimits) -> None:
 
 
 def decode_encoded(data: bytes, limits: DecodeLimits) -> torch.Tensor:
-    """Encoded image file -> uint8 [3, H, W] RGB tensor (contiguous), EXIF orientation applied.
+    """Encoded image file -> uint8 [3, H, W] RGB tensor, EXIF orientation applied.
+
+    Often a channels-last view (torchvision's decoders return HWC memory): not made contiguous
+    here, because the uint8 resize kernel works on that layout and a transpose copy of the
+    full-size image would cost more than the whole resize.
 
     Raises InvalidImage for anything undecodable and ImageLimitExceeded for oversize input;
     limits are checked on the encoded length and the header's size before decoding pixels.
@@ -266,7 +270,9 @@ def decode_encoded(data: bytes, limits: DecodeLimits) -> torch.Tensor:
         raise InvalidImage(f"{fmt} image decoded to an unusable shape {list(img.shape)}")
     # The decoded frame can exceed the header's canvas (GIF frames may grow it): check again.
     _check_pixels(int(img.shape[2]), int(img.shape[1]), limits)
-    return img.contiguous()
+    if not (img.is_contiguous() or img.permute(1, 2, 0).is_contiguous()):
+        img = img.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # EXIF-rotated: HWC memory
+    return img
 
 
 def decode_jpeg_cuda(

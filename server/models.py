@@ -190,6 +190,7 @@ def _detection_preprocessing(cfg: ModelConfig, module: nn.Module) -> Preprocessi
         crop_size=(size, size),
         mean=mean,  # type: ignore[arg-type]
         std=std,  # type: ignore[arg-type]
+        resize_kernel=cfg.resize_kernel,
     )
 
 
@@ -234,6 +235,7 @@ def _default_preprocessing(
         std=tuple(cfg.std) if cfg.std else base.std,  # type: ignore[arg-type]
         interpolation=cfg.interpolation or base.interpolation,
         antialias=base.antialias,
+        resize_kernel=cfg.resize_kernel,
     )
 
 

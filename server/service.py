@@ -253,6 +253,7 @@ def _preprocessing_pb(p: Preprocessing | None) -> pb.Preprocessing:
         std=list(p.std),
         interpolation=p.interpolation,
         antialias=p.antialias,
+        resize_kernel=p.resize_kernel,
     )
 
 

@@ -45,6 +45,9 @@ class ModelConfig:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: str | None = None
+    # Resize kernel for uint8 images: "uint8" (default: torchvision v2's native kernel, Pillow's
+    # resampling, ~6x cheaper on CPU) or "float" (bit-exact with weights.transforms() on tensors).
+    resize_kernel: str = "uint8"
     # torch.fx tracer settings: module classes kept as leaves and functions kept opaque,
     # each as "package.module:Name".
     leaf_modules: tuple[str, ...] = ()
@@ -360,6 +363,10 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(
             f"{where}: submodule must be a dotted module path such as 'backbone.body', "
             f"got {m.submodule!r}"
+        )
+    if m.resize_kernel not in ("uint8", "float"):
+        raise ConfigError(
+            f"{where}: resize_kernel must be 'uint8' or 'float', got {m.resize_kernel!r}"
         )
     if m.autocast not in AUTOCAST_DTYPES:
         raise ConfigError(f"{where}: autocast must be one of {AUTOCAST_DTYPES}, got {m.autocast!r}")

@@ -52,7 +52,9 @@ def save(im: Image.Image, fmt: str, **kwargs: object) -> bytes:
 
 
 def hwc(t: torch.Tensor) -> np.ndarray:
-    assert t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3 and t.is_contiguous()
+    assert t.dtype == torch.uint8 and t.ndim == 3 and t.shape[0] == 3
+    # CHW or a channels-last view of HWC memory (what the decoders return): never other strides
+    assert t.is_contiguous() or t.permute(1, 2, 0).is_contiguous()
     return t.permute(1, 2, 0).numpy()
 
 

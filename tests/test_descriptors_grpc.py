@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torchvision
 from conftest import RunningServer, encode, photo, start_server
 from torchvision.ops import roi_align
+from torchvision.transforms import v2
 
 from layertap.server.app import create_server
 from layertap.server.pooling import OutputSpec, pool_maps
@@ -119,7 +120,16 @@ class Reference:
 
     def __init__(self) -> None:
         weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
-        self.transforms = weights.transforms()
+        self.preset = preset = weights.transforms()
+        # the server's default resize_kernel "uint8" is torchvision v2's uint8 resize
+        self.transforms = v2.Compose(
+            [
+                v2.Resize(preset.resize_size, antialias=True),
+                v2.CenterCrop(preset.crop_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(preset.mean, preset.std),
+            ]
+        )
         self.model = torchvision.models.mobilenet_v2(weights=weights).eval()
         self.caught: dict[str, torch.Tensor] = {}
         for name in (DEEP, MID):
@@ -138,7 +148,7 @@ class Reference:
         return dict(self.caught)
 
     def input(self, name: str) -> torch.Tensor:
-        """The photo as the model's normalised [3, 224, 224] input (torchvision's preset)."""
+        """The photo as the model's normalised [3, 224, 224] input (the preset's steps, v2)."""
         return self.transforms(torch.from_numpy(photo(name)).permute(2, 0, 1))
 
 
@@ -420,8 +430,8 @@ def test_region_boxes_follow_resize_and_centre_crop(
     native = extract(stub, [image], [DEEP], native=True, pool=pb.POOLING_MAX)
     norm = torchvision.transforms.functional.normalize(
         torch.from_numpy(pixels).permute(2, 0, 1).float() / 255,
-        list(ref.transforms.mean),
-        list(ref.transforms.std),
+        list(ref.preset.mean),
+        list(ref.preset.std),
     )
     full = ref.maps(norm[None])[DEEP]
     scale = full.shape[-1] / w, full.shape[-2] / h

@@ -48,6 +48,13 @@ def config_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
                 leaf_modules=("factories:Gate",),
             ),
             ModelConfig(name="strict", arch="resnet18", weights="none"),
+            ModelConfig(
+                name="squeeze-exact",
+                arch="squeezenet1_1",
+                weights=str(folder / "squeeze.safetensors"),
+                input_size=(160, 160),
+                resize_kernel="float",
+            ),
         ),
     )
     running = start_server(settings)
@@ -125,3 +132,40 @@ def test_entries_with_the_same_weights_share_one_base_model(resnet18_weights: Pa
         assert a["layer4"].shape == (1, 512, 7, 7) and b["layer4"].shape == (1, 512, 10, 10)
     finally:
         running.stop()
+
+
+def test_resize_kernel_uint8_by_default_float_on_request(config_server: RunningServer) -> None:
+    """Encoded photos are resized with torchvision v2's uint8 kernel unless the entry asks for
+    the float kernel (weights.transforms() on tensors); DescribeModel says which."""
+    import io
+
+    import torchvision.transforms.functional as F
+    import torchvision.transforms.v2.functional as F2
+    from PIL import Image
+
+    pixels = photo("chelsea")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")  # lossless: both sides see the same pixels
+    model = config_server.model.eval()  # type: ignore[attr-defined]
+    img = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    maps: dict[str, np.ndarray] = {}
+    with FeatureClient(config_server.target) as client:
+        infos = {m.name: m for m in client.list_models()}
+        for name, kernel, resize in (
+            ("squeeze", "uint8", F2.resize),
+            ("squeeze-exact", "float", F.resize),
+        ):
+            p = infos[name].preprocessing
+            assert p.resize_kernel == kernel
+            assert client.describe(name).model.preprocessing.resize_kernel == kernel
+            x = resize(img, [p.resize_size], antialias=True)
+            x = F.center_crop(x, list(p.crop_size)).float() / 255
+            x = F.normalize(x, list(p.mean), list(p.std))
+            out = client.extract([buf.getvalue()], model=name, nodes="features.0")  # first conv
+            with torch.inference_mode():
+                ref = model.features[0](x[None])
+            np.testing.assert_allclose(out["features.0"], ref.numpy(), atol=2e-5, rtol=1e-5)
+            maps[name] = out["features.0"]
+    # the kernels differ by at most one uint8 level: visible in the first conv, not more
+    gap = float(np.abs(maps["squeeze"] - maps["squeeze-exact"]).max())
+    assert 1e-3 < gap < 0.5

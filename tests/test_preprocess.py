@@ -1,7 +1,10 @@
-"""server/preprocess.py must reproduce ``weights.transforms()`` on uint8 tensors."""
+"""server/preprocess.py must reproduce ``weights.transforms()`` on uint8 tensors: bit for bit with
+the "float" resize kernel, within one uint8 level (and equal to torchvision v2's uint8 pipeline)
+with the default "uint8" kernel."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 
 import matplotlib.cbook
@@ -10,6 +13,7 @@ import pytest
 import skimage.data
 import torch
 import torchvision.transforms.functional as F
+import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from sklearn.datasets import load_sample_image
 from torchvision.models import Inception_V3_Weights, MobileNet_V2_Weights, ResNet50_Weights
@@ -42,6 +46,23 @@ def photo(name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(arr)).permute(2, 0, 1).contiguous()
 
 
+def exact(transforms: object) -> Preprocessing:
+    """The spec with the float resize kernel: bit-exact with `transforms` on tensors."""
+    return dataclasses.replace(Preprocessing.from_torchvision(transforms), resize_kernel="float")
+
+
+def v2_reference(img: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """torchvision v2's own functional pipeline on the uint8 tensor (its native uint8 resize)."""
+    out = F2.resize(
+        img,
+        [spec.resize_size],
+        interpolation=InterpolationMode(spec.interpolation),
+        antialias=spec.antialias,
+    )
+    out = F2.to_dtype(F2.center_crop(out, list(spec.crop_size)), torch.float32, scale=True)
+    return F2.normalize(out, mean=list(spec.mean), std=list(spec.std))
+
+
 def random_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
@@ -51,7 +72,7 @@ def random_image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("name", PHOTOS)
 def test_matches_torchvision_preset_on_photos(weights: str, name: str) -> None:
     transforms = WEIGHTS[weights].transforms()
-    spec = Preprocessing.from_torchvision(transforms)
+    spec = exact(transforms)
     img = photo(name)
     out = preprocess(img, spec)
     ref = transforms(img)
@@ -61,14 +82,55 @@ def test_matches_torchvision_preset_on_photos(weights: str, name: str) -> None:
 
 
 @pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("name", PHOTOS)
+def test_uint8_kernel_is_v2_and_within_one_level_of_the_preset(weights: str, name: str) -> None:
+    transforms = WEIGHTS[weights].transforms()
+    spec = Preprocessing.from_torchvision(transforms)
+    assert spec.resize_kernel == "uint8"  # the default
+    img = photo(name)
+    for layout in (img, img.permute(1, 2, 0).contiguous().permute(2, 0, 1)):  # CHW, HWC memory
+        out = preprocess(layout, spec)
+        assert out.shape == (3, *spec.crop_size)
+        assert (out - v2_reference(img, spec)).abs().max().item() <= 1e-5
+        diff = (out - transforms(img)).abs()
+        assert diff.max().item() <= ONE_LEVEL
+        assert 0 < diff.mean().item() < 0.25 * ONE_LEVEL  # mostly equal, not a copy of it
+
+
+def test_uint8_kernel_is_the_cheap_one() -> None:
+    """Counted, not timed: the uint8 kernel never converts the full-size image to float."""
+    spec = Preprocessing.from_torchvision(MobileNet_V2_Weights.IMAGENET1K_V1.transforms())
+    img = photo("astronaut")
+    seen: list[tuple[torch.dtype, int]] = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                seen.append((out.dtype, out.numel()))
+            return out
+
+    with Spy():
+        preprocess(img, spec)
+    big_float = [n for dtype, n in seen if dtype.is_floating_point and n > 3 * 224 * 224]
+    assert big_float == []
+    seen.clear()
+    with Spy():
+        preprocess(img, dataclasses.replace(spec, resize_kernel="float"))
+    assert any(dtype.is_floating_point and n >= 3 * 256 * 256 for dtype, n in seen)
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
 @pytest.mark.parametrize(
     "hw", [(1, 1), (7, 5), (100, 50), (224, 224), (299, 300), (333, 1000), (1000, 333)]
 )
 def test_matches_torchvision_preset_on_odd_sizes(weights: str, hw: tuple[int, int]) -> None:
     transforms = WEIGHTS[weights].transforms()
     img = random_image(*hw)
-    out = preprocess(img, Preprocessing.from_torchvision(transforms))
+    out = preprocess(img, exact(transforms))
     assert (out - transforms(img)).abs().max().item() <= 1e-5
+    fast = preprocess(img, Preprocessing.from_torchvision(transforms))
+    assert (fast - transforms(img)).abs().max().item() <= ONE_LEVEL
 
 
 def test_from_torchvision_reads_the_presets() -> None:
@@ -107,15 +169,16 @@ def test_matches_other_interpolations(interp: str, antialias: bool) -> None:
         interpolation=InterpolationMode(interp),
         antialias=antialias,
     )
-    spec = Preprocessing.from_torchvision(t)
     for img in (photo("chelsea"), random_image(50, 90)):
-        assert (preprocess(img, spec) - t(img)).abs().max().item() <= 1e-5
+        assert (preprocess(img, exact(t)) - t(img)).abs().max().item() <= 1e-5
+        fast = preprocess(img, Preprocessing.from_torchvision(t))
+        assert (fast - v2_reference(img, Preprocessing.from_torchvision(t))).abs().max() <= 1e-5
 
 
 def test_describe() -> None:
     spec = Preprocessing.from_torchvision(MobileNet_V2_Weights.IMAGENET1K_V1.transforms())
     assert spec.describe() == (
-        "resize 256 bilinear (antialias), center-crop 224x224, "
+        "resize 256 bilinear (uint8 antialias), center-crop 224x224, "
         "normalize mean=(0.485, 0.456, 0.406) std=(0.229, 0.224, 0.225)"
     )
     no_resize = Preprocessing(None, (112, 96), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "nearest")
@@ -150,7 +213,7 @@ def test_small_images_are_padded_like_torchvision() -> None:
     # resize_size smaller than the crop pads too.
     t = ImageClassification(crop_size=224, resize_size=200)
     img = photo("astronaut")
-    assert (preprocess(img, Preprocessing.from_torchvision(t)) - t(img)).abs().max() <= 1e-5
+    assert (preprocess(img, exact(t)) - t(img)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("hw", [(1, 300), (300, 1), (2, 400), (1, 1), (1, 3), (3, 1)])
@@ -228,3 +291,5 @@ def test_rejects_bad_input_and_specs() -> None:
         Preprocessing(256, (0, 224), (0, 0, 0), (1, 1, 1))
     with pytest.raises(ValueError, match="std"):
         Preprocessing(256, (224, 224), (0, 0, 0), (1, 0, 1))
+    with pytest.raises(ValueError, match="resize_kernel"):
+        Preprocessing(256, (224, 224), (0, 0, 0), (1, 1, 1), resize_kernel="pil")

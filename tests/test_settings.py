@@ -55,6 +55,7 @@ def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> Non
         ('[[models]]\nname = "a"\narch = "x"\nwieghts = "none"\n', "unknown keys ['wieghts']"),
         ('[[models]]\nname = "a"\narch = "x"\n[[models]]\nname = "a"\narch = "y"\n', "unique"),
         ("[server]\nmax_batch_size = -1\n", "max_batch_size"),
+        ('[[models]]\nname = "a"\narch = "x"\nresize_kernel = "pil"\n', "resize_kernel"),
         ("[server\n", "not valid TOML"),
     ],
 )

@@ -38,7 +38,7 @@ ALLOWED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 EXTRACT = "/layertap.v1.FeatureService/Extract"
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1, "int8": 1}
 POOLED = {pb.POOLING_AVG, pb.POOLING_MAX, pb.POOLING_GEM, pb.POOLING_CLS, pb.POOLING_MEAN}
 FUZZ = settings(
     max_examples=2000,
@@ -351,6 +351,8 @@ def expected_keys(req: pb.ExtractRequest) -> list[str]:
 def as_float(t: pb.Tensor) -> np.ndarray:
     if t.dtype == "bfloat16":
         return (np.frombuffer(t.data, "<u2").astype(np.uint32) << 16).view(np.float32)
+    if t.dtype == "int8":  # quantised unit vector: round(127 x)
+        return np.frombuffer(t.data, np.int8).astype(np.float64) / 127
     return np.frombuffer(t.data, {"float32": "<f4", "float16": "<f2"}[t.dtype]).astype(np.float64)
 
 
