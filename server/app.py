@@ -15,14 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from layertap.v1 import layertap_pb2
 
-from . import logs, security
+from . import logs, process, security
 from .batcher import Batcher, BatchPolicy
 from .dispatch import Dispatcher
 from .heads import Head, load_head
@@ -311,19 +310,6 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
-def single_threaded_main() -> None:
-    """The event loop's thread runs torch single-threaded (it should not run torch at all).
-
-    With libgomp, every thread that runs a multi-threaded torch op keeps a team of OpenMP
-    threads for the life of the process; once the process holds more of them than there are
-    cores, libgomp stops spinning at barriers (GOMP's throttled spin) and every layer of every
-    forward then pays a futex sleep and wake. Measured on 2 cores (mobilenet_v2 in a worker
-    thread, batch 1): 21 ms with the main thread's team never created, 57 ms once a single
-    2-thread op had run on the main thread. One thread here means no team: only the
-    model workers' threads hold one."""
-    torch.set_num_threads(1)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`layertap serve`: settings from flags, LAYERTAP_* and the config file, then serve."""
     args = list(argv) if argv is not None else sys.argv[1:]
@@ -336,7 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(settings.redacted(), indent=2, default=str))
         return 0
     logs.configure(settings.log_level, settings.log_format)
-    single_threaded_main()
+    process.single_threaded_main()
+    if settings.keep_freed_memory:
+        process.keep_freed_memory()
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

@@ -20,6 +20,7 @@ from .errors import ImageLimitExceeded, InvalidImage
 from .heads import Head
 from .pooling import OutputSpec, average_views, concat_parts, finish
 from .preprocess import Geometry, Preprocessing, geometry, preprocess
+from .process import pin_torch_threads
 
 # Region boxes may poke this far (pixels) past the image's edge (rounding in the client's maths).
 BOX_TOLERANCE = 1.0
@@ -70,7 +71,7 @@ _thread = _DecodeThread()
 def init_decode_thread(gpu_decode_device: str | None = None) -> None:
     """ThreadPoolExecutor initializer of the decode pool. torch runs single-threaded here: the
     pool itself is the parallelism, and the worker's intra-op threads own the cores."""
-    torch.set_num_threads(1)
+    pin_torch_threads(1)
     _thread.device = torch.device(gpu_decode_device) if gpu_decode_device else None
     _thread.stream = torch.cuda.Stream(_thread.device) if _thread.device is not None else None
 

@@ -132,6 +132,7 @@ class Settings:
     max_concurrent_rpcs: int = 1024
     max_stream_in_flight: int = 64
     max_parameter_bytes: int = 32 * MiB
+    keep_freed_memory: bool = True
     decode_threads: int = 2
     extractor_cache_size: int = 32
     torch_threads: int = 0
@@ -215,6 +216,9 @@ FIELDS: dict[str, str] = {
     "more until one is answered, so gRPC flow control pushes back on the client",
     "max_parameter_bytes": "largest GetParameters answer in tensor bytes; at most "
     "max_message_bytes - 1 MiB (default: 32 MiB, or that bound when it is lower)",
+    "keep_freed_memory": "glibc malloc keeps freed activation memory for the next forward "
+    "instead of returning it to the OS and page-faulting it back every batch (CPU forwards "
+    "about 1.5x faster at batch 4 measured; the process keeps its high-water mark)",
     "decode_threads": "threads that decode and preprocess images (off the event loop)",
     "extractor_cache_size": "FX graph modules kept per model (LRU); they share the weights",
     "torch_threads": "torch intra-op threads per worker; 0: the cores left after "

@@ -40,6 +40,7 @@ from .hooks import build_hook_catalog, build_hook_extractor
 from .metrics import Metrics
 from .pooling import DTYPES, OutputSpec, finish_raw, pool_maps, roi_pool
 from .preprocess import Preprocessing
+from .process import pin_torch_threads
 from .settings import ModelConfig, Settings
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ class ModelRuntime:
         self.worker_thread_ident = threading.get_ident()
         threads = self.torch_threads or self.settings.torch_threads
         if threads > 0:
-            torch.set_num_threads(threads)
+            pin_torch_threads(threads)
 
     # --- loading --------------------------------------------------------------------------
     async def load_all(
