@@ -1135,9 +1135,8 @@ def render(report: Report, targets: list[Target]) -> str:
         "flower, grace_hopper; encoded once at quality 90), 224 px after resize 256 + centre "
         "crop, descriptor = GeM (p=3) of the node's feature map, float32. The in-process loop "
         "and the LitServe app decode with torchvision's JPEG decoder and resize the uint8 image "
-        "with `transforms.v2` (its fast uint8 kernel); layertap resizes exactly like the "
-        "weights' own `transforms()` (v1, via float), at most 1 uint8 level apart; the naive "
-        "server uses PIL and v1 transforms.")  # fmt: skip
+        "with `transforms.v2` (its fast uint8 kernel), as layertap does by default "
+        "(`resize_kernel = \"uint8\"`); the naive server uses PIL and v1 transforms.")  # fmt: skip
     for spec in report.models:
         add(f"- **{spec.arch}** node `{spec.node}`, {spec.weights_label}.")
     add(f"- **layertap**: `layertap serve` subprocess, default settings"
