@@ -267,8 +267,7 @@ def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -
         raise InvalidImage(f"image is empty ({w}x{h})")
     img = image
     if native:
-        img = F.convert_image_dtype(img, torch.float)
-        return F.normalize(img, mean=list(spec.mean), std=list(spec.std))
+        return _to_input(img, spec)
     if spec.resize_size is not None:
         out_hw = _resized_size(h, w, spec.resize_size)
         long_idx = 0 if out_hw[0] > out_hw[1] else 1
@@ -285,6 +284,23 @@ def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -
                 interpolation=_INTERPOLATIONS[spec.interpolation],
                 antialias=spec.antialias,
             )
-    img = F.center_crop(img, list(spec.crop_size))
-    img = F.convert_image_dtype(img, torch.float)
-    return F.normalize(img, mean=list(spec.mean), std=list(spec.std))
+    return _to_input(F.center_crop(img, list(spec.crop_size)), spec)
+
+
+def _to_input(img: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """uint8 [3, H, W] (any memory layout) -> normalised float32 [3, H, W], contiguous.
+
+    "float": torchvision's convert_image_dtype + normalize, ((x / 255) - mean) / std, for
+    bit-exact agreement with weights.transforms(). "uint8": the same affine map in one fused
+    pass, x * (1 / (255 std)) - mean / std, written straight into a contiguous tensor (three
+    passes over the crop instead of six; equal to float32 rounding)."""
+    if spec.resize_kernel == "float":
+        out = F.normalize(F.convert_image_dtype(img, torch.float), list(spec.mean), list(spec.std))
+        return out.contiguous()
+    scale = torch.tensor([1.0 / (255.0 * s) for s in spec.std], device=img.device)
+    shift = torch.tensor(
+        [m / s for m, s in zip(spec.mean, spec.std, strict=True)], device=img.device
+    )
+    out = torch.empty(img.shape, dtype=torch.float32, device=img.device)
+    out.copy_(img)
+    return out.mul_(scale.view(3, 1, 1)).sub_(shift.view(3, 1, 1))
