@@ -11,7 +11,10 @@ prints the median forward time per batch size:
 - worker:          on a worker thread, main thread single-threaded (layertap's layout);
 - worker+team:     on a worker thread after one 2-thread op on the main thread (a second
                    OpenMP team: libgomp's throttled barrier spin);
-- worker+keep:     worker, with layertap's malloc thresholds (process.keep_freed_memory).
+- worker+keep:     worker, with layertap's malloc thresholds (process.keep_freed_memory);
+- +idle5:          worker+keep, the worker thread asleep 5 ms before each forward (a server
+                   between requests at low load);
+- +spin5:          worker+keep, the worker thread busy for those 5 ms instead.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ if variant == "worker+team":
     torch.set_num_threads(threads)
     torch.ones(1 << 22).add_(1)  # one multi-threaded op: the main thread's OpenMP team
     torch.set_num_threads(1)
-if variant == "worker+keep":
+if variant.startswith("worker+keep"):
     from layertap.server.process import keep_freed_memory
     assert keep_freed_memory()
 state = {}
@@ -51,6 +54,12 @@ def bench(batch):
     times = []
     with torch.inference_mode():
         for i in range(18):
+            if variant.endswith("+idle5"):
+                time.sleep(0.005)
+            elif variant.endswith("+spin5"):
+                end = time.perf_counter() + 0.005
+                while time.perf_counter() < end:
+                    pass
             t = time.perf_counter()
             state["fe"](x)
             if i >= 3:
@@ -66,7 +75,14 @@ else:
 print(json.dumps(out))
 """
 
-VARIANTS = ("main", "worker", "worker+team", "worker+keep")
+VARIANTS = (
+    "main",
+    "worker",
+    "worker+team",
+    "worker+keep",
+    "worker+keep+idle5",
+    "worker+keep+spin5",
+)
 
 
 def main() -> int:
