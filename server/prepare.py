@@ -88,7 +88,7 @@ def _decode_on_gpu(
         pixels = codec.decode_jpeg_cuda(data, limits, _thread.device)
         if pixels is None:
             return None, None
-        tensor = preprocess(pixels, spec, native).contiguous()
+        tensor = preprocess(pixels, spec, native)
     _thread.stream.synchronize()
     return tensor, (int(pixels.shape[-2]), int(pixels.shape[-1]))
 

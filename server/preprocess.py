@@ -31,6 +31,7 @@ import torchvision.transforms.v2.functional as F2
 from torchvision.transforms import InterpolationMode
 
 from .errors import InvalidImage
+from .settings import RESIZE_KERNELS
 
 __all__ = ["Geometry", "Preprocessing", "geometry", "preprocess"]
 
@@ -44,7 +45,6 @@ _INTERPOLATIONS = {
 }
 # Kernel radius in input pixels at scale 1 (antialiased downscaling widens it by the scale).
 _KERNEL_RADIUS = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 1.0}
-RESIZE_KERNELS = ("uint8", "float")
 
 
 @dataclass(frozen=True)
@@ -254,8 +254,8 @@ def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -
 
     With resize_kernel "float", the same result as torchvision's ImageClassification preset
     applied to the uint8 tensor; with "uint8", within one uint8 level of it before scaling.
-    The input may be a channels-last view (as torchvision's decoders return); the output may be
-    too (the caller makes the batch contiguous).
+    The input may be a channels-last view (as torchvision's decoders return); the output is
+    contiguous.
     `native`: no resize and no crop (normalise only), for features at the image's resolution.
     """
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:

@@ -349,6 +349,7 @@ COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 
 
 EXTRACTION_MODES = ("auto", "fx", "hooks")
+RESIZE_KERNELS = ("uint8", "float")  # preprocess.Preprocessing.resize_kernel
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -368,9 +369,9 @@ def _validate_model(m: ModelConfig) -> None:
             f"{where}: submodule must be a dotted module path such as 'backbone.body', "
             f"got {m.submodule!r}"
         )
-    if m.resize_kernel not in ("uint8", "float"):
+    if m.resize_kernel not in RESIZE_KERNELS:
         raise ConfigError(
-            f"{where}: resize_kernel must be 'uint8' or 'float', got {m.resize_kernel!r}"
+            f"{where}: resize_kernel must be one of {RESIZE_KERNELS}, got {m.resize_kernel!r}"
         )
     if m.autocast not in AUTOCAST_DTYPES:
         raise ConfigError(f"{where}: autocast must be one of {AUTOCAST_DTYPES}, got {m.autocast!r}")
