@@ -61,6 +61,20 @@ PROBE_LOG: dict[str, list[dict[str, object]]] = {}
 _PROBE_LOCK = threading.Lock()
 
 
+PROBE_HOLDS: dict[str, threading.Event] = {}
+
+
+def hold_probe(tag: str) -> threading.Event:
+    """From now on the probe of model `tag` blocks in every real forward (after recording it)
+    until the returned event is set: a test holds the worker busy for as long as it needs to
+    queue requests behind it, instead of racing a fixed delay. Set it in a `finally`; a forgotten
+    hold still gives up after 30 s."""
+    event = threading.Event()
+    with _PROBE_LOCK:
+        PROBE_HOLDS[tag] = event
+    return event
+
+
 def probe_log(tag: str) -> list[dict[str, object]]:
     """A copy of what the probe of model `tag` saw: one dict per real forward."""
     with _PROBE_LOCK:
@@ -68,7 +82,8 @@ def probe_log(tag: str) -> list[dict[str, object]]:
 
 
 class Probe(nn.Module):
-    """Records each real batch (size, per-image max); sleeps `delay_s`; raises
+    """Records each real batch (size, per-image max); waits while a test holds it (hold_probe);
+    sleeps `delay_s`; raises
     RuntimeError("injected fault ...") when any input value exceeds `fail_above`; raises
     torch.cuda.OutOfMemoryError when the batch is larger than `oom_above` or any input value
     exceeds `oom_value_above` (an image too large to fit even alone)."""
@@ -93,6 +108,9 @@ class Probe(nn.Module):
         event: dict[str, object] = {"batch": int(x.shape[0]), "max": maxima, "outcome": "ok"}
         with _PROBE_LOCK:
             PROBE_LOG.setdefault(self.tag, []).append(event)
+            hold = PROBE_HOLDS.get(self.tag)
+        if hold is not None:
+            hold.wait(30)
         too_big = self.oom_value_above is not None and max(maxima) > self.oom_value_above
         if too_big or (self.oom_above is not None and x.shape[0] > self.oom_above):
             event["outcome"] = "oom"

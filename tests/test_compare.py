@@ -418,7 +418,7 @@ def test_compare_batches_with_extract_and_leaves_with_its_client() -> None:
     probe = ModelConfig(
         name=name,
         factory="factories:probe_net",
-        kwargs={"tag": name, "delay_s": 0.3},
+        kwargs={"tag": name},
         weights="none",
         allow_random=True,
         input_size=(16, 16),
@@ -432,6 +432,7 @@ def test_compare_batches_with_extract_and_leaves_with_its_client() -> None:
     def extract(value: float, seed: int) -> pb.ExtractRequest:
         return pb.ExtractRequest(model=name, images=[_marked(value, seed)], nodes=["relu"])
 
+    hold = factories.hold_probe(name)  # type: ignore[attr-defined]
     try:
         stub = running.stub()
         blocker = stub.Extract.future(extract(11.0, 0), timeout=30)
@@ -441,12 +442,14 @@ def test_compare_batches_with_extract_and_leaves_with_its_client() -> None:
         compared = stub.Compare.future(pair, timeout=30)
         extracted = stub.Extract.future(extract(23.0, 3), timeout=30)
         _until(lambda: running.server.batcher.queued == 3, "three queued images")
+        hold.set()
         blocker.result(30)
         assert compared.result(30).pairs[0].distance > 0
         assert extracted.result(30).metadata.batch_size == 3  # one forward for all three
         batch = next(e for e in factories.probe_log(name) if 23.0 in e["max"])  # type: ignore[operator]
         assert sorted(batch["max"]) == [21.0, 22.0, 23.0]  # type: ignore[call-overload]
 
+        hold = factories.hold_probe(name)  # type: ignore[attr-defined]
         blocker = stub.Extract.future(extract(12.0, 4), timeout=30)
         _until(lambda: 12.0 in seen(), "the second blocker to start")
         gone = pb.CompareRequest(model=name, a=[_marked(31.0, 5)], b=[_marked(32.0, 6)])
@@ -454,10 +457,13 @@ def test_compare_batches_with_extract_and_leaves_with_its_client() -> None:
         call = stub.Compare.future(gone, timeout=30)
         _until(lambda: running.server.batcher.queued == 2, "the pair to queue")
         call.cancel()
+        _until(lambda: running.server.batcher.dropped.get("cancelled") == 2, "the pair's drop")
+        hold.set()
         blocker.result(30)
         same = pb.CompareRequest(model=name, a=[_marked(41.0, 7)], b=[_marked(41.0, 7)])
         same.nodes.append("relu")
         assert stub.Compare(same, timeout=30).pairs[0].distance == pytest.approx(0, abs=1e-6)
     finally:
+        hold.set()
         running.stop()
     assert 31.0 not in seen() and 32.0 not in seen(), "a cancelled pair was computed"

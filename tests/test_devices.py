@@ -83,7 +83,7 @@ def test_two_cpu_workers_share_the_load_and_agree() -> None:
             ModelConfig(
                 name="two",
                 factory="factories:probe_net",
-                kwargs={"tag": "two", "delay_s": 0.3},
+                kwargs={"tag": "two"},
                 weights="none",
                 allow_random=True,
                 input_size=(SIZE, SIZE),
@@ -92,6 +92,7 @@ def test_two_cpu_workers_share_the_load_and_agree() -> None:
         ),
     )
     running = start_server(settings)
+    hold = factories.hold_probe("two")  # type: ignore[attr-defined]
     try:
         runtimes = running.server.runtimes
         assert len(runtimes) == 2 and runtimes[0] is not runtimes[1]
@@ -103,12 +104,15 @@ def test_two_cpu_workers_share_the_load_and_agree() -> None:
         futures = [stub.Extract.future(_request(images[0]), timeout=30)]
         _until(lambda: 5.0 in _seen(), what="the first forward to start")
         futures.append(stub.Extract.future(_request(images[1]), timeout=30))
-        # the second runs beside the first (the first is still computing: 0.3 s)
+        # the second runs beside the first (the first is held in its forward)
         _until(lambda: 6.0 in _seen(), what="the second forward to start")
         assert not futures[0].done()
         futures += [stub.Extract.future(_request(x), timeout=30) for x in images[2:]]
+        _until(lambda: running.server.batcher.queued == 2, what="the other two to queue")
+        hold.set()
         responses = [f.result(30) for f in futures]
     finally:
+        hold.set()
         running.stop()
     devices = [r.metadata.device for r in responses]
     assert devices[:2] == ["cpu/0", "cpu/1"], devices  # the second went to the idle worker

@@ -23,7 +23,6 @@ from layertap.server.settings import ModelConfig, Settings
 from layertap.v1 import layertap_pb2 as pb
 
 SIZE = 32
-SLOW_S = 0.4
 
 
 def _until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -50,7 +49,7 @@ def _probe(name: str, **kwargs: object) -> ModelConfig:
     return ModelConfig(
         name=name,
         factory="factories:probe_net",
-        kwargs={"tag": name, "delay_s": SLOW_S},
+        kwargs={"tag": name},
         weights="none",
         allow_random=True,
         input_size=(SIZE, SIZE),
@@ -213,6 +212,7 @@ def test_share_forwards_policies(policy: str) -> None:
         models=(_probe(name),),
     )
     running = start_server(settings)
+    hold = factories.hold_probe(name)  # type: ignore[attr-defined]
     try:
         stub = running.stub()
         blocker = stub.Extract.future(_request(name, _image(11.0), ["conv"]), timeout=30)
@@ -221,9 +221,11 @@ def test_share_forwards_policies(policy: str) -> None:
         b = stub.Extract.future(_request(name, _image(22.0, 2), ["relu", "mean"]), timeout=30)
         c = stub.Extract.future(_request(name, _image(23.0, 3), ["conv"]), timeout=30)
         _until(lambda: running.server.batcher.queued == 3, what="three queued requests")
+        hold.set()
         blocker.result(30)
         ra, rb, rc = a.result(30), b.result(30), c.result(30)
     finally:
+        hold.set()
         running.stop()
     assert [o.key for o in ra.results[0].outputs] == ["conv", "mean"]
     assert [o.key for o in rb.results[0].outputs] == ["relu", "mean"]
@@ -237,17 +239,21 @@ def test_share_forwards_policies(policy: str) -> None:
 def test_deadline_and_cancel_are_counted_as_drops_and_never_computed() -> None:
     settings = Settings(port=0, max_wait_ms=50, models=(_probe("dl"),))
     running = start_server(settings)
+    hold = factories.hold_probe("dl")  # type: ignore[attr-defined]
     try:
         stub = running.stub()
         blocker = stub.Extract.future(_request("dl", _image(11.0), ["mean"]), timeout=30)
         _until(lambda: 11.0 in _seen("dl"), what="the blocker to start")
-        late = stub.Extract.future(_request("dl", _image(77.0), ["mean"]), timeout=0.15)
+        late = stub.Extract.future(_request("dl", _image(77.0), ["mean"]), timeout=1.0)
         gone = stub.Extract.future(_request("dl", _image(88.0), ["mean"]), timeout=30)
         _until(lambda: running.server.batcher.queued == 2, what="two queued requests")
         gone.cancel()
         with pytest.raises(grpc.RpcError) as info:
             late.result(10)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        both = {"deadline": 1, "cancelled": 1}
+        _until(lambda: running.server.batcher.dropped == both, what="both drops on the server")
+        hold.set()
         blocker.result(30)
         name = "layertap_dropped_images_total"
         _until(lambda: _sample(running, name, reason="deadline") == 1, what="the deadline drop")
@@ -255,6 +261,7 @@ def test_deadline_and_cancel_are_counted_as_drops_and_never_computed() -> None:
         after = stub.Extract(_request("dl", _image(12.0), ["mean"]), timeout=30)
         assert len(after.results) == 1
     finally:
+        hold.set()
         running.stop()
     assert 77.0 not in _seen("dl") and 88.0 not in _seen("dl"), "a dropped image was computed"
     assert running.server.batcher.dropped == {"deadline": 1, "cancelled": 1}

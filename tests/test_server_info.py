@@ -4,14 +4,14 @@ cannot drift from what Extract accepts), the retryable marker, and the new setti
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from conftest import RunningServer, encode, start_server
-from factories import probe_log
+from factories import hold_probe, probe_log
 
 from layertap.server.settings import ConfigError, MiB, ModelConfig, Settings, load_settings
 from layertap.v1 import layertap_pb2 as pb
@@ -38,7 +38,7 @@ SETTINGS = Settings(
         ModelConfig(
             name="slow",
             factory="factories:probe_net",
-            kwargs={"tag": "server-info-slow", "delay_s": 1.0},
+            kwargs={"tag": "server-info-slow"},
             weights="none",
             allow_random=True,
             input_size=(SIZE, SIZE),
@@ -114,6 +114,14 @@ def test_every_advertised_capability_works(server: RunningServer) -> None:
             extract(server, image, output=pb.OutputOptions(pool=pb.Pooling.Value(name)))
 
 
+def _until(condition: Callable[[], bool], call: grpc.Future) -> None:
+    """Wait for `condition`, failing with the call's error if it ended first."""
+    give_up = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < give_up and not call.done(), call.exception()
+        time.sleep(0.01)
+
+
 def trailers(err: grpc.RpcError) -> dict[str, str]:
     return dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
 
@@ -128,25 +136,26 @@ def test_retryable_marker_only_on_transient_failures(server: RunningServer) -> N
         assert info.value.code() == code, info.value.details()
         return trailers(info.value)
 
-    # a full queue: the slow model computes one image (1 s) while three more wait (the queue's
-    # limit), so one more image is refused at once; and a model that is not available
+    # a full queue: the slow model is held inside one forward while three more images wait
+    # (the queue's limit), so one more image is refused at once; and a model that is not available
     forwards = len(probe_log("server-info-slow"))  # the warm-up's
-    busy = stub.Extract.future(
-        pb.ExtractRequest(model="slow", images=[image], nodes=["mean"]), timeout=60
-    )
-    give_up = time.monotonic() + 30
-    while len(probe_log("server-info-slow")) == forwards:
-        assert time.monotonic() < give_up and not busy.done(), busy.exception()
-        time.sleep(0.01)  # until the worker is inside that forward
-    waiting = stub.Extract.future(
-        pb.ExtractRequest(model="slow", images=[image] * 3, nodes=["mean"]), timeout=60
-    )
-    time.sleep(0.2)  # those three are queued (decoding a 64x64 PNG takes milliseconds)
-    full = fails(
-        pb.ExtractRequest(model="slow", images=[image], nodes=["mean"]),
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    )
-    assert full.get("layertap-retryable") == "true" and full.get("x-request-id")
+    hold = hold_probe("server-info-slow")
+    try:
+        busy = stub.Extract.future(
+            pb.ExtractRequest(model="slow", images=[image], nodes=["mean"]), timeout=60
+        )
+        _until(lambda: len(probe_log("server-info-slow")) > forwards, busy)  # in that forward
+        waiting = stub.Extract.future(
+            pb.ExtractRequest(model="slow", images=[image] * 3, nodes=["mean"]), timeout=60
+        )
+        _until(lambda: server.server.batcher.queued == 3, waiting)
+        full = fails(
+            pb.ExtractRequest(model="slow", images=[image], nodes=["mean"]),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert full.get("layertap-retryable") == "true" and full.get("x-request-id")
+    finally:
+        hold.set()
     busy.result()
     waiting.result()
     # a request bigger than the whole queue can never fit: a limit, not transient
