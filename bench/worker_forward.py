@@ -14,7 +14,9 @@ prints the median forward time per batch size:
 - worker+keep:     worker, with layertap's malloc thresholds (process.keep_freed_memory);
 - +idle5:          worker+keep, the worker thread asleep 5 ms before each forward (a server
                    between requests at low load);
-- +spin5:          worker+keep, the worker thread busy for those 5 ms instead.
+- +idle1:          the same with a 1 ms sleep (the cost is the sleep, not its length);
+- +spin5:          worker+keep, the worker thread busy for those 5 ms instead;
+- +team5:          worker+keep, both OpenMP threads busy for those 5 ms (a parallel op).
 """
 
 from __future__ import annotations
@@ -51,15 +53,21 @@ def build():
     state["fe"] = create_feature_extractor(model, {node: "feat"}).eval()
 def bench(batch):
     x = torch.randn(batch, 3, 224, 224)
+    busy = torch.ones(1 << 18)
     times = []
     with torch.inference_mode():
         for i in range(18):
+            end = time.perf_counter() + 0.005
             if variant.endswith("+idle5"):
                 time.sleep(0.005)
+            elif variant.endswith("+idle1"):
+                time.sleep(0.001)
             elif variant.endswith("+spin5"):
-                end = time.perf_counter() + 0.005
                 while time.perf_counter() < end:
                     pass
+            elif variant.endswith("+team5"):
+                while time.perf_counter() < end:
+                    busy.add_(1)  # above ATen's grain size: both threads of the team
             t = time.perf_counter()
             state["fe"](x)
             if i >= 3:
@@ -81,7 +89,9 @@ VARIANTS = (
     "worker+team",
     "worker+keep",
     "worker+keep+idle5",
+    "worker+keep+idle1",
     "worker+keep+spin5",
+    "worker+keep+team5",
 )
 
 

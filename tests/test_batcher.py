@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from layertap.server.batcher import Batcher, BatchPolicy
+from layertap.server.batcher import Batcher, BatchPolicy, is_deadline
 from layertap.server.errors import LimitExceeded, QueueFull, Unavailable
 
 
@@ -308,19 +308,32 @@ async def test_drop_hook_tells_cancelled_from_deadline_and_nothing_dropped_is_co
     busy = await _busy_then(b, rec)
     cancelled = b.submit_many("k", ["cancel-me"], deadline=time.monotonic() + 60)
     expired = b.submit_many("k", ["too-late"], deadline=time.monotonic() + 0.01)
+    # the client's timer fires first: its cancel arrives a little before our deadline
+    early = b.submit_many("k", ["client-timer"], deadline=time.monotonic() + 0.04)
     no_deadline = b.submit_many("k", ["gone"])
     kept = b.submit_many("k", ["kept"])
     cancelled[0].cancel()
     no_deadline[0].cancel()
     await asyncio.sleep(0.02)
     expired[0].cancel()  # what gRPC does when the deadline passes
+    early[0].cancel()  # 20 ms before its deadline: within the slack
     await asyncio.gather(*busy, *kept)
     await asyncio.sleep(0)  # done-callbacks run on the next loop turn
-    assert sorted(drops) == [("k", "cancelled"), ("k", "cancelled"), ("k", "deadline")]
-    assert b.dropped == {"cancelled": 2, "deadline": 1}
+    assert sorted(drops) == [("k", "cancelled")] * 2 + [("k", "deadline")] * 2
+    assert b.dropped == {"cancelled": 2, "deadline": 2}
     computed = [p for _, ps in rec.batches for p in ps]
     assert computed == ["busy", "kept"]
     await b.close()
+
+
+def test_deadline_slack_grows_with_the_timeout() -> None:
+    """50 ms, or 2 % of the timeout when that is more: a cancel 1 s before a 100 s deadline is
+    the client's timer, 10 s before it is a cancel."""
+    assert is_deadline(now=0.96, deadline=1.0, since=0.0)
+    assert not is_deadline(now=0.9, deadline=1.0, since=0.0)
+    assert is_deadline(now=99.0, deadline=100.0, since=0.0)
+    assert not is_deadline(now=90.0, deadline=100.0, since=0.0)
+    assert is_deadline(now=101.0, deadline=100.0, since=0.0)
 
 
 async def test_cancel_during_compute_is_not_a_drop() -> None:
