@@ -9,9 +9,10 @@ add `--quick`. On a GPU machine add `--device cuda` (and write to another file, 
 `--out docs/BENCHMARKS_GPU.md`). LitServe comes from the `bench` extra
 (`.venv/bin/pip install -e '.[bench]'`); without it, pass `--systems inprocess,layertap,naive`.
 Experiments: `--layertap-arg=--max-wait-ms=5` (any `layertap serve` flag, repeatable) and
-`--layertap-env KEY=VALUE` change the layertap servers only. A hand-written block between
-`<!-- analysis: kept by bench/compare.py -->` and `<!-- /analysis -->` in the --out file survives
-regeneration.
+`--layertap-env KEY=VALUE` and `--layertap-model-key KEY=TOML` (a `[[models]]` key, e.g.
+`--layertap-model-key channels_last=true`) change the layertap servers only. A hand-written
+block between `<!-- analysis: kept by bench/compare.py -->` and `<!-- /analysis -->` in the --out
+file survives regeneration.
 
 For each model (default mobilenet_v2 `features.18` with its real ImageNet weights from the torch
 cache, and resnet50 `layer4` with random init: throughput does not depend on the weights) at
@@ -19,7 +20,9 @@ cache, and resnet50 `layer4` with random init: throughput does not depend on the
 p=3, of that node's feature map, float32), it measures:
 
 1. in-process: decode + preprocess + forward (graph cut at the node) + GeM in one loop, no
-   server, for each batch size of a sweep; and batch-1 latency;
+   server, for each batch size of a sweep; and batch-1 latency (the baseline: what users
+   write); then the same loop with BatchNorms folded as layertap's extractors fold them
+   (reference rows: the server's own forward, so the gap to them is what serving costs);
 2. layertap over gRPC on loopback: `layertap serve` in a subprocess with its default settings,
    driven by `AsyncFeatureClient` (default settings) at each concurrency;
 3. a naive per-request gRPC server (bench/naive_server.py), same client, same concurrencies;
@@ -95,6 +98,7 @@ QUICK = {
 }
 MIXED_CLIENTS = 4
 ENV_ARGS: list[str] = []  # --layertap-env KEY=VALUE, for layertap servers
+MODEL_KEYS: list[str] = []  # --layertap-model-key KEY=TOML, added to each layertap [[models]]
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -279,6 +283,9 @@ class Report:
     models: list[ModelSpec] = field(default_factory=list)
     inprocess: dict[str, list[Point]] = field(default_factory=dict)  # batch sweep per model
     batch1: dict[str, Point] = field(default_factory=dict)
+    # the same loop with BatchNorms folded as layertap's extractors do (reference rows)
+    inprocess_folded: dict[str, list[Point]] = field(default_factory=dict)
+    batch1_folded: dict[str, Point] = field(default_factory=dict)
     points: list[Point] = field(default_factory=list)
     litserve_sweep: dict[str, list[Point]] = field(default_factory=dict)
     litserve_best: dict[str, str] = field(default_factory=dict)
@@ -301,13 +308,25 @@ def log(message: str) -> None:
 
 # ---------------------------------------------------------------------------------- in-process
 def run_inprocess(
-    spec: ModelSpec, jpegs: list[bytes], device: str, batch_sizes: Sequence[int], seconds: float
+    spec: ModelSpec,
+    jpegs: list[bytes],
+    device: str,
+    batch_sizes: Sequence[int],
+    seconds: float,
+    fold: bool = False,
 ) -> tuple[list[Point], Point]:
-    """decode + preprocess + forward + GeM in a plain loop, per batch size; then batch-1 latency."""
+    """decode + preprocess + forward + GeM in a plain loop, per batch size; then batch-1 latency.
+    With `fold`, the graph has its BatchNorms folded as layertap's extractors do (the same
+    forward as the server's, so the difference is what serving costs)."""
     import torch
     from pipeline import feature_extractor, gem, load_model, preprocess_jpeg
 
     extractor = feature_extractor(load_model(spec.arch, spec.weights, device), spec.node)
+    suffix = ""
+    if fold:
+        from layertap.server.fusion import fold_batchnorms
+
+        suffix = f", {fold_batchnorms(extractor, {})} BatchNorms folded"  # type: ignore[arg-type]
     n = len(jpegs)
 
     def step(start: int, batch: int) -> None:
@@ -331,7 +350,7 @@ def run_inprocess(
         sweep.append(
             Point(
                 "in-process", spec.arch, 0, rate, float("nan"), float("nan"), float("nan"),
-                done, 0, server_cpu_ms=1000 * cpu / done, config=f"batch {batch}",
+                done, 0, server_cpu_ms=1000 * cpu / done, config=f"batch {batch}{suffix}",
             )
         )  # fmt: skip
         log(f"  in-process {spec.arch} batch {batch}: {rate:.1f} images/s")
@@ -347,7 +366,8 @@ def run_inprocess(
     ms = [1000 * v for v in latencies]
     b1 = Point(
         "in-process", spec.arch, 1, 1000 / statistics.mean(ms), percentile(ms, 50),
-        percentile(ms, 99), statistics.mean(ms), len(ms), 0, config="batch 1, sequential",
+        percentile(ms, 99), statistics.mean(ms), len(ms), 0,
+        config=f"batch 1, sequential{suffix}",
     )  # fmt: skip
     log(f"  in-process {spec.arch} batch-1 latency p50 {b1.p50_ms:.1f} ms")
     return sweep, b1
@@ -607,6 +627,7 @@ def layertap_server(
             f'arch = "{spec.arch}"',
             f'weights = "{spec.weights or "none"}"',
             "allow_random = true",
+            *MODEL_KEYS,
             "",
         ]
     config = logdir / f"layertap-{port}.toml"
@@ -1140,7 +1161,9 @@ def render(report: Report, targets: list[Target]) -> str:
     for spec in report.models:
         add(f"- **{spec.arch}** node `{spec.node}`, {spec.weights_label}.")
     add(f"- **layertap**: `layertap serve` subprocess, default settings"
-        f"{' plus ' + ' '.join(a.layertap_arg) if a.layertap_arg else ''}; client "
+        f"{' plus ' + ' '.join(a.layertap_arg) if a.layertap_arg else ''}"
+        f"{' and model keys ' + ', '.join(a.layertap_model_key) if a.layertap_model_key else ''}"
+        "; client "
         "`AsyncFeatureClient` with default settings, one channel.")  # fmt: skip
     add(f"- **naive gRPC**: bench/naive_server.py, `grpc.server(ThreadPoolExecutor("
         f"{a.naive_threads}))`, PIL + torchvision transforms, one forward per request with a "
@@ -1170,15 +1193,24 @@ def render(report: Report, targets: list[Target]) -> str:
         add("| system | in flight | images/s | p50 ms | p99 ms | errors | server CPU ms/img "
             "| client CPU ms/img | config |")  # fmt: skip
         add("|---|---|---|---|---|---|---|---|---|")
-        sweep = report.inprocess.get(m, [])
-        if sweep:
-            best = max(sweep, key=lambda p: p.images_per_s)
-            add(f"| in-process (best batch) | – | {fmt(best.images_per_s)} | – | – | 0 "
-                f"| {fmt(best.server_cpu_ms)} | – | {best.config} |")  # fmt: skip
-        b1 = report.batch1.get(m)
-        if b1:
-            add(f"| in-process batch-1 latency | 1 | {fmt(b1.images_per_s)} | {fmt(b1.p50_ms)} "
-                f"| {fmt(b1.p99_ms)} | 0 | – | – | {b1.config} |")  # fmt: skip
+        for label, b1_label, sweeps, batch1 in (
+            ("in-process", "in-process batch-1 latency", report.inprocess, report.batch1),
+            (
+                "in-process, folded",
+                "in-process, folded, batch-1 latency",
+                report.inprocess_folded,
+                report.batch1_folded,
+            ),
+        ):
+            sweep = sweeps.get(m, [])
+            if sweep:
+                best = max(sweep, key=lambda p: p.images_per_s)
+                add(f"| {label} (best batch) | – | {fmt(best.images_per_s)} | – | – | 0 "
+                    f"| {fmt(best.server_cpu_ms)} | – | {best.config} |")  # fmt: skip
+            b1 = batch1.get(m)
+            if b1:
+                add(f"| {b1_label} | 1 | {fmt(b1.images_per_s)} | {fmt(b1.p50_ms)} "
+                    f"| {fmt(b1.p99_ms)} | 0 | – | – | {b1.config} |")  # fmt: skip
         for system in ("layertap", "naive gRPC", "LitServe"):
             for p in sorted(
                 (p for p in report.points if p.system == system and p.model == m),
@@ -1354,6 +1386,10 @@ async def run(args: argparse.Namespace) -> int:
                     spec, jpegs, args.device, cfg["batch_sizes"], cfg["seconds"] / 2
                 )
                 report.inprocess[spec.arch], report.batch1[spec.arch] = sweep, b1
+                sweep, b1 = run_inprocess(
+                    spec, jpegs, args.device, cfg["batch_sizes"], cfg["seconds"] / 2, fold=True
+                )
+                report.inprocess_folded[spec.arch], report.batch1_folded[spec.arch] = sweep, b1
             if "layertap" in systems:
                 await phase_layertap(report, spec, jpegs, cfg, logdir)
             if "naive" in systems:
@@ -1426,9 +1462,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="KEY=VALUE environment for layertap servers, repeatable (e.g. MALLOC_ARENA_MAX=2)",
     )
+    parser.add_argument(
+        "--layertap-model-key",
+        action="append",
+        default=[],
+        help="KEY=TOML added to every layertap [[models]] entry, repeatable "
+        "(e.g. channels_last=true)",
+    )
     args = parser.parse_args(argv)
     args.argv = argv
     ENV_ARGS[:] = args.layertap_env
+    MODEL_KEYS[:] = [" = ".join(kv.split("=", 1)) for kv in args.layertap_model_key]
     return asyncio.run(run(args))
 
 

@@ -65,6 +65,10 @@ class ModelConfig:
     # channels_last memory format for weights and input batches (faster convolutions on
     # recent CPUs and tensor-core GPUs).
     channels_last: bool = False
+    # Fold each eval-mode BatchNorm into the convolution before it in every extractor that
+    # does not return that convolution's own output (server/fusion.py): the same values to
+    # float32 rounding, a faster CPU forward, one extra copy of the folded convolutions.
+    fold_batchnorm: bool = True
     # Run the forward under torch.autocast in this dtype: "" (float32), "bfloat16" (CPU or
     # CUDA) or "float16" (CUDA only). Outputs still come back in the requested output dtype.
     autocast: str = ""

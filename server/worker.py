@@ -36,6 +36,7 @@ from .catalog import (
     module_tree,
 )
 from .errors import InvalidArgument, LayertapError, LimitExceeded, ModelNotFound, Unavailable
+from .fusion import fold_batchnorms
 from .hooks import build_hook_catalog, build_hook_extractor
 from .metrics import Metrics
 from .pooling import DTYPES, OutputSpec, finish_raw, pool_maps, roi_pool
@@ -87,6 +88,8 @@ class LoadedModel:
     # fx.GraphModule, or its torch.compile wrapper when the model is compiled
     extractors: OrderedDict[tuple[str, ...], torch.nn.Module] = field(default_factory=OrderedDict)
     autocast: torch.dtype | None = None
+    # conv + BatchNorm pairs folded into one convolution, shared by this model's extractors
+    folded: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -422,7 +425,10 @@ class ModelRuntime:
         if loaded.catalog.mode == "hooks":
             extractor = build_hook_extractor(loaded.catalog, nodes)
         else:
-            extractor = build_extractor(loaded.catalog, nodes)
+            graph_module = build_extractor(loaded.catalog, nodes)
+            if loaded.config.fold_batchnorm:
+                fold_batchnorms(graph_module, loaded.folded)
+            extractor = graph_module
         cfg = loaded.config
         if cfg.compile and loaded.catalog.mode == "fx":
             # compiled lazily by its first call, on this thread (torch.compile is not
