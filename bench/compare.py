@@ -1220,11 +1220,12 @@ def render(report: Report, targets: list[Target]) -> str:
                     f"| {fmt(p.p99_ms)} | {p.errors} | {fmt(p.server_cpu_ms)} "
                     f"| {fmt(p.client_cpu_ms)} | {p.config} |")  # fmt: skip
         add("")
-        if sweep:
-            add(f"In-process batch sweep ({m}): "
-                + ", ".join(f"{p.config}: {fmt(p.images_per_s)}" for p in sweep)
-                + " images/s.")  # fmt: skip
-            add("")
+        for label, sweeps in (("", report.inprocess), (", folded", report.inprocess_folded)):
+            if sweeps.get(m):
+                add(f"In-process batch sweep{label} ({m}): "
+                    + ", ".join(f"{p.config}: {fmt(p.images_per_s)}" for p in sweeps[m])
+                    + " images/s.")  # fmt: skip
+                add("")
         ls_sweep = report.litserve_sweep.get(m, [])
         if ls_sweep:
             add(f"LitServe tuning sweep ({m}, {a.sweep_seconds_s:g} s per point; chosen: "
