@@ -151,3 +151,21 @@ def probe_net(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return ProbeNet(Probe(tag, delay_s, fail_above, oom_above, oom_value_above), width)
+
+
+class ViewingNet(nn.Module):
+    """Flattens a feature map with .view, as older model code does: fine in the default
+    layout, a RuntimeError in channels-last (the map is not contiguous there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(1, 2)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        y = self.conv(x)  # [N, C, H, W]: merging C with H and W needs NCHW memory
+        return self.head(y.view(y.shape[0], -1).mean(1, keepdim=True))
+
+
+def viewing_net() -> nn.Module:
+    return ViewingNet()

@@ -1,0 +1,110 @@
+"""channels_last unset ("auto"): chosen at load on the CPU by timing the model's folded
+deepest-node extractor in both layouts, kept only when it runs there and is clearly faster;
+explicit values are honoured without timing."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import RunningServer, start_server
+
+from layertap.server import worker
+from layertap.server.settings import ModelConfig, Settings
+from layertap.server.worker import ModelRuntime
+from layertap.v1 import layertap_pb2 as pb
+
+SIZE = 32
+
+
+def _model(name: str, factory: str, **kwargs: object) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        factory=factory,
+        weights="none",
+        allow_random=True,
+        input_size=(SIZE, SIZE),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _served_equals_module(running: RunningServer, name: str, node: str) -> None:
+    loaded = running.server.runtime.model(name)
+    x = np.random.default_rng(0).standard_normal((3, SIZE, SIZE)).astype(np.float32)
+    tensor = pb.Tensor(dtype="float32", shape=[3, SIZE, SIZE], data=x.tobytes())
+    request = pb.ExtractRequest(model=name, images=[pb.Image(tensor=tensor)], nodes=[node])
+    response = running.stub().Extract(request, timeout=30)
+    got = np.frombuffer(response.results[0].outputs[0].tensor.data, np.float32)
+    with torch.inference_mode():
+        want = loaded.weights.module(torch.from_numpy(x)[None]).float().numpy()[0]
+    np.testing.assert_allclose(got, want.ravel(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_keeps_channels_last_only_when_clearly_faster(
+    monkeypatch: pytest.MonkeyPatch, faster: bool
+) -> None:
+    def fake_ms(module: object, x: torch.Tensor) -> float:  # channels-last: 20 % or 5 % faster
+        if x.is_contiguous():
+            return 10.0
+        return 8.0 if faster else 9.5
+
+    monkeypatch.setattr(worker, "_forward_ms", fake_ms)
+    cfg = _model("tiny", "factories:tiny_net")
+    running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
+    try:
+        loaded = running.server.runtime.model("tiny")
+        assert loaded.channels_last is faster
+        conv = loaded.weights.module.stem[0]
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) is faster
+        assert conv.weight.is_contiguous() is not faster
+        _served_equals_module(running, "tiny", "head")
+    finally:
+        running.stop()
+
+
+def test_a_model_that_cannot_run_channels_last_stays_in_the_default_layout() -> None:
+    cfg = _model("viewing", "factories:viewing_net", extraction="fx")
+    running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
+    try:
+        loaded = running.server.runtime.model("viewing")
+        assert loaded.channels_last is False
+        assert loaded.weights.module.conv.weight.is_contiguous()
+        _served_equals_module(running, "viewing", "head")
+    finally:
+        running.stop()
+
+
+def test_explicit_values_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(module: object, x: object) -> float:
+        raise AssertionError("an explicit channels_last was timed")
+
+    monkeypatch.setattr(worker, "_forward_ms", never)
+    models = (
+        _model("on", "factories:tiny_net", channels_last=True),
+        _model("off", "factories:tiny_net", channels_last=False, kwargs={"width": 6}),
+    )
+    running = start_server(Settings(port=0, metrics=False, models=models))
+    try:
+        assert running.server.runtime.model("on").channels_last is True
+        assert running.server.runtime.model("off").channels_last is False
+        _served_equals_module(running, "on", "head")
+    finally:
+        running.stop()
+
+
+def test_5d_models_are_never_timed() -> None:
+    """channels_last is a 4-D format: a model with 5-D weights keeps the default layout."""
+    runtime = ModelRuntime(Settings(models=()), device="cpu")
+    try:
+        video = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3)).eval()
+        loaded = SimpleNamespace(
+            config=ModelConfig(name="v", factory="x:y"),
+            weights=SimpleNamespace(module=video),
+            catalog=SimpleNamespace(nodes=["n"]),
+        )
+        assert runtime._pick_channels_last(loaded) is False  # type: ignore[arg-type]
+    finally:
+        runtime.shutdown()
