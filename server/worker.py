@@ -111,6 +111,10 @@ def _first_line(exc: BaseException) -> str:
     return re.sub(r"Proxy\([^)]*\)", "another size", line)[:200]
 
 
+# A model whose batch forward takes less than this is not timed for channels-last.
+SMALL_FORWARD_MS = 20.0
+
+
 def _forward_ms(module: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> float:
     """Median ms of `runs` forwards after one untimed (allocator, kernel choice)."""
     times = []
@@ -301,13 +305,16 @@ class ModelRuntime:
         """The entry's `channels_last`, or for "auto" (None) on the CPU: channels-last when
         the model's deepest-node extractor (folded, as requests will run it) runs in it and
         its forward at the model's batch size (at most 8; median of 3 interleaved rounds) is
-        at least 10 % faster there; else the default layout. Models that cannot take it (5-D
+        at least 10 % faster there; else the default layout (also when `warmup` is off, or the
+        forward takes under SMALL_FORWARD_MS). Models that cannot take it (5-D
         convolutions, code that `.view`s an NCHW map) stay in the default layout. Converts the
         weights in place when chosen."""
         cfg, module = loaded.config, loaded.weights.module
         if cfg.channels_last is not None:
             return cfg.channels_last
         if self.device.type != "cpu" or cfg.submodule or cfg.compile or not loaded.catalog.nodes:
+            return False
+        if not self.settings.warmup:  # no forward at load was asked for: nothing is timed
             return False
         if any(p.dim() == 5 for p in module.parameters()):
             return False
@@ -318,6 +325,8 @@ class ModelRuntime:
         layouts = (torch.contiguous_format, torch.channels_last)
         times: dict[torch.memory_format, list[float]] = {f: [] for f in layouts}
         try:
+            if _forward_ms(extractor, x, runs=1) < SMALL_FORWARD_MS:
+                return False  # a few ms at most to win: not worth the timing
             for _ in range(3):  # interleaved rounds: drift on a busy machine hits both alike
                 for layout in layouts:
                     extractor.to(memory_format=layout)

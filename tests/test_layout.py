@@ -46,10 +46,10 @@ def _served_equals_module(running: RunningServer, name: str, node: str) -> None:
 def test_auto_keeps_channels_last_only_when_clearly_faster(
     monkeypatch: pytest.MonkeyPatch, faster: bool
 ) -> None:
-    def fake_ms(module: object, x: torch.Tensor) -> float:  # channels-last: 20 % or 5 % faster
-        if x.is_contiguous():
-            return 10.0
-        return 8.0 if faster else 9.5
+    def fake_ms(module: object, x: torch.Tensor, runs: int = 3) -> float:
+        if x.is_contiguous():  # channels-last: 20 % or 5 % faster
+            return 30.0
+        return 24.0 if faster else 28.5
 
     monkeypatch.setattr(worker, "_forward_ms", fake_ms)
     cfg = _model("tiny", "factories:tiny_net")
@@ -65,7 +65,10 @@ def test_auto_keeps_channels_last_only_when_clearly_faster(
         running.stop()
 
 
-def test_a_model_that_cannot_run_channels_last_stays_in_the_default_layout() -> None:
+def test_a_model_that_cannot_run_channels_last_stays_in_the_default_layout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker, "SMALL_FORWARD_MS", 0.0)  # time it although it is tiny
     cfg = _model("viewing", "factories:viewing_net", extraction="fx")
     running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
     try:
@@ -78,7 +81,7 @@ def test_a_model_that_cannot_run_channels_last_stays_in_the_default_layout() -> 
 
 
 def test_explicit_values_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
-    def never(module: object, x: object) -> float:
+    def never(module: object, x: object, runs: int = 3) -> float:
         raise AssertionError("an explicit channels_last was timed")
 
     monkeypatch.setattr(worker, "_forward_ms", never)
@@ -93,6 +96,25 @@ def test_explicit_values_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
         _served_equals_module(running, "on", "head")
     finally:
         running.stop()
+
+
+def test_small_models_and_warmup_off_are_not_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def fake_ms(module: object, x: torch.Tensor, runs: int = 3) -> float:
+        calls.append(runs)
+        return 1.0  # under SMALL_FORWARD_MS
+
+    monkeypatch.setattr(worker, "_forward_ms", fake_ms)
+    cfg = _model("small", "factories:tiny_net")
+    for warmup, timed in ((True, [1]), (False, [])):
+        calls.clear()
+        running = start_server(Settings(port=0, metrics=False, warmup=warmup, models=(cfg,)))
+        try:
+            assert running.server.runtime.model("small").channels_last is False
+        finally:
+            running.stop()
+        assert calls == timed, warmup
 
 
 def test_5d_models_are_never_timed() -> None:
