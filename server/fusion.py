@@ -52,7 +52,7 @@ def _fold(conv: nn.Module, bn: nn.Module) -> nn.Module:
     return fused
 
 
-def _folded_sequential(seq: nn.Sequential) -> tuple[nn.Sequential, int] | None:
+def _folded_sequential(seq: nn.Sequential) -> nn.Sequential | None:
     """A copy of a Sequential traced as one leaf (torchvision's Conv2dNormActivation: conv,
     BN, activation) with each conv → BN pair in it folded; None when nothing folds. Its
     inside is not a graph node, so no request can ask for the convolution's own output."""
@@ -60,18 +60,25 @@ def _folded_sequential(seq: nn.Sequential) -> tuple[nn.Sequential, int] | None:
         return None  # a subclass with its own forward: not a plain chain
     children = list(seq.named_children())
     out: list[tuple[str, nn.Module]] = []
-    pairs = 0
+    changed = False
     i = 0
     while i < len(children):
         name, child = children[i]
         if i + 1 < len(children) and _foldable(child, children[i + 1][1]):
             out += [(name, _fold(child, children[i + 1][1])), (children[i + 1][0], nn.Identity())]
-            pairs += 1
+            changed = True
             i += 2
             continue
         out.append((name, child))  # shared, not copied
         i += 1
-    return (nn.Sequential(OrderedDict(out)).eval(), pairs) if pairs else None
+    return nn.Sequential(OrderedDict(out)).eval() if changed else None
+
+
+def _attach(gm: fx.GraphModule, target: str, module: nn.Module) -> str:
+    """Register the folded copy of module `target` on `gm`; returns its name there."""
+    name = _PREFIX + target.replace(".", "_")
+    gm.add_submodule(name, module)
+    return name
 
 
 def fold_batchnorms(gm: fx.GraphModule, cache: dict[tuple[str, str], nn.Module]) -> int:
@@ -88,12 +95,9 @@ def fold_batchnorms(gm: fx.GraphModule, cache: dict[tuple[str, str], nn.Module])
         if isinstance(leaf, nn.Sequential):
             key = (str(node.target), "")
             if key not in cache:
-                made = _folded_sequential(leaf)
-                cache[key] = made[0] if made else leaf
+                cache[key] = _folded_sequential(leaf) or leaf
             if cache[key] is not leaf:
-                name = _PREFIX + key[0].replace(".", "_")
-                gm.add_submodule(name, cache[key])
-                node.target = name
+                node.target = _attach(gm, key[0], cache[key])
                 pairs = zip(leaf.children(), cache[key].children(), strict=True)
                 folded += sum(a is not b and isinstance(b, nn.Identity) for a, b in pairs)
             continue
@@ -110,9 +114,7 @@ def fold_batchnorms(gm: fx.GraphModule, cache: dict[tuple[str, str], nn.Module])
         if fused is None:
             assert conv is not None and bn is not None
             fused = cache[key] = _fold(conv, bn)
-        name = _PREFIX + key[0].replace(".", "_")
-        gm.add_submodule(name, fused)
-        source.target = name
+        source.target = _attach(gm, key[0], fused)
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
         folded += 1

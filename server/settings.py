@@ -63,8 +63,9 @@ class ModelConfig:
     warmup_nodes: tuple[tuple[str, ...], ...] = ()
     warmup_batch_sizes: tuple[int, ...] = (1,)
     # channels_last memory format for weights and input batches (faster convolutions on
-    # recent CPUs and tensor-core GPUs). Unset ("auto"): on the CPU, chosen at load by timing a
-    # batch-1 forward in both layouts (kept when >= 10 % faster and it runs); elsewhere off.
+    # recent CPUs and tensor-core GPUs). Unset ("auto"): on the CPU, chosen at load by timing the
+    # model's forward at its batch size in both layouts (kept when it runs and is >= 10 %
+    # faster; not timed with warmup off or under 20 ms); elsewhere off.
     channels_last: bool | None = None
     # Fold each eval-mode BatchNorm into the convolution before it in every extractor that
     # does not return that convolution's own output (server/fusion.py): the same values to

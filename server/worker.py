@@ -116,15 +116,15 @@ SMALL_FORWARD_MS = 20.0
 
 
 def _forward_ms(module: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> float:
-    """Median ms of `runs` forwards after one untimed (allocator, kernel choice)."""
+    """Median ms of `runs` forwards after one untimed (allocator, kernel choice); the caller
+    sets the compute mode."""
     times = []
-    with torch.inference_mode():
-        for i in range(runs + 1):
-            started = time.perf_counter()
-            module(x)
-            if i:
-                times.append(time.perf_counter() - started)
-    return 1000 * sorted(times)[len(times) // 2]
+    for i in range(runs + 1):
+        started = time.perf_counter()
+        module(x)
+        if i:
+            times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
 
 
 def pick_device(name: str) -> torch.device:
@@ -324,14 +324,19 @@ class ModelRuntime:
         x = torch.zeros(min(8, batch), 3, *loaded.catalog.input_size, device=self.device)
         layouts = (torch.contiguous_format, torch.channels_last)
         times: dict[torch.memory_format, list[float]] = {f: [] for f in layouts}
+
+        def timed(inputs: torch.Tensor, runs: int = 3) -> float:
+            with self._compute_mode(loaded):  # as requests run it (autocast included)
+                return _forward_ms(extractor, inputs, runs)
+
         try:
-            if _forward_ms(extractor, x, runs=1) < SMALL_FORWARD_MS:
+            if timed(x, runs=1) < SMALL_FORWARD_MS:
                 return False  # a few ms at most to win: not worth the timing
             for _ in range(3):  # interleaved rounds: drift on a busy machine hits both alike
                 for layout in layouts:
                     extractor.to(memory_format=layout)
                     module.to(memory_format=layout)
-                    times[layout].append(_forward_ms(extractor, x.contiguous(memory_format=layout)))
+                    times[layout].append(timed(x.contiguous(memory_format=layout)))
             plain, last = (statistics.median(times[f]) for f in layouts)
         except Exception as exc:  # any failure means: not in this layout
             log.info("model %s: default layout (a channels-last forward failed: %s)", cfg.name, exc)
