@@ -62,7 +62,7 @@ def soak_table(figures: dict[str, Any]) -> str:
         ("requests/s", s["req_per_s"]),
         ("latency of OK requests p50 / p99 / max", f"{s['ok_p50_ms']} / {s['ok_p99_ms']} / "
                                                     f"{s['ok_max_ms']} ms"),
-        ("server RSS after warm-up → end", f"{figures['rss_before_mib']} → "
+        ("server RSS, median of first → last third", f"{figures['rss_before_mib']} → "
                                             f"{figures['rss_after_mib']} MiB "
                                             f"({figures['rss_growth_pct']:+.2f} %)"),
         ("server RSS max while measured", f"{s['rss_max_mib']} MiB"),

@@ -306,9 +306,9 @@ class ModelRuntime:
         the model's deepest-node extractor (folded, as requests will run it) runs in it and
         its forward at the model's batch size (at most 8; median of 3 interleaved rounds) is
         at least 10 % faster there; else the default layout (also when `warmup` is off, or the
-        forward takes under SMALL_FORWARD_MS). Models that cannot take it (5-D
-        convolutions, code that `.view`s an NCHW map) stay in the default layout. Converts the
-        weights in place when chosen."""
+        forward takes under SMALL_FORWARD_MS, or the model has at most one convolution, as
+        ViT and Swin do). Models that cannot take it (5-D convolutions, code that `.view`s an
+        NCHW map) stay in the default layout. Converts the weights in place when chosen."""
         cfg, module = loaded.config, loaded.weights.module
         if cfg.channels_last is not None:
             return cfg.channels_last
@@ -316,7 +316,10 @@ class ModelRuntime:
             return False
         if not self.settings.warmup:  # no forward at load was asked for: nothing is timed
             return False
-        if any(p.dim() == 5 for p in module.parameters()):
+        dims = [p.dim() for p in module.parameters()]
+        if 5 in dims:
+            return False
+        if dims.count(4) <= 1:  # a transformer's patch embedding at most: nothing to speed up
             return False
         extractor = self._extractor(loaded, (loaded.catalog.nodes[-1].name,), warm_up=True)
         # at the batch size this model will mostly run (channels-last gains grow with it)

@@ -6,11 +6,13 @@ from torch import nn
 
 
 class TinyNet(nn.Module):
-    """Conv → ReLU(inplace) → 3 max-pools: refuses inputs smaller than 8x8, like real CNNs do."""
+    """Conv → ReLU(inplace) (→ `convs - 1` 1x1 convs) → 3 max-pools: refuses inputs smaller
+    than 8x8, like real CNNs do."""
 
-    def __init__(self, width: int = 8) -> None:
+    def __init__(self, width: int = 8, convs: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True))
+        more = (nn.Conv2d(width, width, 1) for _ in range(convs - 1))
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True), *more)
         self.pools = nn.Sequential(*(nn.MaxPool2d(2) for _ in range(3)))
         self.head = nn.Linear(width, 4)
 
@@ -19,8 +21,8 @@ class TinyNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def tiny_net(width: int = 8) -> nn.Module:
-    return TinyNet(width)
+def tiny_net(width: int = 8, convs: int = 1) -> nn.Module:
+    return TinyNet(width, convs)
 
 
 class Gate(nn.Module):
@@ -160,10 +162,11 @@ class ViewingNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 1)  # two convolutions: auto times it
         self.head = nn.Linear(1, 2)
 
     def forward(self, x):  # type: ignore[no-untyped-def]
-        y = self.conv(x)  # [N, C, H, W]: merging C with H and W needs NCHW memory
+        y = self.conv2(self.conv(x))  # [N, C, H, W]: merging C with H and W needs NCHW memory
         return self.head(y.view(y.shape[0], -1).mean(1, keepdim=True))
 
 

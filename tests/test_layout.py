@@ -4,6 +4,7 @@ explicit values are honoured without timing."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_auto_keeps_channels_last_only_when_clearly_faster(
         return 24.0 if faster else 28.5
 
     monkeypatch.setattr(worker, "_forward_ms", fake_ms)
-    cfg = _model("tiny", "factories:tiny_net")
+    cfg = _model("tiny", "factories:tiny_net", kwargs={"convs": 2})
     running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
     try:
         loaded = running.server.runtime.model("tiny")
@@ -66,13 +67,15 @@ def test_auto_keeps_channels_last_only_when_clearly_faster(
 
 
 def test_a_model_that_cannot_run_channels_last_stays_in_the_default_layout(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(worker, "SMALL_FORWARD_MS", 0.0)  # time it although it is tiny
     cfg = _model("viewing", "factories:viewing_net", extraction="fx")
-    running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
+    with caplog.at_level(logging.INFO, logger="layertap.server.worker"):
+        running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
     try:
         loaded = running.server.runtime.model("viewing")
+        assert "a channels-last forward failed" in caplog.text  # it was tried, and failed
         assert loaded.channels_last is False
         assert loaded.weights.module.conv.weight.is_contiguous()
         _served_equals_module(running, "viewing", "head")
@@ -106,7 +109,7 @@ def test_small_models_and_warmup_off_are_not_timed(monkeypatch: pytest.MonkeyPat
         return 1.0  # under SMALL_FORWARD_MS
 
     monkeypatch.setattr(worker, "_forward_ms", fake_ms)
-    cfg = _model("small", "factories:tiny_net")
+    cfg = _model("small", "factories:tiny_net", kwargs={"convs": 2})
     for warmup, timed in ((True, [1]), (False, [])):
         calls.clear()
         running = start_server(Settings(port=0, metrics=False, warmup=warmup, models=(cfg,)))
@@ -117,14 +120,28 @@ def test_small_models_and_warmup_off_are_not_timed(monkeypatch: pytest.MonkeyPat
         assert calls == timed, warmup
 
 
-def test_5d_models_are_never_timed() -> None:
-    """channels_last is a 4-D format: a model with 5-D weights keeps the default layout."""
+@pytest.mark.parametrize(
+    "module",
+    [
+        # channels_last is a 4-D format: 5-D weights keep the default layout
+        torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3), torch.nn.Conv2d(4, 4, 1)),
+        # one convolution (a ViT's patch embedding) and the rest linear: nothing to gain
+        torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Flatten(2)),
+    ],
+    ids=["5-D weights", "one convolution"],
+)
+def test_models_without_convolutions_to_speed_up_are_never_timed(
+    module: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_timing(*_: object, **__: object) -> float:
+        raise AssertionError("timed a model the layout cannot speed up")
+
+    monkeypatch.setattr(worker, "_forward_ms", no_timing)
     runtime = ModelRuntime(Settings(models=()), device="cpu")
     try:
-        video = torch.nn.Sequential(torch.nn.Conv3d(3, 4, 3)).eval()
         loaded = SimpleNamespace(
             config=ModelConfig(name="v", factory="x:y"),
-            weights=SimpleNamespace(module=video),
+            weights=SimpleNamespace(module=module.eval()),
             catalog=SimpleNamespace(nodes=["n"]),
         )
         assert runtime._pick_channels_last(loaded) is False  # type: ignore[arg-type]

@@ -39,6 +39,19 @@ PHOTOS = ("astronaut", "chelsea")
 # the state dict is the same either way (aux_logits stays True, as the server builds it).
 KWARGS: dict[str, dict[str, Any]] = {"inception_v3": {"init_weights": False}}
 SIZES = {"inception_v3": 299}
+# Layouts are pinned so every run checks the same ones (auto would time each model at start-up
+# and could pick either): half the convolutional models channels-last, half not; ViT and Swin
+# stay unset (auto does not time a model whose only convolution is its patch embedding).
+CHANNELS_LAST: dict[str, bool] = {
+    "resnet18": False,
+    "mobilenet_v2": True,
+    "vgg11": True,
+    "efficientnet_b0": False,
+    "inception_v3": True,
+    "convnext_tiny": True,
+    "regnet_y_400mf": False,
+    "densenet121": True,
+}
 
 
 @dataclass(frozen=True)
@@ -234,7 +247,13 @@ def server(weight_files: dict[str, Path]) -> Iterator[RunningServer]:
         max_wait_ms=5,
         max_message_bytes=256 * 1024 * 1024,
         models=tuple(
-            ModelConfig(name=a, arch=a, weights=str(weight_files[a]), kwargs=KWARGS.get(a, {}))
+            ModelConfig(
+                name=a,
+                arch=a,
+                weights=str(weight_files[a]),
+                kwargs=KWARGS.get(a, {}),
+                channels_last=CHANNELS_LAST.get(a),
+            )
             for a in ARCHS
         ),
     )
@@ -261,6 +280,8 @@ def test_all_models_loaded(server: RunningServer) -> None:
     for m in models:
         assert not m.random_weights and m.weights == f"{m.name}.pth"
         assert list(m.input_size) == [SIZES.get(m.name, 224)] * 2
+    layouts = {a: server.server.runtime.model(a).channels_last for a in ARCHS}
+    assert layouts == {a: CHANNELS_LAST.get(a, False) for a in ARCHS}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
