@@ -255,6 +255,7 @@ def _batcher(
         max_queue=settings.max_queue_images,
         policy=lambda key: batch_policy(settings, runtime, key),
         low_priority_max_wait_s=settings.low_priority_max_wait_ms / 1000.0,
+        companion_wait_s=settings.companion_wait_ms / 1000.0,
         group_key=None if settings.share_forwards and settings.share_across_depths else group_key,
         name=name,
         on_queue_depth=metrics.queue_depth.set if metrics else None,

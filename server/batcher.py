@@ -9,6 +9,13 @@ into one call of `run_batch`. The rule (after ray serve's batching and Triton's 
   lone request never waits). Otherwise the batch stays open until it holds
   `preferred_batch_size` items (0: `max_batch_size`) or `max_wait` has passed since the head
   arrived, whichever comes first.
+- Companions (`companion_wait_s`, off when 0): the clients a batch just answered are likely
+  to send again at once (closed loops: every client awaiting its answer before the next call).
+  So for a short window after a batch of key K ends, at most `companion_wait_s` and
+  COMPANION_WAIT_FRACTION of that batch's run time, the next batch of K waits until it holds
+  as many items as were queued when the batch ended plus the batch's own size (capped at the
+  target). A request after a batch of one, or after the window, is lone and never waits;
+  without this, four closed-loop clients split into two batches of two for good.
 - The batch then takes up to `max_batch_size` items of the head's key: NORMAL ones first (oldest
   first), then LOW ones.
 
@@ -47,6 +54,9 @@ LOW = 1
 # 1 s timeout. The larger of the two counts: a fixed 50 ms, or 2 % of the request's timeout.
 DEADLINE_SLACK_S = 0.05
 DEADLINE_SLACK_FRACTION = 0.02
+# The companion window is at most this share of the batch's run time: if the companions do
+# not come, the worker idles for no more than 30 % of one forward.
+COMPANION_WAIT_FRACTION = 0.3
 
 
 def is_deadline(now: float, deadline: float, since: float) -> bool:
@@ -136,6 +146,17 @@ class _Item(Generic[P]):
     running: bool = False  # handed to run_batch: a cancel now is not a drop
 
 
+@dataclass(frozen=True)
+class _LastBatch:
+    """The batch that ran last: whose clients may be about to send again."""
+
+    key: Hashable
+    size: int
+    queued: int  # items of its key already waiting when it ended
+    ended: float
+    run_s: float
+
+
 @dataclass
 class Batcher:
     """One batcher per device worker: batches run one at a time."""
@@ -148,6 +169,9 @@ class Batcher:
     # per-key policy (per-model limits, waits, preferred sizes); overrides the three above
     policy: Callable[[Hashable], BatchPolicy] | None = None
     low_priority_max_wait_s: float = 1.0
+    # after a batch, how long (at most) its key's next batch waits for that batch's clients to
+    # send again; 0: never (module docstring)
+    companion_wait_s: float = 0.0
     # maps (submitted key, payload) to the batch key, e.g. to keep node sets apart
     group_key: Callable[[Hashable, Any], Hashable] | None = None
     name: str = ""  # reported in BatchInfo.device
@@ -162,6 +186,7 @@ class Batcher:
     _running: int = field(default=0, init=False)  # items of the batch being computed
     _reserved: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
+    _last: _LastBatch | None = field(default=None, init=False)
     batches_run: int = field(default=0, init=False)
     dropped: dict[str, int] = field(default_factory=dict, init=False)
 
@@ -324,9 +349,12 @@ class Batcher:
             alone = len(self._pending) <= policy.max_batch_size and all(
                 i.key == head.key for i in self._pending
             )
-            deadline = head.enqueued + policy.max_wait_s
-            if not (head.lone and alone):
-                while self._count(head.key) < policy.target and not self._closed:
+            target, deadline = policy.target, head.enqueued + policy.max_wait_s
+            companions = self._companions(head.key, policy)
+            if companions is not None:
+                target, deadline = companions
+            if companions is not None or not (head.lone and alone):
+                while self._count(head.key) < target and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -336,6 +364,19 @@ class Batcher:
             batch = self._take(head.key, policy.max_batch_size)
             if batch:
                 await self._run(head.key, batch)
+
+    def _companions(self, key: Hashable, policy: BatchPolicy) -> tuple[int, float] | None:
+        """(size to wait for, until when) while the last batch's clients may still send
+        again; None when that does not apply (module docstring)."""
+        last = self._last
+        if self.companion_wait_s <= 0 or last is None or last.key != key:
+            return None
+        target = min(policy.target, last.queued + last.size)
+        window = min(self.companion_wait_s, COMPANION_WAIT_FRACTION * last.run_s)
+        deadline = last.ended + window
+        if self._count(key) >= target or time.monotonic() >= deadline:
+            return None
+        return target, deadline
 
     async def _run(self, key: Hashable, batch: list[_Item[Any]]) -> None:
         for item in batch:
@@ -365,6 +406,8 @@ class Batcher:
         finally:
             self._running = 0
             self.batches_run += 1
+            ended = time.monotonic()
+            self._last = _LastBatch(key, len(batch), self._count(key), ended, ended - started)
         run_s = time.monotonic() - started
         batch_id = self.batches_run
         for item, result in zip(batch, results, strict=True):

@@ -127,6 +127,7 @@ class Settings:
     preferred_batch_size: int = 4
     max_wait_ms: float = 2.0
     low_priority_max_wait_ms: float = 1000.0
+    companion_wait_ms: float = 30.0
     share_forwards: bool = True
     share_across_depths: bool = False
     gpu_decode: str = "auto"
@@ -203,6 +204,10 @@ FIELDS: dict[str, str] = {
     "max_wait_ms": "how long a batch stays open for more images once the worker is busy",
     "low_priority_max_wait_ms": "after this wait a PRIORITY_LOW image counts as normal, so bulk "
     "work is never starved by interactive traffic",
+    "companion_wait_ms": "after a batch of several images, the next batch of the same model "
+    "and nodes waits at most this long (and at most 0.3 of that batch's run time) for those "
+    "clients' next requests, so closed-loop clients keep sharing forwards; 0: off (a request "
+    "after a batch of one never waits)",
     "share_forwards": "one forward serves the node sets of a model's requests in a batch (the "
     "union) when they end at the same deepest node; off batches only requests with equal node "
     "sets (for comparison benchmarks)",
@@ -308,8 +313,10 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"setting 'max_batch_size' must be >= 0, got {s.max_batch_size}")
     if s.max_wait_ms < 0 or s.torch_threads < 0 or not 0 <= s.port <= 65535:
         raise ConfigError("max_wait_ms and torch_threads must be >= 0 and port in 0..65535")
-    if s.preferred_batch_size < 0 or s.low_priority_max_wait_ms < 0:
-        raise ConfigError("preferred_batch_size and low_priority_max_wait_ms must be >= 0")
+    if s.preferred_batch_size < 0 or s.low_priority_max_wait_ms < 0 or s.companion_wait_ms < 0:
+        raise ConfigError(
+            "preferred_batch_size, low_priority_max_wait_ms and companion_wait_ms must be >= 0"
+        )
     if s.gpu_decode not in ("auto", "on", "off"):
         raise ConfigError(f"gpu_decode must be 'auto', 'on' or 'off', got {s.gpu_decode!r}")
     for model in s.models:

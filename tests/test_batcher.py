@@ -374,3 +374,72 @@ async def test_batch_info_names_the_batcher_and_load_counts_queued_and_running()
     results = await asyncio.gather(*first, *more)
     assert {info.device for _, info in results} == {"cpu:1"}
     await b.close()
+
+
+# --- companions: the clients a batch just answered -------------------------------------------
+async def _closed_loop(b: Batcher, clients: int, rounds: int, think_s: float) -> None:
+    """`clients` closed loops: each sends, awaits its answer, 'thinks' (the reply's trip back,
+    the client's work, the next request's trip in), and sends again."""
+
+    async def client(k: int) -> None:
+        await asyncio.sleep(0.002 * k)  # they start apart, as real clients do
+        for i in range(rounds):
+            await b.submit("k", (k, i))
+            await asyncio.sleep(think_s)
+
+    await asyncio.wait_for(asyncio.gather(*(client(k) for k in range(clients))), 30)
+
+
+@pytest.mark.parametrize("companion_wait_s", [0.0, 0.05])
+async def test_closed_loop_clients_keep_sharing_forwards_with_companion_waits(
+    companion_wait_s: float,
+) -> None:
+    """Four closed-loop clients, forwards of 40 ms, 8 ms between an answer and the next
+    request. Without companion waits they never share one forward again (here one and three:
+    the first request found the worker idle, and whoever is queued when it frees goes); with
+    them, batches of four."""
+    rec = Recorder(delay=0.04)
+    b = Batcher(rec, max_batch_size=8, preferred_batch_size=4, companion_wait_s=companion_wait_s)
+    await _closed_loop(b, clients=4, rounds=6, think_s=0.008)
+    sizes = [len(ps) for _, ps in rec.batches]
+    steady = sizes[2:-2]  # the first client starts alone, and finishes its rounds first
+    if companion_wait_s:
+        assert set(steady) == {4}, sizes
+    else:
+        assert max(steady) < 4, sizes
+    await b.close()
+
+
+async def test_after_a_batch_of_one_a_request_never_waits() -> None:
+    """One closed-loop client: every batch holds one image, so the next request is lone."""
+    rec = Recorder(delay=0.2)  # a wrongly held request would wait 0.3 x 200 ms
+    b = Batcher(rec, max_batch_size=8, preferred_batch_size=4, companion_wait_s=5.0)
+    await b.submit("k", 0)
+    await asyncio.sleep(0.001)
+    _, info = await b.submit("k", 1)
+    assert info.batch_size == 1
+    assert info.queue_s < 0.03, info
+    await b.close()
+
+
+async def test_companion_wait_is_bounded_by_a_share_of_the_batch_run_time() -> None:
+    """Companions that never come: the next batch waits no longer than 0.3 of the last
+    batch's run time after it ended (here 0.3 x 100 ms), however large companion_wait_s is."""
+    rec = Recorder(delay=0.1)
+    b = Batcher(rec, max_batch_size=8, preferred_batch_size=4, companion_wait_s=5.0)
+    await asyncio.gather(*b.submit_many("k", [1, 2, 3]))
+    ended = time.monotonic()
+    _, info = await b.submit("k", 4)  # its companions 2 and 3 do not send again
+    waited = time.monotonic() - ended
+    assert info.batch_size == 1
+    assert 0.02 < info.queue_s < 0.03 + 0.1 and waited < 0.5, (info, waited)
+    await b.close()
+
+
+async def test_companion_waits_apply_only_to_the_key_that_just_ran() -> None:
+    rec = Recorder(delay=0.2)
+    b = Batcher(rec, max_batch_size=8, preferred_batch_size=4, companion_wait_s=5.0)
+    await asyncio.gather(*b.submit_many("a", [1, 2, 3]))
+    _, info = await b.submit("b", 4)  # another model or node set: a lone request
+    assert info.queue_s < 0.03, info
+    await b.close()
