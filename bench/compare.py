@@ -1082,7 +1082,7 @@ def evaluate(report: Report) -> list[Target]:
             Target(
                 "p50 c=1 within 5 ms of in-process batch 1", m,
                 f"{fmt(lt1.p50_ms) if lt1 else '–'} vs {fmt(b1.p50_ms) if b1 else '–'} ms"
-                + (f" (+{lt1.p50_ms - b1.p50_ms:.1f})" if lt1 and b1 else ""),
+                + (f" ({lt1.p50_ms - b1.p50_ms:+.1f})" if lt1 and b1 else ""),
                 "≤ +5 ms", None if not (lt1 and b1) else lt1.p50_ms <= b1.p50_ms + 5,
             )
         )  # fmt: skip
