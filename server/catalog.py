@@ -16,6 +16,7 @@ import contextlib
 import difflib
 import io
 import logging
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,13 @@ from torchvision.models.feature_extraction import NodePathTracer, _set_default_t
 from .errors import UnknownNode
 
 log = logging.getLogger(__name__)
+
+# torch.fx's tracer patches torch.nn.Module.__call__ and __getattr__ on the class while it
+# traces: two traces overlapping in two worker threads (several devices loading at once)
+# fail, or restore each other's wrappers and leave the class patched for the life of the
+# process, breaking every later forward; shape propagation on fake tensors fails when run in
+# two threads at once too. One catalogue build at a time, process-wide.
+_TRACE_LOCK = threading.Lock()
 
 WIRE_DTYPES = {
     torch.float32: "float32",
@@ -284,7 +292,9 @@ def build_catalog(
     """Trace the eval graph and find its batch-dependent tensor nodes with their shapes."""
     model.eval()
     h, w = input_size
-    with _state_restored(model):  # a failed trace must not leave Proxies behind (hooks fallback)
+    # one trace and shape propagation at a time (_TRACE_LOCK); a failed trace must not leave
+    # Proxies behind (hooks fallback)
+    with _TRACE_LOCK, _state_restored(model):
         tracer = _tracer(leaf_modules, autowrap_functions)
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph)
