@@ -30,8 +30,8 @@ from .prepare import init_decode_thread
 from .settings import (
     ConfigError,
     Settings,
+    batch_limit,
     build_arg_parser,
-    default_batch_size,
     load_settings,
 )
 from .worker import Item, ModelRuntime, SharedWeights, default_torch_threads, pick_device
@@ -269,9 +269,7 @@ def batch_policy(settings: Settings, runtime: ModelRuntime, key: object) -> Batc
     the size limit lowered after an out-of-memory on this runtime's device."""
     name = key[0] if isinstance(key, tuple) and key else None
     cfg = settings.model(name) if isinstance(name, str) else None
-    limit = cfg.max_batch_size if cfg and cfg.max_batch_size > 0 else settings.max_batch_size
-    if limit <= 0:
-        limit = default_batch_size(runtime.device.type)
+    limit = batch_limit(settings, cfg, runtime.device.type)
     cap = runtime.batch_cap(name) if isinstance(name, str) else None
     if cap:
         limit = min(limit, cap)

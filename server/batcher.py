@@ -408,7 +408,7 @@ class Batcher:
             self.batches_run += 1
             ended = time.monotonic()
             self._last = _LastBatch(key, len(batch), self._count(key), ended, ended - started)
-        run_s = time.monotonic() - started
+        run_s = ended - started
         batch_id = self.batches_run
         for item, result in zip(batch, results, strict=True):
             if item.future.done():

@@ -114,6 +114,13 @@ def default_batch_size(device_type: str) -> int:
     return DEFAULT_BATCH_SIZE.get(device_type, 8)
 
 
+def batch_limit(settings: Settings, cfg: ModelConfig | None, device_type: str) -> int:
+    """The configured largest batch: the model's own max_batch_size, else the server's, where
+    0 means the device's measured default (before any out-of-memory lowers it)."""
+    limit = cfg.max_batch_size if cfg is not None and cfg.max_batch_size > 0 else 0
+    return limit or settings.max_batch_size or default_batch_size(device_type)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Server settings. Tests build Settings(...) directly."""

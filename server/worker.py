@@ -43,7 +43,7 @@ from .metrics import Metrics
 from .pooling import DTYPES, OutputSpec, finish_raw, pool_maps, roi_pool
 from .preprocess import Preprocessing
 from .process import pin_torch_threads
-from .settings import ModelConfig, Settings, default_batch_size
+from .settings import ModelConfig, Settings, batch_limit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -323,7 +323,7 @@ class ModelRuntime:
             return False
         extractor = self._extractor(loaded, (loaded.catalog.nodes[-1].name,), warm_up=True)
         # at the batch size this model will mostly run (channels-last gains grow with it)
-        batch = cfg.max_batch_size or self.settings.max_batch_size or default_batch_size("cpu")
+        batch = batch_limit(self.settings, cfg, self.device.type)
         x = torch.zeros(min(8, batch), 3, *loaded.catalog.input_size, device=self.device)
         layouts = (torch.contiguous_format, torch.channels_last)
         times: dict[torch.memory_format, list[float]] = {f: [] for f in layouts}
