@@ -19,6 +19,9 @@ into one call of `run_batch`. The rule (after ray serve's batching and Triton's 
 - The batch then takes up to `max_batch_size` items of the head's key: NORMAL ones first (oldest
   first), then LOW ones.
 
+Every time here is the event loop's clock, `loop.time()` (what asyncio's timers use, and
+time.monotonic() in CPython's loops), so the rule is tested under a virtual clock.
+
 Cancelled items are dropped before running and reported to `on_drop` as "cancelled", or as
 "deadline" when their request's deadline had passed. Whatever happens in `run_batch`, every
 waiting future gets a result or an exception: none is left hanging.
@@ -31,7 +34,6 @@ import contextlib
 import contextvars
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -65,7 +67,12 @@ def is_deadline(now: float, deadline: float, since: float) -> bool:
     return now >= deadline - slack
 
 
-# When the client of the RPC this task serves stops waiting (time.monotonic()), if it said.
+def clock() -> float:
+    """The batcher's clock: the running event loop's (module docstring)."""
+    return asyncio.get_running_loop().time()
+
+
+# When the client of the RPC this task serves stops waiting (clock()), if it said.
 _request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "request_deadline", default=None
 )
@@ -75,7 +82,7 @@ def set_request_deadline(time_remaining: float | None) -> None:
     """Record for the current task (one RPC) when its client stops waiting; `time_remaining`
     is gRPC's `context.time_remaining()` (None: no deadline). Items the task submits carry it,
     so a dropped item can be told apart: its deadline passed, or its client cancelled."""
-    deadline = None if time_remaining is None else time.monotonic() + time_remaining
+    deadline = None if time_remaining is None else clock() + time_remaining
     _request_deadline.set(deadline)
 
 
@@ -142,7 +149,7 @@ class _Item(Generic[P]):
     lone: bool  # arrived to an idle worker with nothing queued
     policy: BatchPolicy
     priority: int = NORMAL  # 0 normal, 1 low (bulk)
-    deadline: float | None = None  # time.monotonic() after which the client no longer waits
+    deadline: float | None = None  # clock() after which the client no longer waits
     running: bool = False  # handed to run_batch: a cancel now is not a drop
 
 
@@ -262,8 +269,8 @@ class Batcher:
     ) -> list[asyncio.Future[Any]]:
         """Queue all payloads of one request atomically, or refuse them all (RESOURCE_EXHAUSTED).
         `reserved`: the room was already taken with `reserve()` (inside its block).
-        `deadline`: time.monotonic() at which the client stops waiting (tells a dropped item's
-        deadline from its client's cancel); default: set_request_deadline's, if any."""
+        `deadline`: clock() at which the client stops waiting (tells a dropped item's deadline
+        from its client's cancel); default: set_request_deadline's, if any."""
         if deadline is None:
             deadline = _request_deadline.get()
         if not reserved:
@@ -272,7 +279,7 @@ class Batcher:
             raise Unavailable("server is shutting down; retry on another replica")
         self.start()
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        enqueued = loop.time()
         lone = not self._busy and not self._pending
         futures = []
         policies: dict[Hashable, BatchPolicy] = {}
@@ -281,7 +288,7 @@ class Batcher:
             if k not in policies:
                 policies[k] = self._policy_for(k)
             fut: asyncio.Future[Any] = loop.create_future()
-            item = _Item(k, payload, fut, now, lone, policies[k], priority, deadline)
+            item = _Item(k, payload, fut, enqueued, lone, policies[k], priority, deadline)
             fut.add_done_callback(functools.partial(self._on_done, item))
             self._pending.append(item)
             futures.append(fut)
@@ -294,9 +301,8 @@ class Batcher:
         """Count an item whose client stopped waiting before its batch ran."""
         if item.running or not item.future.cancelled():
             return
-        now = time.monotonic()
         reason = "cancelled"
-        if item.deadline is not None and is_deadline(now, item.deadline, item.enqueued):
+        if item.deadline is not None and is_deadline(clock(), item.deadline, item.enqueued):
             reason = "deadline"
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
         if self.on_drop is not None:
@@ -322,9 +328,9 @@ class Batcher:
     def _take(self, key: Hashable, limit: int) -> list[_Item[Any]]:
         """Remove and return up to `limit` live items of `key`: NORMAL first, then LOW, each
         oldest first."""
-        now = time.monotonic()
+        at = clock()
         candidates = [i for i in self._pending if i.key == key and not i.future.done()]
-        candidates.sort(key=lambda i: self._is_low(i, now))  # stable: arrival order kept
+        candidates.sort(key=lambda i: self._is_low(i, at))  # stable: arrival order kept
         batch = candidates[:limit]
         taken = {id(i) for i in batch}
         self._pending = [i for i in self._pending if id(i) not in taken]
@@ -343,7 +349,7 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            head = self._head(time.monotonic())
+            head = self._head(clock())
             policy = head.policy
             # everything queued would fit in this one batch: nothing to wait for
             alone = len(self._pending) <= policy.max_batch_size and all(
@@ -355,7 +361,7 @@ class Batcher:
                 target, deadline = companions
             if companions is not None or not (head.lone and alone):
                 while self._count(head.key) < target and not self._closed:
-                    remaining = deadline - time.monotonic()
+                    remaining = deadline - clock()
                     if remaining <= 0:
                         break
                     self._wakeup.clear()
@@ -374,7 +380,7 @@ class Batcher:
         target = min(policy.target, last.queued + last.size)
         window = min(self.companion_wait_s, COMPANION_WAIT_FRACTION * last.run_s)
         deadline = last.ended + window
-        if self._count(key) >= target or time.monotonic() >= deadline:
+        if self._count(key) >= target or clock() >= deadline:
             return None
         return target, deadline
 
@@ -385,7 +391,7 @@ class Batcher:
         self._report_depth()
         if self.on_batch is not None:
             self.on_batch(key, len(batch))
-        started = time.monotonic()
+        started = clock()
         try:
             results = await self.run_batch(key, [i.payload for i in batch])
             if len(results) != len(batch):
@@ -406,7 +412,7 @@ class Batcher:
         finally:
             self._running = 0
             self.batches_run += 1
-            ended = time.monotonic()
+            ended = clock()
             self._last = _LastBatch(key, len(batch), self._count(key), ended, ended - started)
         run_s = ended - started
         batch_id = self.batches_run
