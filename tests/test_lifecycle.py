@@ -156,13 +156,14 @@ def _read_log(path: Path) -> list[str]:
 
 
 @pytest.fixture()
-def served_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+def served_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path, int]]:
+    """A `layertap serve` process: (process, gRPC target, its stderr file, metrics port)."""
     config = tmp_path / "layertap.toml"
     config.write_text(
         '[server]\nlog_level = "INFO"\n\n'
         '[[models]]\nname = "r18"\narch = "resnet18"\nweights = "none"\nallow_random = true\n'
     )
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERTAP_")}
     env["LAYERTAP_LOG_FORMAT"] = "json"
     stderr_path = tmp_path / "server.stderr"
@@ -179,8 +180,10 @@ def served_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
                 "127.0.0.1",
                 "--port",
                 str(port),
-                "--metrics",
-                "false",
+                "--metrics-host",
+                "127.0.0.1",
+                "--metrics-port",
+                str(metrics_port),
                 "--shutdown-grace-s",
                 str(GRACE_S),
             ],
@@ -189,7 +192,7 @@ def served_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
             env=env,
         )
     try:
-        yield proc, f"127.0.0.1:{port}", stderr_path
+        yield proc, f"127.0.0.1:{port}", stderr_path, metrics_port
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -211,10 +214,31 @@ def _wait_serving(proc: subprocess.Popen[bytes], target: str, log: Path) -> None
     pytest.fail(f"server never SERVING: {log.read_text()[-3000:]}")
 
 
+def _extracts_arrived(metrics_port: int) -> float:
+    """Extract calls the server has taken in (being served, or finished OK), by its own count
+    on its /metrics page."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.labels.get("method", "").endswith("Extract")
+        and (
+            sample.name == "layertap_requests_in_flight"
+            or (sample.name == "layertap_requests_total" and sample.labels.get("code") == "OK")
+        )
+    )
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_zero(
-    served_process: tuple[subprocess.Popen[bytes], str, Path], jpegs: dict[str, bytes]
+    served_process: tuple[subprocess.Popen[bytes], str, Path, int], jpegs: dict[str, bytes]
 ) -> None:
-    proc, target, log = served_process
+    proc, target, log, metrics_port = served_process
     _wait_serving(proc, target, log)
     photos = list(jpegs.values())
 
@@ -246,7 +270,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(
     futures: list[Future[pb.ExtractResponse]] = [
         stub.Extract.future(request(i), timeout=GRACE_S + 30) for i in range(N_CALLS)
     ]
-    time.sleep(0.5)  # every call has reached the server; the worker is busy with the first ones
+    # Signal once the server itself counts every call in flight (not after a guessed delay):
+    # the worker is busy with the first ones and the rest are queued behind them.
+    arrived = time.monotonic() + 60
+    while _extracts_arrived(metrics_port) < N_CALLS:
+        assert time.monotonic() < arrived, "the calls never all reached the server"
+        assert not all(f.done() for f in futures), "every call finished before SIGTERM"
+        time.sleep(0.01)
     running_at_signal = sum(not f.done() for f in futures)
     proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()

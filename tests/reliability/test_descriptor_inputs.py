@@ -190,18 +190,20 @@ def values(t: pb.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- pinned bugs
-def test_region_bins_are_bounded(stub: pb_grpc.FeatureServiceStub) -> None:
+def test_region_bins_are_bounded(server: RunningServer, stub: pb_grpc.FeatureServiceStub) -> None:
     """8 regions x roi_size 64 on a 1280-channel map are 42M roi_align bins per image (256 such
     regions: 5 GB and ~50 s of one core; 16 images of them took the server down by memory).
-    Refused before compute with the largest region count that fits; within it, answered."""
+    Refused before compute (no batch runs for it) with the largest region count that fits;
+    within it, answered."""
     boxes = tuple((0.0, 0.0, 100.0 + i, 100.0 + i) for i in range(8))
     code, details, _ = call(stub, extract([image(astronaut(), boxes)], [DEEP], pool=3, roi_size=64))
     assert code == EXHAUSTED, details
     assert "roi_align bins" in details and "at most 6 regions" in details
-    started = time.perf_counter()
+    forwards = server.server.batcher.batches_run
     big = tuple((0.0, 0.0, 100.0 + i, 100.0 + i) for i in range(256))
     code, details, _ = call(stub, extract([image(astronaut(), big)] * 16, [DEEP], roi_size=64))
-    assert code == EXHAUSTED and time.perf_counter() - started < 5, details
+    assert code == EXHAUSTED, details
+    assert server.server.batcher.batches_run == forwards, "a forward ran for a refused request"
     code, details, resp = call(
         stub, extract([image(astronaut(), boxes[:6])], [DEEP], pool=3, roi_size=64)
     )
@@ -286,10 +288,14 @@ def test_compare_node_lists_are_bounded(stub: pb_grpc.FeatureServiceStub) -> Non
 
 
 def test_many_node_names_are_refused_without_stalling_the_loop(
-    server: RunningServer, stub: pb_grpc.FeatureServiceStub
+    server: RunningServer, stub: pb_grpc.FeatureServiceStub, record_property: Any
 ) -> None:
     """nodes x aliases was quadratic on the event loop (`set(nodes)` rebuilt per alias): 30,000
-    of each held every RPC of the server for ~10 s; 500,000 of each (16 MB) for ~40 min."""
+    of each held every RPC of the server for ~10 s; 500,000 of each (16 MB) for ~40 min.
+    The count is checked before anything else: every alias here names no requested node, so
+    an alias check that ran first would answer with that instead. The ListModels latency
+    meanwhile is recorded (JUnit property), not asserted: a timing bound would fail on a
+    loaded runner, and the order of the checks is what pins the fix."""
     nodes = [f"features.{i % 19}" for i in range(30_000)]
     aliases = {f"zz{i}": f"k{i}" for i in range(30_000)}
     req = extract([image(astronaut())], nodes, aliases=aliases, pool=pb.POOLING_GEM)
@@ -306,7 +312,9 @@ def test_many_node_names_are_refused_without_stalling_the_loop(
     code, details, _ = call(stub, req)
     pinger.join()
     assert code == INVALID and "more than 10000 names" in details, details
-    assert pings[0] < 2.0, f"ListModels waited {pings[0]:.1f} s behind the request"
+    assert details.startswith("30000 nodes and 30000 aliases, more than 10000 names"), details
+    assert len(pings) == 1, "ListModels was not answered while the request was refused"
+    record_property("listmodels_ms_during_refusal", round(pings[0] * 1000, 1))
     code, details, _ = call(stub, extract([image(astronaut())], nodes[:5000], pool=3))
     assert code == OK, details
 
