@@ -90,6 +90,10 @@ def encode(array: np.ndarray, dtype: str) -> bytes:
     return array.astype({"float32": "<f4", "float16": "<f2"}[dtype]).tobytes()
 
 
+# time_remaining() of every "slow" call as the server saw it: the deadline the client sent
+SLOW_DEADLINES: list[float | None] = []
+
+
 class FakeServicer(pb_grpc.FeatureServiceServicer):
     """Implements the protocol; models "bad", "slow", "corrupt", "auth" misbehave on purpose."""
 
@@ -112,6 +116,7 @@ class FakeServicer(pb_grpc.FeatureServiceServicer):
         if request.model == "bad":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model 'bad' is bad")
         if request.model == "slow":
+            SLOW_DEADLINES.append(context.time_remaining())
             deadline = time.monotonic() + 5
             while context.is_active() and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -297,15 +302,19 @@ def test_bad_input_fails_before_any_rpc(target: str) -> None:
 
 
 def test_per_call_timeout_overrides_default(target: str) -> None:
+    """The deadline the server receives is the call's 0.2 s, not the client's default 30 s
+    (read from the server's side, so a slow runner cannot blur it)."""
+    SLOW_DEADLINES.clear()
     with FeatureClient(target, timeout=30) as client:
-        start = time.monotonic()
         with pytest.raises(FeatureServiceError) as info:
             client.extract(IMAGES[0], model="slow", nodes="n", timeout=0.2)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - start < 3
     with FeatureClient(target, timeout=0.2) as client, pytest.raises(FeatureServiceError) as info:
         client.extract(IMAGES[0], model="slow", nodes="n")
     assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(SLOW_DEADLINES) == 2, SLOW_DEADLINES
+    # gRPC sends the timeout rounded up a little: 0.2 s arrives as ~0.2 s, never as 30
+    assert all(d is not None and 0 < d < 1 for d in SLOW_DEADLINES), SLOW_DEADLINES
 
 
 def test_metadata_is_sent(target: str) -> None:

@@ -7,11 +7,14 @@ it (`factories.probe_log`), and can be slow, fail or run "out of memory" on dema
 knows exactly what the worker computed. SIGTERM under load is `tests/test_lifecycle.py::
 test_sigterm_drains_in_flight_requests_then_exits_zero` (a real `layertap serve` process).
 
-Every wait here is bounded (`_until`); each test takes about a second.
+Every wait here is bounded (`_until`); each test takes about a second. A test that needs the
+worker busy holds the probe's forward (`factories.hold_probe`) until it has set up what it
+tests, instead of racing a fixed forward time: a loaded runner changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -31,7 +34,6 @@ from layertap.server.settings import ModelConfig, Settings
 from layertap.v1 import layertap_pb2 as pb
 
 SIZE = 32  # every probe model's input size
-SLOW_S = 0.4  # the slow models' forward time
 PROBE = ("factories:Probe",)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -81,8 +83,8 @@ def faults_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
         max_batch_size=8,
         max_wait_ms=50,
         models=(
-            _probe_model("slow", delay_s=SLOW_S),
-            _probe_model("faulty", delay_s=SLOW_S, fail_above=100.0),
+            _probe_model("slow"),  # "slow" while a test holds it (_blocker)
+            _probe_model("faulty", fail_above=100.0),
             _probe_model("oomy", oom_above=2, oom_value_above=1000.0),
             *bad_models,
             ModelConfig(
@@ -156,11 +158,25 @@ def _sample(server: RunningServer, name: str, **labels: str) -> float:
     return server.server.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-def _start_blocker(stub: Any, model: str, marker: float) -> Any:
-    """A request that keeps the worker busy for SLOW_S; returns once its forward has started."""
-    future = stub.Extract.future(_request(model, _image(marker)), timeout=30)
-    _until(lambda: marker in _seen(model), what=f"{model} blocker to start")
-    return future
+@contextlib.contextmanager
+def _held(model: str) -> Iterator[threading.Event]:
+    """From here on, `model`'s forwards wait until the yielded event is set (at the latest
+    on leaving the block, whatever happened)."""
+    hold = factories.hold_probe(model)  # type: ignore[attr-defined]
+    try:
+        yield hold
+    finally:
+        hold.set()
+
+
+@contextlib.contextmanager
+def _blocker(stub: Any, model: str, marker: float) -> Iterator[tuple[Any, threading.Event]]:
+    """A request whose forward keeps the worker busy until the test sets the yielded event;
+    entered once that forward has started."""
+    with _held(model) as hold:
+        future = stub.Extract.future(_request(model, _image(marker)), timeout=60)
+        _until(lambda: marker in _seen(model), what=f"{model} blocker to start")
+        yield future, hold
 
 
 # --- cancellation ------------------------------------------------------------------------
@@ -168,15 +184,17 @@ def test_cancel_while_batch_computes_leaves_the_rest_of_the_batch_intact(
     faults_server: RunningServer, record_property: Callable[[str, object], None]
 ) -> None:
     stub = faults_server.stub()
-    blocker = _start_blocker(stub, "slow", 11.0)
     images = [_image(20.0 + i, seed=i) for i in range(4)]
-    futures = [stub.Extract.future(_request("slow", x), timeout=30) for x in images]
-    _until(lambda: faults_server.server.batcher.queued == 4, what="4 queued requests")
-    # the blocker ends; the four run as one batch; cancel one while that forward runs
-    _until(lambda: 23.0 in _seen("slow"), what="the batch of 4 to start")
-    batch = factories.probe_log("slow")[-1]
-    assert batch["batch"] == 4 and sorted(batch["max"]) == [20.0, 21.0, 22.0, 23.0], batch  # type: ignore[type-var]
-    futures[1].cancel()
+    with _blocker(stub, "slow", 11.0) as (blocker, hold), _held("slow") as batch_hold:
+        futures = [stub.Extract.future(_request("slow", x), timeout=30) for x in images]
+        _until(lambda: faults_server.server.batcher.queued == 4, what="4 queued requests")
+        # the blocker ends; the four run as one batch; cancel one while that forward runs
+        hold.set()
+        _until(lambda: 23.0 in _seen("slow"), what="the batch of 4 to start")
+        batch = factories.probe_log("slow")[-1]
+        assert batch["batch"] == 4 and sorted(batch["max"]) == [20.0, 21.0, 22.0, 23.0], batch  # type: ignore[type-var]
+        futures[1].cancel()
+        batch_hold.set()
 
     blocker.result(30)
     for i in (0, 2, 3):
@@ -213,12 +231,16 @@ def test_cancel_while_queued_drops_the_item_before_compute(
     faults_server: RunningServer, record_property: Callable[[str, object], None]
 ) -> None:
     stub = faults_server.stub()
-    blocker = _start_blocker(stub, "slow", 12.0)
     images = [_image(40.0 + i, seed=10 + i) for i in range(4)]
-    futures = [stub.Extract.future(_request("slow", x), timeout=30) for x in images]
-    _until(lambda: faults_server.server.batcher.queued == 4, what="4 queued requests")
-    futures[2].cancel()
-    assert not blocker.done(), "the blocker ended before the cancel: raise SLOW_S"
+    batcher = faults_server.server.batcher
+    with _blocker(stub, "slow", 12.0) as (blocker, _):
+        futures = [stub.Extract.future(_request("slow", x), timeout=30) for x in images]
+        _until(lambda: batcher.queued == 4, what="4 queued requests")
+        cancelled = batcher.dropped.get("cancelled", 0)
+        futures[2].cancel()
+        # the cancel reaches the server while the item is still queued: a drop
+        _until(lambda: batcher.dropped.get("cancelled", 0) == cancelled + 1, what="the drop")
+        assert not blocker.done()
     blocker.result(30)
     for i in (0, 1, 3):
         response = futures[i].result(30)
@@ -240,20 +262,21 @@ def test_deadline_shorter_than_queue_wait_is_deadline_exceeded_without_compute(
 ) -> None:
     stub = faults_server.stub()
     images_before = _sample(faults_server, "layertap_images_total", model="slow")
-    blocker = _start_blocker(stub, "slow", 13.0)
     marker = 77.0
-    sent = time.monotonic()
-    future = stub.Extract.future(_request("slow", _image(marker)), timeout=0.15)
-    queued = False
-    while not future.done() and time.monotonic() - sent < 5:
-        queued = queued or faults_server.server.batcher.queued >= 1
-        time.sleep(0.002)
-    with pytest.raises(grpc.RpcError) as info:
-        future.result(5)
-    took = time.monotonic() - sent
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
-    assert queued, "the request never reached the batch queue"
-    assert took < SLOW_S, f"DEADLINE_EXCEEDED after {took:.3f}s, not at the deadline"
+    with _blocker(stub, "slow", 13.0) as (blocker, _):
+        sent = time.monotonic()
+        future = stub.Extract.future(_request("slow", _image(marker)), timeout=1.0)
+        queued = False
+        while not future.done() and time.monotonic() - sent < 30:
+            queued = queued or faults_server.server.batcher.queued >= 1
+            time.sleep(0.002)
+        with pytest.raises(grpc.RpcError) as info:
+            future.result(5)
+        took = time.monotonic() - sent
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+        assert queued, "the request never reached the batch queue"
+        # answered at its deadline, not after the compute ahead of it: the worker is still held
+        assert not blocker.done()
     _check_values(blocker.result(30), _image(13.0))
     after = _image(14.0, seed=3)
     _check_values(stub.Extract(_request("slow", after), timeout=30), after)
@@ -263,8 +286,8 @@ def test_deadline_shorter_than_queue_wait_is_deadline_exceeded_without_compute(
     assert _sample(faults_server, "layertap_images_total", model="slow") == images_before + 2
     record_property(
         "outcome",
-        f"DEADLINE_EXCEEDED after {took * 1000:.0f} ms (deadline 150 ms, worker busy "
-        f"{SLOW_S * 1000:.0f} ms); never computed; images_total +2 (blocker, follow-up)",
+        f"DEADLINE_EXCEEDED after {took * 1000:.0f} ms (deadline 1000 ms, worker held busy "
+        "until after it); never computed; images_total +2 (blocker, follow-up)",
     )
 
 
@@ -321,11 +344,11 @@ def test_exception_in_forward_fails_only_that_batch_and_the_worker_survives(
         faults_server, "layertap_requests_total", method="Extract", model="faulty", code="INTERNAL"
     )
     caplog.set_level(logging.ERROR, logger="layertap")
-    blocker = _start_blocker(stub, "faulty", 15.0)
     # one poisoned image (max 500 > fail_above) and two good ones queue up into one batch
     batch = [_image(60.0, seed=1), _image(500.0, seed=2), _image(61.0, seed=3)]
-    futures = [stub.Extract.future(_request("faulty", x), timeout=30) for x in batch]
-    _until(lambda: faults_server.server.batcher.queued == 3, what="3 queued requests")
+    with _blocker(stub, "faulty", 15.0) as (blocker, _):
+        futures = [stub.Extract.future(_request("faulty", x), timeout=30) for x in batch]
+        _until(lambda: faults_server.server.batcher.queued == 3, what="3 queued requests")
     _check_values(blocker.result(30), _image(15.0))
     codes, details = [], []
     for future in futures:

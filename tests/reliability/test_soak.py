@@ -7,12 +7,16 @@
   bad one INVALID_ARGUMENT, nothing else; the server's RSS may grow less than 5 % after the
   warm-up; the server's own request counters must equal what the clients saw (nothing lost);
   SIGTERM then exits 0.
-- Overload (`overload_figures`, run once for the two tests after it): a queue of 16 images and
-  128 closed-loop clients on resnet18 for a 4 s ramp and two 5 s windows. Most requests get
-  RESOURCE_EXHAUSTED while accepted ones still complete; latency and RSS show no trend from one
-  window to the next; at concurrency 2 right after, everything is OK again. That refusals are
-  as fast as a validation refusal under the same load (queue room is reserved before decoding)
-  is `test_overload_refusals_are_fast`.
+- Overload (`overload_figures`): a queue of 16 images and 128 closed-loop clients on resnet18
+  for a 4 s ramp and two 5 s windows. Most requests get RESOURCE_EXHAUSTED while accepted ones
+  still complete; RSS shows no trend from one window to the next; at concurrency 2 right after,
+  everything is OK again.
+
+Nothing here asserts a speed or a latency: on a shared runner those measure the neighbours.
+"Under load" is shown by counts (round trips per client, forwards shared); the latencies
+(accepted p99, refusals against a validation refusal, trends) are figures that
+`bench/reliability_figures.py` writes to docs/RELIABILITY.md. That a queue-full refusal costs no
+decode is pinned without timing in tests/reliability/test_queue_full.py.
 
 The server runs in a subprocess so its RSS is its own (/proc/<pid>/status). Every loop is
 bounded by time and every call by a deadline. `bench/reliability_figures.py` runs the same
@@ -164,16 +168,29 @@ class ServerProcess:
 
     def metrics(self) -> dict[tuple[str, str], float]:
         """Server-side Extract counts by (model, code), from /metrics."""
+        counts: dict[tuple[str, str], float] = {}
+        for sample in self._samples():
+            labels = sample.labels
+            if sample.name == "layertap_requests_total" and labels["method"] == "Extract":
+                counts[(labels["model"], labels["code"])] = sample.value
+        return counts
+
+    def forwards(self) -> tuple[int, int]:
+        """(forwards run, forwards of more than one image), summed over models, from the
+        layertap_batch_size histogram on /metrics."""
+        total = single = 0.0
+        for sample in self._samples():
+            if sample.name == "layertap_batch_size_count":
+                total += sample.value
+            elif sample.name == "layertap_batch_size_bucket" and float(sample.labels["le"]) == 1:
+                single += sample.value
+        return int(total), int(total - single)
+
+    def _samples(self) -> list[Any]:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
-        counts: dict[tuple[str, str], float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = sample.labels
-                if sample.name == "layertap_requests_total" and labels["method"] == "Extract":
-                    counts[(labels["model"], labels["code"])] = sample.value
-        return counts
+        return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM (graceful drain); returns the exit code, killing only after `timeout`."""
@@ -433,6 +450,7 @@ def run_soak(
         phases = [Phase("warmup", warmup_s), Phase("soak", duration_s)]
         asyncio.run(drive(server, cases, phases, concurrency=concurrency, bad_fraction=0.05))
         server_counts = server.metrics()
+        forwards, shared = server.forwards()
     finally:
         exit_code = server.stop()
     warm, soak = phases
@@ -453,6 +471,8 @@ def run_soak(
         "unexpected_examples": (warm.unexpected + soak.unexpected)[:10],
         "client_counts": _by_code(warm, soak),
         "server_counts": _sum_models(server_counts),
+        "forwards": forwards,  # over warm-up and soak
+        "forwards_of_several_images": shared,
         "exit_code": exit_code,
         "log_tail": server.log_tail(1500) if exit_code else "",
     }
@@ -521,7 +541,10 @@ def test_soak_mixed_load(tmp_path: Path, record_property: Any) -> None:
     record_property("figures", json.dumps(figures))
     soak = figures["soak"]
     assert figures["unexpected_examples"] == [], figures["unexpected_examples"]
-    assert soak["requests"] > 1000, soak  # it really was under load
+    # It really was under load, by counts rather than speed (a loaded runner is slower, not
+    # different): every client went round many times and requests shared forwards.
+    assert soak["requests"] > 4 * figures["concurrency"], soak
+    assert figures["forwards_of_several_images"] > 0, figures
     assert soak["statuses"].get("bad:INVALID_ARGUMENT", 0) > 0, soak
     assert set(soak["statuses"]) <= {"good:OK", "bad:INVALID_ARGUMENT"}, soak
     # nothing lost: the server counted exactly what the clients saw
@@ -545,30 +568,20 @@ def test_overload_refuses_and_recovers(
     ramp, *windows, recovery = figures["phases"]
     first, last = windows[0], windows[-1]
     assert figures["unexpected_examples"] == [], figures["unexpected_examples"]
+    # Latencies (accepted p99, refusal p50/p99 against a validation refusal, their trend from
+    # window to window) are figures, not assertions: they depend on the runner's load, and
+    # bench/reliability_figures.py records them in docs/RELIABILITY.md. What does not depend
+    # on speed is asserted: most are refused, work still gets done, memory stays bounded, and
+    # (tests/reliability/test_queue_full.py) a refusal is decided before any decoding.
     for phase in windows:
         refused = phase["statuses"].get("good:RESOURCE_EXHAUSTED", 0)
         assert refused > phase["requests"] / 2, phase  # above capacity: most are refused...
         assert phase["statuses"].get("good:OK", 0) > 0, phase  # ...while work still gets done
-        assert phase["ok_p99_ms"] < 5000, phase  # accepted work does not queue without bound
         # memory is bounded: it swings by up to ~15 % from window to window (allocator, in-flight
         # buffers), with no trend over 40 s (bench/reliability_figures.py --overload-windows 8)
         assert phase["rss_max_mib"] < 1.35 * ramp["rss_last_mib"], (ramp, phase)
-    # no trend from the first window to the last: latency and memory stay flat
-    assert last["ok_p99_ms"] < 2 * first["ok_p99_ms"] + 100, (first, last)
-    assert last["refused_p99_ms"] < 2 * first["refused_p99_ms"] + 100, (first, last)
     assert last["rss_median_mib"] < 1.20 * first["rss_median_mib"], (first, last)
     # when the load drops, everything is served again, at once
     assert recovery["statuses"] == {"good:OK": recovery["requests"]}, recovery
     assert recovery["requests"] > 10, recovery
     assert figures["exit_code"] == 0, figures["log_tail"]
-
-
-def test_overload_refusals_are_fast(overload_figures: dict[str, Any]) -> None:
-    """Queue room is reserved before decoding, so a queue-full refusal costs no decode: it is as
-    fast as a validation refusal under the same load. 128 clients on the same 2 cores push
-    >1,000 refusals/s through one event loop, which sets that floor."""
-    for phase in overload_figures["phases"][1:-1]:
-        # as fast as a request refused by validation (no decode) under the same load
-        assert phase["refused_p50_ms"] < 1.5 * phase["predecode_refusal_p50_ms"] + 20, phase
-        assert phase["refused_p99_ms"] < 500, phase
-        assert phase["refused_p99_ms"] < phase["ok_p50_ms"], phase
