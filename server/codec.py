@@ -4,7 +4,7 @@ Knows nothing of gRPC or protobuf so it can be tested, fuzzed and reused on its 
 failure becomes a domain error (InvalidImage / ImageLimitExceeded / InvalidArgument) with a message
 fit for the client; no decoder exception escapes.
 
-Decoding policy (see DESIGN-NOTES §3.13):
+Decoding policy:
 - Size is read from the file header first (Pillow plugin classes, no pixel decode) so decompression
   bombs are refused before any large allocation.
 - JPEG and still WebP are decoded by torchvision (libjpeg-turbo/libwebp, ~3x faster than Pillow

@@ -2,8 +2,7 @@
 
 x is one batch of a node's output; the layout says where channels and positions are. The worker
 thread pools (pool_maps / roi_pool, float32); the finish stage averages TTA views, concatenates
-parts and runs the post chain (finish). Definitions follow DESIGN-NOTES §4 (eps = 1e-6) and
-docs/DESCRIPTORS.md.
+parts and runs the post chain (finish). Definitions: docs/DESCRIPTORS.md (eps = 1e-6).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ RMAC_STEPS = (2, 3, 4, 5, 6, 7)  # candidate region counts along the long side
 
 @dataclass(frozen=True)
 class PostOp:
-    """One post-processing step (DESIGN-NOTES §4)."""
+    """One post-processing step (docs/DESCRIPTORS.md, "Post steps")."""
 
     op: str  # "l2" | "power" | "center" | "pca" | "whiten"
     alpha: float = 0.5  # power exponent, 0 < alpha <= 1

@@ -1,4 +1,4 @@
-"""Pooling definitions (DESIGN-NOTES §4) on hand-made tensors, every layout."""
+"""Pooling definitions (docs/DESCRIPTORS.md) on hand-made tensors, every layout."""
 
 from __future__ import annotations
 
