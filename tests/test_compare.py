@@ -278,13 +278,86 @@ def test_native_resolution_pairs_and_async_client(server: RunningServer) -> None
     assert 0 < near < far
 
 
+def _np_layer(fa: np.ndarray, fb: np.ndarray) -> float:
+    """ref_layer in numpy, on float64 copies of [C, H, W] maps."""
+    fa, fb = fa.astype(np.float64), fb.astype(np.float64)
+    na = fa / (np.sqrt((fa**2).sum(0, keepdims=True)) + 1e-10)
+    nb = fb / (np.sqrt((fb**2).sum(0, keepdims=True)) + 1e-10)
+    return float(((na - nb) ** 2).sum(0).mean())
+
+
+def _np_style(fa: np.ndarray, fb: np.ndarray) -> float:
+    c = fa.shape[0]
+    xa, xb = fa.reshape(c, -1).astype(np.float64), fb.reshape(c, -1).astype(np.float64)
+    ga, gb = xa @ xa.T / xa.size, xb @ xb.T / xb.size
+    return float(((ga - gb) ** 2).sum())
+
+
+def _noisy(name: str, sigma: float) -> bytes:
+    """The photo with seeded Gaussian noise of `sigma` grey levels, as a JPEG."""
+    rng = np.random.default_rng(int(sigma))
+    noisy = photo(name).astype(np.float64) + rng.normal(0, sigma, photo(name).shape)
+    return encode(np.clip(noisy, 0, 255).astype(np.uint8), quality=95)
+
+
+def _np_layer(fa: np.ndarray, fb: np.ndarray) -> float:
+    """ref_layer in numpy, in float64, on [C, H, W] maps."""
+    fa, fb = fa.astype(np.float64), fb.astype(np.float64)
+    na = fa / (np.sqrt((fa**2).sum(0, keepdims=True)) + 1e-10)
+    nb = fb / (np.sqrt((fb**2).sum(0, keepdims=True)) + 1e-10)
+    return float(((na - nb) ** 2).sum(0).mean())
+
+
+def _np_style(fa: np.ndarray, fb: np.ndarray) -> float:
+    """ref_style in numpy, in float64."""
+    c = fa.shape[0]
+    xa, xb = fa.reshape(c, -1).astype(np.float64), fb.reshape(c, -1).astype(np.float64)
+    ga, gb = xa @ xa.T / xa.size, xb @ xb.T / xb.size
+    return float(((ga - gb) ** 2).sum())
+
+
 def test_pairs_past_the_limit_are_split_by_the_client(
     client: FeatureClient, jpeg: dict[str, bytes]
 ) -> None:
     # 5 pairs = 10 images > max_images_per_request=8: two calls, answers in order
-    a = [jpeg["astronaut"], jpeg["chelsea"], jpeg["coffee"], jpeg["astronaut"], jpeg["chelsea"]]
-    r = client.compare(a, a, model="tiny", nodes=["stem"])
+    same = [jpeg["astronaut"], jpeg["chelsea"], jpeg["coffee"], jpeg["astronaut"], jpeg["chelsea"]]
+    r = client.compare(same, same, model="tiny", nodes=["stem"])
     assert len(r) == 5 and np.all(np.abs(r.distances) <= 1e-6)
+
+    # each pair is a photo and a noisy copy of it, the noise level differing from pair to pair
+    # (not in order): every pair has its own distance, so a reordered, dropped or repeated
+    # pair in the client's reassembly shows
+    photos = ("astronaut", "chelsea", "coffee", "astronaut", "chelsea")
+    sigmas = (80.0, 3.0, 200.0, 8.0, 13.0)  # distances ~2.7, 0.12, 4.9, 0.22, 1.0
+    a = [jpeg[name] for name in photos]
+    b = [_noisy(name, sigma) for name, sigma in zip(photos, sigmas, strict=True)]
+    r = client.compare(a, b, model="mobilenet_v2", style=True)
+    keys = [n.key for n in r.nodes]
+    assert keys == list(MOBILE_NODES)
+    # the reference: the same nodes' maps through Extract (one image per call), the formulas
+    # in numpy
+    resolved = [n.node for n in r.nodes]
+
+    def maps(image: bytes) -> list[np.ndarray]:
+        out = client.extract(image, model="mobilenet_v2", nodes=resolved)
+        return [out[node][0] for node in resolved]
+
+    layers, styles = [], []
+    for x, y in zip(a, b, strict=True):
+        fa, fb = maps(x), maps(y)
+        layers.append([_np_layer(u, v) for u, v in zip(fa, fb, strict=True)])
+        styles.append([_np_style(u, v) for u, v in zip(fa, fb, strict=True)])
+    totals = np.array([sum(row) for row in layers])
+    ordered = np.sort(totals)
+    assert np.all(ordered[1:] > 1.3 * ordered[:-1]), totals  # every pair's distance is its own
+    assert len(r) == 5 and len(r.pairs) == 5
+    np.testing.assert_allclose(r.distances, totals, rtol=1e-4)
+    np.testing.assert_allclose(r.style_distances, [sum(row) for row in styles], rtol=1e-3)
+    for pair, layer, style in zip(r.pairs, layers, styles, strict=True):
+        np.testing.assert_allclose([pair.layers[k] for k in keys], layer, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            [pair.style_layers[k] for k in keys], style, rtol=1e-3, atol=1e-9
+        )
 
 
 # --- errors --------------------------------------------------------------------------------------
