@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from conftest import RunningServer, encode, start_server
 from factories import hold_probe, probe_log
 
@@ -84,26 +86,118 @@ def test_server_info(server: RunningServer) -> None:
     assert list(info.heads) == []  # none configured here (test_descriptors_grpc has some)
 
 
+def values(tensor: pb.Tensor) -> np.ndarray:
+    """A response tensor as float32 numpy (little-endian wire; bfloat16 travels as its bits)."""
+    if tensor.dtype == "bfloat16":
+        bits = np.frombuffer(tensor.data, "<u2").astype(np.uint32) << 16
+        flat = bits.view(np.float32)
+    else:
+        wire = {"float32": "<f4", "float16": "<f2", "int8": "i1"}[tensor.dtype]
+        flat = np.frombuffer(tensor.data, wire).astype(np.float32)
+    return flat.reshape(list(tensor.shape))
+
+
+def first(response: pb.ExtractResponse) -> np.ndarray:
+    assert len(response.results) == 1 and len(response.results[0].outputs) == 1
+    return values(response.results[0].outputs[0].tensor)
+
+
+def square_regions(m: int, levels: int) -> list[tuple[int, int, int]]:
+    """docs/DESCRIPTORS.md's R-MAC grid on a square m x m map: (top, left, side)."""
+    out = []
+    for level in range(1, levels + 1):
+        side = (2 * m) // (level + 1)
+        half = int(np.floor(side / 2 - 1))
+        step = 0.0 if level == 1 else (m - side) / (level - 1)
+        starts = [int(np.floor(half + i * step)) - half for i in range(level)]
+        out += [(top, left, side) for top in starts for left in starts]
+    return out
+
+
+def reference_pool(name: str, fmap: np.ndarray) -> np.ndarray:
+    """The pools of one [C, H, W] map, written out in numpy (p = 3, eps = 1e-6, 3 levels)."""
+    flat = fmap.reshape(fmap.shape[0], -1).astype(np.float64)
+
+    def gem(x: np.ndarray) -> np.ndarray:
+        return np.cbrt((np.clip(x, 1e-6, None) ** 3).mean(-1))
+
+    def l2(v: np.ndarray) -> np.ndarray:
+        return v / max(float(np.linalg.norm(v)), 1e-12)
+
+    avg, top = flat.mean(-1), flat.max(-1)
+    if name in ("POOLING_RMAC", "POOLING_RGEM"):
+        pool = (lambda x: x.max(-1)) if name == "POOLING_RMAC" else gem
+        assert fmap.shape[1] == fmap.shape[2]
+        total = l2(pool(flat))
+        for y, x, side in square_regions(fmap.shape[1], 3):
+            region = fmap[:, y : y + side, x : x + side].reshape(fmap.shape[0], -1)
+            total = total + l2(pool(region.astype(np.float64)))
+        return l2(total)
+    return {
+        "POOLING_RAW": fmap.astype(np.float64),
+        "POOLING_AVG": avg,
+        "POOLING_MAX": top,
+        "POOLING_GEM": gem(flat),
+        "POOLING_AVGMAX": (avg + top) / 2,
+        "POOLING_CATAVGMAX": np.concatenate([avg, top]),
+    }[name]
+
+
 def test_every_advertised_capability_works(server: RunningServer) -> None:
     info = server.stub().GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+    # the reference for lossless inputs: the raw uint8 pixels
+    pixels = pb.Tensor(dtype="uint8", shape=[SIZE, SIZE, 3], data=PIXELS.tobytes())
+    fmap = first(extract(server, pb.Image(tensor=pixels)))
+    assert fmap.shape == (6, 8, 8) and fmap.min() >= 0 and fmap.max() > 0  # ReLU, max-pools
     for fmt in info.image_formats:
         response = extract(server, pb.Image(encoded=encode(PIXELS, fmt.upper())))
         assert list(response.results[0].outputs[0].tensor.shape) == [6, 8, 8], fmt
+        if fmt in ("png", "bmp"):  # lossless: exactly the pixels' features
+            np.testing.assert_array_equal(first(response), fmap, err_msg=fmt)
+
+    # float32 is taken as an already-normalised CHW tensor: the test's own forward of the
+    # served weights (conv 3x3 pad 1 -> ReLU -> three 2x2 max-pools) on it is the answer
+    params = server.stub().GetParameters(
+        pb.GetParametersRequest(model="tiny", names=["stem.0"]), timeout=30
+    )
+    weights = {p.key: torch.from_numpy(values(p.tensor).copy()) for p in params.parameters}
+    normalised = np.random.default_rng(4).standard_normal((3, SIZE, SIZE)).astype("f4")
+    with torch.no_grad():
+        y = F.relu(F.conv2d(torch.from_numpy(normalised)[None], *weights.values(), padding=1))
+        expected = F.max_pool2d(F.max_pool2d(F.max_pool2d(y, 2), 2), 2)[0].numpy()
+    assert list(weights) == ["stem.0.weight", "stem.0.bias"]
     raw = {
-        "uint8": pb.Tensor(dtype="uint8", shape=[SIZE, SIZE, 3], data=PIXELS.tobytes()),
-        "float32": pb.Tensor(
-            dtype="float32", shape=[3, SIZE, SIZE], data=np.zeros((3, SIZE, SIZE), "f4").tobytes()
-        ),
+        "uint8": pixels,
+        "float32": pb.Tensor(dtype="float32", shape=[3, SIZE, SIZE], data=normalised.tobytes()),
     }
     assert set(raw) == set(info.input_dtypes)
+    answers = {"uint8": fmap, "float32": expected}
     for dtype in info.input_dtypes:
-        extract(server, pb.Image(tensor=raw[dtype]))
+        got = first(extract(server, pb.Image(tensor=raw[dtype])))
+        np.testing.assert_allclose(got, answers[dtype], rtol=1e-5, atol=1e-6, err_msg=dtype)
+
     image = pb.Image(encoded=encode(PIXELS, "PNG"))
+    avg = fmap.mean((1, 2))
+    unit = avg / np.linalg.norm(avg)
+    close = {  # each output dtype against the float32 answer
+        "float32": (fmap, 0.0),
+        "float16": (fmap, 1e-3),
+        "bfloat16": (fmap, 8e-3),
+        "int8": (np.clip(np.round(127 * unit), -127, 127), 0.0),
+    }
+    assert set(close) == set(info.output_dtypes)
     for dtype in info.output_dtypes:
         # int8 is for L2-normalised pooled descriptors only
         pooled = {"pool": pb.POOLING_AVG, "normalize": True} if dtype == "int8" else {}
         response = extract(server, image, output=pb.OutputOptions(dtype=dtype, **pooled))
         assert response.results[0].outputs[0].tensor.dtype == dtype
+        want, rtol = close[dtype]
+        got = first(response)
+        if dtype == "int8":  # round(127 x): a value on a rounding tie may land one step away
+            assert np.abs(got - want).max() <= 1, (got, want)
+            assert np.abs(got - want).sum() <= 1, (got, want)
+        else:
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-6, err_msg=dtype)
     for name in info.pools:
         if name in ("POOLING_CLS", "POOLING_MEAN", "POOLING_CLS_MEAN"):  # tokens: not on NCHW
             with pytest.raises(grpc.RpcError) as err:
@@ -111,7 +205,12 @@ def test_every_advertised_capability_works(server: RunningServer) -> None:
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "unknown pool" not in err.value.details()
         else:
-            extract(server, image, output=pb.OutputOptions(pool=pb.Pooling.Value(name)))
+            got = first(
+                extract(server, image, output=pb.OutputOptions(pool=pb.Pooling.Value(name)))
+            )
+            want = reference_pool(name, fmap)
+            assert got.shape == want.shape, name
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def _until(condition: Callable[[], bool], call: grpc.Future) -> None:
