@@ -7,9 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from conftest import RunningServer, encode, photo
@@ -270,14 +273,42 @@ def test_connections_are_aged_out_when_configured(resnet18_weights: Path) -> Non
     assert ("grpc.max_connection_age_grace_ms", 5000) in server_options(settings)
     assert not any("connection_age" in k for k, _ in server_options(Settings()))
     running = start_server(settings)
+    # the client channel's connectivity, as gRPC reports it: READY while a connection is up;
+    # a GOAWAY from the server takes it out of READY, and the next call connects again
+    states: list[grpc.ChannelConnectivity] = []
+    changed = threading.Condition()
+
+    def record(state: grpc.ChannelConnectivity) -> None:
+        with changed:
+            states.append(state)
+            changed.notify_all()
+
+    def entries(into: bool) -> int:
+        """How often the channel entered READY (a connection came up), or left it (one went)."""
+        ready = [s == grpc.ChannelConnectivity.READY for s in states]
+        return sum(1 for i, r in enumerate(ready) if r != (i > 0 and ready[i - 1]) and r == into)
+
+    def wait_for(condition: Callable[[], bool], what: str) -> None:
+        with changed:  # the age is 0.5 s; 60 s only bounds a hang, it is never waited out
+            assert changed.wait_for(condition, timeout=60), f"{what}: states {states}"
+
     try:
         with FeatureClient(running.target) as client:
-            for _ in range(4):  # spans several connection lifetimes
+            client._channel.subscribe(record)  # the SDK client's own channel
+            for lifetime in range(1, 4):  # spans several connection lifetimes
                 out = client.extract(photo("coffee"), model="r18", nodes="layer1", pool="avg")
                 assert out["layer1"].shape == (1, 64)
-                time.sleep(0.4)
+                wait_for(lambda n=lifetime: entries(True) >= n, f"connection {lifetime} up")
+                # the server ages it out (GOAWAY): the channel leaves READY by itself (to
+                # reconnect at once, or to wait idle for the next call)
+                wait_for(lambda n=lifetime: entries(False) >= n, f"connection {lifetime} aged")
+            out = client.extract(photo("coffee"), model="r18", nodes="layer1", pool="avg")
+            assert out["layer1"].shape == (1, 64)  # transparently, on a new connection
+            wait_for(lambda: entries(True) >= 4, "a fourth connection")
+            client._channel.unsubscribe(record)
     finally:
         running.stop()
+    assert grpc.ChannelConnectivity.TRANSIENT_FAILURE not in states, states
 
 
 def test_requests_for_different_node_sets_share_one_forward(small_server: RunningServer) -> None:
