@@ -9,6 +9,7 @@ level (hooks) and through its traceable `backbone.body` (fx).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import RunningServer, encode, photo, start_server
+from factories import hold_probe, probe_log
 from torch import nn
 
 from layertap.client import FeatureClient, FeatureServiceError
@@ -24,6 +26,7 @@ from layertap.server.settings import ConfigError, ModelConfig, Settings, parse_m
 from layertap.v1 import layertap_pb2 as pb
 
 DETECTION = "fasterrcnn_mobilenet_v3_large_320_fpn"
+HOLD_TAG = "test-hooks-hold"
 
 
 class Counter(nn.Module):
@@ -82,6 +85,16 @@ def hooks_server() -> Iterator[RunningServer]:
                 weights="none",
                 allow_random=True,
                 submodule="backbone.body",
+            ),
+            # holds the worker inside a forward (factories.hold_probe) while requests queue
+            ModelConfig(
+                name="hold",
+                factory="factories:probe_net",
+                kwargs={"tag": HOLD_TAG},
+                weights="none",
+                allow_random=True,
+                input_size=(16, 16),
+                leaf_modules=("factories:Probe",),
             ),
         ),
     )
@@ -210,10 +223,24 @@ def test_detection_model_top_level_hooks_and_backbone_body_fx(
 
 
 def test_concurrent_requests_with_different_node_sets(hooks_server: RunningServer) -> None:
-    """Requests batched together (max_wait_ms=50) share one hooked forward over the union of
-    their node sets; each gets its own images' outputs for its own nodes."""
+    """Requests batched together share one hooked forward over the union of their node sets;
+    each gets its own images' outputs for its own nodes. By default a forward is shared by the
+    requests whose deepest node is the same (share_across_depths off): here each deepest node
+    has two requests, with different node sets but for `stem`. The worker is held inside a
+    forward of another model until all ten have queued, so each pair meets in one batch."""
     rng = np.random.default_rng(2)
-    node_sets = [["stem"], ["block.0", "deep"], ["head"], ["block", "stem"], ["deep.0"]] * 2
+    node_sets = [
+        ["stem"],
+        ["block.0", "deep"],
+        ["head"],
+        ["block", "stem"],
+        ["deep.0"],
+        ["stem"],
+        ["deep", "stem"],
+        ["block.0", "head"],
+        ["block"],
+        ["deep.0", "block.1"],
+    ]
     inputs = [rng.standard_normal((1, 3, 32, 32)).astype(np.float32) for _ in node_sets]
     results: list[Any] = [None] * len(node_sets)
     errors: list[BaseException] = []
@@ -227,12 +254,39 @@ def test_concurrent_requests_with_different_node_sets(hooks_server: RunningServe
         except BaseException as exc:  # reported below, on the test thread
             errors.append(exc)
 
+    def until(condition: Any, what: str) -> None:
+        give_up = time.monotonic() + 60  # bounds a hang; the conditions are events
+        while not condition():
+            assert not errors, errors
+            assert time.monotonic() < give_up, f"timed out waiting for {what}"
+            time.sleep(0.005)
+
+    batcher = hooks_server.server.batcher
+    forwards = len(probe_log(HOLD_TAG))  # the warm-up's
+    hold = hold_probe(HOLD_TAG)
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(node_sets))]
-    for t in threads:
-        t.start()
+    try:
+        stub = hooks_server.stub()
+        blocker = stub.Extract.future(
+            pb.ExtractRequest(
+                model="hold",
+                images=[pb.Image(encoded=encode(photo("coffee")))],
+                nodes=["mean"],
+            ),
+            timeout=60,
+        )
+        until(lambda: len(probe_log(HOLD_TAG)) > forwards, "the worker to be held")
+        for t in threads:
+            t.start()
+        until(lambda: batcher.queued == len(node_sets), "all ten requests to queue")
+    finally:
+        hold.set()
+    blocker.result(60)
     for t in threads:
         t.join(60)
     assert not errors, errors
+    # each shared its forward with the other request of its deepest node
+    assert [r.metadata.batch_size for r in results] == [2] * len(node_sets)
     model = branchy()
     for i, nodes in enumerate(node_sets):
         ref = _manual_hooks(model, torch.from_numpy(inputs[i]), nodes)
