@@ -578,13 +578,50 @@ def _check_ok(
     return problems
 
 
-def run_case(channel: grpc.Channel, case: Case, tmp: Path) -> Row:
-    """Send the case, then a normal request; the row says what happened and what was wrong."""
-    extract = channel.unary_unary(
+def _extract(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    return channel.unary_unary(
         "/layertap.v1.FeatureService/Extract",
         request_serializer=pb.ExtractRequest.SerializeToString,
         response_deserializer=pb.ExtractResponse.FromString,
     )
+
+
+def normal_answer(channel: grpc.Channel) -> np.ndarray:
+    """The normal request's descriptor [WIDTH], from a server that has seen no bad input yet:
+    what every normal request after a case must still return."""
+    return _normal_values(_extract(channel)(normal_request(), timeout=60))
+
+
+def _normal_values(resp: pb.ExtractResponse) -> np.ndarray:
+    (result,) = resp.results
+    (output,) = result.outputs
+    t = output.tensor
+    assert t.dtype == "float32", t.dtype
+    return np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
+
+
+def _check_normal(resp: pb.ExtractResponse, reference: np.ndarray | None) -> list[str]:
+    """What is wrong with the normal request's answer after a case (nothing: [])."""
+    shapes = [[tuple(o.tensor.shape) for o in r.outputs] for r in resp.results]
+    if shapes != [[(WIDTH,)]]:
+        return [f"normal request afterwards: shapes {shapes} != [[({WIDTH},)]]"]
+    if resp.results[0].outputs[0].tensor.dtype != "float32":
+        return [f"normal request afterwards: dtype {resp.results[0].outputs[0].tensor.dtype}"]
+    values = _normal_values(resp)
+    if not np.all(np.isfinite(values)):
+        return [f"normal request afterwards: non-finite values {values}"]
+    if reference is not None and not np.allclose(values, reference, rtol=1e-5, atol=1e-6):
+        return [f"normal request afterwards: {values} != {reference} before any bad input"]
+    return []
+
+
+def run_case(
+    channel: grpc.Channel, case: Case, tmp: Path, reference: np.ndarray | None = None
+) -> Row:
+    """Send the case, then a normal request; the row says what happened and what was wrong.
+    ``reference``: the normal request's answer before any bad input (normal_answer); without
+    it, only the shape of the answer after the case is checked."""
+    extract = _extract(channel)
     req = case.build(tmp)
     problems: list[str] = []
     resp: pb.ExtractResponse | None = None
@@ -601,10 +638,11 @@ def run_case(channel: grpc.Channel, case: Case, tmp: Path) -> Row:
         problems += _check_ok(case, req, resp, twin)
     elif case.fragment and case.fragment not in details:
         problems.append(f"details lack {case.fragment!r}: {details[:200]}")
-    after_ok = True
     try:
         after = extract(normal_request(), timeout=60)
-        after_ok = tuple(after.results[0].outputs[0].tensor.shape) == (WIDTH,)
+        wrong = _check_normal(after, reference)
+        after_ok = not wrong
+        problems += wrong
     except grpc.RpcError as err:
         after_ok = False
         problems.append(f"normal request afterwards failed: {err.code().name} {err.details()}")
@@ -613,7 +651,8 @@ def run_case(channel: grpc.Channel, case: Case, tmp: Path) -> Row:
 
 def run_corpus(target: str, tmp: Path) -> list[Row]:
     with grpc.insecure_channel(target, options=CLIENT_OPTIONS) as channel:
-        return [run_case(channel, case, tmp) for case in corpus_cases()]
+        reference = normal_answer(channel)
+        return [run_case(channel, case, tmp, reference) for case in corpus_cases()]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -648,6 +687,12 @@ def corpus_channel(corpus_server: RunningServer) -> Iterator[grpc.Channel]:
         yield channel
 
 
+@pytest.fixture(scope="module")
+def corpus_reference(corpus_channel: grpc.Channel) -> np.ndarray:
+    """The normal request's answer, asked before the first case runs."""
+    return normal_answer(corpus_channel)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _print_table() -> Iterator[None]:
     yield
@@ -662,8 +707,10 @@ def test_corpus_names_are_unique() -> None:
 
 
 @pytest.mark.parametrize("case", corpus_cases(), ids=lambda c: c.name)
-def test_bad_input(corpus_channel: grpc.Channel, case: Case, tmp_path: Path) -> None:
-    row = run_case(corpus_channel, case, tmp_path)
+def test_bad_input(
+    corpus_channel: grpc.Channel, corpus_reference: np.ndarray, case: Case, tmp_path: Path
+) -> None:
+    row = run_case(corpus_channel, case, tmp_path, corpus_reference)
     ROWS.append(row)
     assert row.status not in ("UNKNOWN", "INTERNAL"), row
     assert row.passed, row.problems
