@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from conftest import RunningServer
 
-from layertap.client import ModelDescription, ModelInfo, ModuleInfo, NodeInfo, Preprocessing
+from layertap.client import (
+    FeatureClient,
+    ModelDescription,
+    ModelInfo,
+    ModuleInfo,
+    NodeInfo,
+    Preprocessing,
+)
 from layertap.client._cli_tree import tree_rows
 from layertap.client.cli import main
 
@@ -106,9 +113,18 @@ def test_nodes_tree_on_a_real_model(
     assert _row(lines, "classifier.1")[1][1:] == ["Linear", "[1,", "1000]", "NC"]
     names = [line.split()[0] for line in lines[1:]]
     assert names.index("features.17") < names.index("features.18") < names.index("flatten")
-    # every graph node of the model is in the tree
+    # every graph node of the model is in the tree, and `nodes` without --tree lists exactly
+    # the graph nodes, one a line, in execution order
+    with FeatureClient(small_server.target) as client:
+        graph = [n.name for n in client.describe("mobilenet_v2").nodes]
+    assert len(graph) > 80 and {"features.3.add", "features.18", "flatten"} <= set(graph)
     assert main(["--target", small_server.target, "nodes", "mobilenet_v2"]) == 0
-    assert set(capsys.readouterr().out.split()) <= set(names)
+    plain = capsys.readouterr().out.splitlines()
+    assert plain == graph
+    assert {"features.3.add", "features.18", "flatten", "classifier.1"} <= set(plain)
+    assert set(plain) <= set(names)
+    assert main(["--target", small_server.target, "nodes", "mobilenet_v2", "--filter", ".add"]) == 0
+    assert capsys.readouterr().out.splitlines() == [n for n in graph if ".add" in n] != []
 
 
 def test_nodes_tree_functions_inside_blocks_and_filter(
