@@ -172,3 +172,51 @@ class ViewingNet(nn.Module):
 
 def viewing_net() -> nn.Module:
     return ViewingNet()
+
+
+# --- settings coverage (tests/test_model_overrides.py) ---------------------------------------
+def opaque_gate(x):  # type: ignore[no-untyped-def]
+    """Data-dependent control flow in a plain function: torch.fx cannot trace through it unless
+    the model's `autowrap_functions` lists it ("factories:opaque_gate")."""
+    if x.mean() > 0:
+        return x * 2
+    return -x
+
+
+class AutowrapNet(nn.Module):
+    """conv → opaque_gate → global average: nodes `conv`, `opaque_gate`, `mean`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return opaque_gate(self.conv(x)).mean((2, 3))
+
+
+def autowrap_net() -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutowrapNet()
+
+
+class TokenNet(nn.Module):
+    """8x8 patches → `extra` learned tokens prepended → a linear layer: NLC outputs
+    [N, extra + patches, width] with no cls_token attribute (prefix_tokens auto reads 0)."""
+
+    def __init__(self, extra: int = 2, width: int = 6) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 8, stride=8)
+        self.extra_tokens = nn.Parameter(torch.randn(1, extra, width))
+        self.mix = nn.Linear(width, width)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.extra_tokens.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.mix(tokens)
+
+
+def token_net(extra: int = 2, width: int = 6) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TokenNet(extra, width)
