@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RunningServer, photo
+from conftest import RunningServer, photo, start_server
 from PIL import Image
 
 from layertap.client import FeatureClient
 from layertap.client import _whitening as wh
 from layertap.client.cli import main
+from layertap.server.settings import HeadConfig, ModelConfig, Settings
 
 
 def _correlated(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -174,6 +175,52 @@ def _tiles(root: Path, count: int) -> list[Path]:
     return paths
 
 
+def check_served_whitening(head_file: Path, images: list[Path], x: np.ndarray) -> None:
+    """A server with the head registered whitens the L2-normalised GeM descriptors ``x`` of
+    ``images`` as the formula says: y = l2(((x - mean) V_k) / sqrt(eig_k)), and ``pca:`` is
+    l2((x - mean) V_k), with mean, V and eig from the test's own eigendecomposition. Each axis'
+    sign is free (an eigenvector's sign is arbitrary): it is read off the served answer."""
+    mean, eig, vecs = _reference(x)
+    settings = Settings(
+        port=0,
+        metrics=False,
+        log_level="ERROR",
+        models=(ModelConfig(name="mobilenet_v2", arch="mobilenet_v2", weights="IMAGENET1K_V1"),),
+        heads=(HeadConfig(name="tiles", file=str(head_file), model="mobilenet_v2"),),
+    )
+    running = start_server(settings)
+    try:
+        with FeatureClient(running.target) as client:
+            served = {
+                post: client.extract(
+                    [str(p) for p in images],
+                    model="mobilenet_v2",
+                    nodes="features",
+                    pool="gem",
+                    post=["l2", post],
+                )["features"].astype(np.float64)
+                for post in ("whiten:tiles", "whiten:tiles:5", "pca:tiles:4")
+            }
+    finally:
+        running.stop()
+
+    def l2(y: np.ndarray) -> np.ndarray:
+        return y / np.linalg.norm(y, axis=1, keepdims=True)
+
+    projected = (x - mean) @ vecs
+    expected = {
+        "whiten:tiles": l2(projected[:, :8] / np.sqrt(eig[:8])),
+        "whiten:tiles:5": l2(projected[:, :5] / np.sqrt(eig[:5])),
+        "pca:tiles:4": l2(projected[:, :4]),
+    }
+    for post, want in expected.items():
+        got = served[post]
+        assert got.shape == want.shape, post
+        agreement = np.sum(got * want, axis=0)  # per axis: ±(sum of squares) if they agree
+        assert np.all(np.abs(agreement) > 0.1 * np.sum(want**2, axis=0)), (post, agreement)
+        np.testing.assert_allclose(got, want * np.sign(agreement), atol=2e-4, err_msg=post)
+
+
 def test_fit_whitening_command(
     small_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -193,9 +240,27 @@ def test_fit_whitening_command(
     assert head.model == "mobilenet_v2" and head.nodes == ("features",) and head.pool == "gem"
     # fitted on the L2-normalised GeM descriptors the server returns for those images
     with np.load(saved, allow_pickle=False) as npz:
-        x = wh.l2_normalize(npz["features"])
-    np.testing.assert_allclose(head.mean, x.mean(0), atol=1e-5)
-    np.testing.assert_allclose(head.eigvals, wh.fit(x, dim=8).eigvals, rtol=1e-3)
+        tile_ids = [str(i) for i in npz["ids"]]
+        x = npz["features"].astype(np.float64)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    assert sorted(tile_ids) == sorted(p.name for p in folder.iterdir()) and x.shape == (12, 1280)
+    with FeatureClient(small_server.target) as client:
+        direct = client.extract(
+            [str(folder / i) for i in tile_ids],
+            model="mobilenet_v2",
+            nodes="features",
+            pool="gem",
+            normalize=True,
+        )["features"]
+    np.testing.assert_allclose(direct, x, atol=1e-5)
+    # the head against the textbook PCA of docs/DESCRIPTORS.md, computed here: the sample
+    # mean, and the eigendecomposition of the covariance Xcᵀ Xc / (n - 1) (np.cov, eigh)
+    mean, eig, vecs = _reference(x)
+    np.testing.assert_allclose(head.mean, mean, atol=1e-6)
+    np.testing.assert_allclose(head.eigvals, eig[:8], rtol=1e-4)
+    dots = np.abs(np.sum(head.components.astype(np.float64) * vecs[:, :8].T, axis=1))
+    np.testing.assert_allclose(dots, 1.0, atol=1e-4)  # the same axes, up to sign
+    check_served_whitening(head_file=out, images=[folder / i for i in tile_ids], x=x)
 
     # two nodes concatenated: each part L2-normalised, then the whole
     cat, parts = tmp_path / "cat.npz", tmp_path / "parts.npz"
