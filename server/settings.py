@@ -239,8 +239,8 @@ FIELDS: dict[str, str] = {
     "about 1.5x faster at batch 4 measured; the process keeps its high-water mark)",
     "decode_threads": "threads that decode and preprocess images (off the event loop)",
     "extractor_cache_size": "FX graph modules kept per model (LRU); they share the weights",
-    "torch_threads": "torch intra-op threads per worker; 0: the cores left after "
-    "decode_threads, shared by CPU workers (at least 1)",
+    "torch_threads": "torch intra-op threads per worker; 0: the usable cores split between "
+    "the CPU workers (at least 1; the decode threads are not subtracted)",
     "shutdown_grace_s": "seconds in-flight requests get to finish on SIGTERM",
     "shutdown_delay_s": "on SIGTERM, seconds health says NOT_SERVING while still serving, so "
     "probes and load balancers see it before the port closes",

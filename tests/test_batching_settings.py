@@ -8,7 +8,7 @@ zero; a setting that did not reach the batcher leaves the requests waiting (the 
 their 30 s timeout, not on any measured time). `low_priority_max_wait_ms` and
 `companion_wait_ms` (given as command-line flags, on two CPU workers) are read back from every
 device's batcher; `decode_threads` is the decode pool's size and `torch_threads` the worker
-thread's torch thread count.
+thread's torch thread count (unset: the usable cores split between the CPU workers).
 """
 
 from __future__ import annotations
@@ -185,5 +185,9 @@ def test_batcher_waits_come_from_the_flags_on_every_device(tmp_path: Path) -> No
         for batcher in dispatcher.batchers:
             assert batcher.low_priority_max_wait_s == pytest.approx(0.25)
             assert batcher.companion_wait_s == pytest.approx(0.025)
+        # torch_threads unset (0): the usable cores split between the two CPU workers
+        for runtime in running.server.runtimes:
+            threads = runtime._executor.submit(torch.get_num_threads).result(30)
+            assert threads == max(1, usable_cores() // 2)
     finally:
         running.stop()
