@@ -72,14 +72,42 @@ def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServe
 
 
 def save_random_weights(arch: str, path: Path, **kwargs: Any) -> Path:
-    """Random-init weights saved to a file, so the server and the test share the exact model."""
+    """Random-init weights saved to a file, so the server and the test share the exact model.
+
+    torchvision's init leaves every BatchNorm the identity (running mean 0, variance 1, weight 1,
+    bias 0), so a test on such weights cannot see one dropped or folded wrongly (outputs change
+    by ~1e-5 relative): they get seeded random values instead (randomise_trivial_init)."""
     import torch
     import torchvision
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    randomise_trivial_init(model)
     torch.save(model.state_dict(), path)
     return path
+
+
+def randomise_trivial_init(model: Any, seed: int = 0) -> Any:
+    """In place, seeded (its own generator): each BatchNorm gets running mean ~ N(0, 0.2^2),
+    running variance ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.1^2) (a per-channel
+    affine map far from the identity, yet keeping activations in range through a hundred of
+    them: densenet121). Models without BatchNorm are left as they are. Returns the model."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                continue
+            n = module.num_features
+            if module.running_mean is not None and module.running_var is not None:
+                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.2)
+                module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            if module.weight is not None and module.bias is not None:
+                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+    return model
 
 
 @pytest.fixture(scope="session")
