@@ -7,16 +7,20 @@
   (extraction = "fx") only with that function listed, and the opaque node's values are right.
 - `prefix_tokens`: the token count the `mean` pool skips on NLC outputs (and ListModels'
   prefix_tokens), against a model whose auto value is 0.
+- `fold_batchnorm = false`: no BatchNorm is folded, and a resnet18's served maps are torchvision's
+  own forward bit for bit (folded: equal to float32 rounding only).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import factories
 import numpy as np
 import pytest
 import torch
+import torchvision
 import torchvision.transforms.v2.functional as F2
 from conftest import RunningServer, photo, start_server
 from torchvision.transforms import InterpolationMode
@@ -58,7 +62,8 @@ def _factory(name: str, factory: str, **kwargs: object) -> ModelConfig:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
+def server(resnet18_weights: Path) -> Iterator[RunningServer]:
+    r18 = {"arch": "resnet18", "weights": str(resnet18_weights), "input_size": (SIZE, SIZE)}
     settings = Settings(
         port=0,
         metrics=False,
@@ -85,6 +90,8 @@ def server() -> Iterator[RunningServer]:
                 prefix_tokens=2,
             ),
             _factory("tokens-auto", "factories:token_net", input_size=(TOKEN_SIZE, TOKEN_SIZE)),
+            ModelConfig(name="r18-unfolded", fold_batchnorm=False, channels_last=False, **r18),
+            ModelConfig(name="r18-folded", channels_last=False, **r18),
         ),
     )
     running = start_server(settings)
@@ -207,3 +214,44 @@ def test_prefix_tokens_are_skipped_by_the_mean_pool(server: RunningServer) -> No
     np.testing.assert_allclose(pooled, raw[2:].mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(auto, raw.mean(0), rtol=1e-5, atol=1e-6)  # same weights
     assert float(np.abs(pooled - auto).max()) > 1e-3
+
+
+def test_fold_batchnorm_false_is_the_models_own_arithmetic(
+    server: RunningServer, resnet18_weights: Path
+) -> None:
+    nodes = ["layer1.0.bn1", "layer2.0.downsample.1", "layer4"]
+    model = torchvision.models.resnet18()
+    model.load_state_dict(torch.load(resnet18_weights, weights_only=True))
+    model.eval()
+    want: dict[str, torch.Tensor] = {}
+    for name in nodes:  # module outputs, cloned before in-place ops change them
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: want.__setitem__(name, out.clone())
+        )
+    x = np.random.default_rng(3).standard_normal((1, 3, SIZE, SIZE)).astype(np.float32)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(torch.from_numpy(x))
+
+    # on the server's worker thread: the same torch thread count as the served forward
+    server.server.runtime._executor.submit(forward).result(60)
+    tensor = pb.Tensor(dtype="float32", shape=list(x.shape), data=x.tobytes())
+    served = {}
+    for entry in ("r18-unfolded", "r18-folded"):
+        request = pb.ExtractRequest(model=entry, images=[pb.Image(tensor=tensor)], nodes=nodes)
+        outputs = server.stub().Extract(request, timeout=60).results[0].outputs
+        served[entry] = {o.key: _array(o.tensor) for o in outputs}
+
+    runtime = server.server.runtime
+    assert not runtime.model("r18-unfolded").folded  # nothing folded, nothing copied
+    assert runtime.model("r18-folded").folded
+    for node, ref in want.items():
+        reference = ref[0].numpy()
+        np.testing.assert_array_equal(served["r18-unfolded"][node], reference, err_msg=node)
+        scale = float(np.abs(reference).max())
+        folded = served["r18-folded"][node]
+        np.testing.assert_allclose(folded, reference, rtol=0, atol=1e-5 * scale, err_msg=node)
+    assert any(not np.array_equal(served["r18-folded"][n], want[n][0].numpy()) for n in want), (
+        "folding changed no value: was anything folded?"
+    )
