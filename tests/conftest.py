@@ -74,9 +74,11 @@ def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServe
 def save_random_weights(arch: str, path: Path, **kwargs: Any) -> Path:
     """Random-init weights saved to a file, so the server and the test share the exact model.
 
-    torchvision's init leaves every BatchNorm the identity (running mean 0, variance 1, weight 1,
-    bias 0), so a test on such weights cannot see one dropped or folded wrongly (outputs change
-    by ~1e-5 relative): they get seeded random values instead (randomise_trivial_init)."""
+    torchvision's init leaves parts of a model trivial, and a test on such weights cannot see
+    those parts go wrong: every BatchNorm is the identity (running mean 0, variance 1, weight 1,
+    bias 0), so dropping one or folding it wrongly changes outputs by ~1e-5 relative, and some
+    weights start at zero (ViT's classification head and class token), so their outputs are
+    all zeros. Both are replaced by seeded random values (randomise_trivial_init)."""
     import torch
     import torchvision
 
@@ -91,7 +93,8 @@ def randomise_trivial_init(model: Any, seed: int = 0) -> Any:
     """In place, seeded (its own generator): each BatchNorm gets running mean ~ N(0, 0.2^2),
     running variance ~ U(0.5, 2), weight ~ U(0.5, 1.5), bias ~ N(0, 0.1^2) (a per-channel
     affine map far from the identity, yet keeping activations in range through a hundred of
-    them: densenet121). Models without BatchNorm are left as they are. Returns the model."""
+    them: densenet121); each all-zero parameter of two or more dimensions (a weight, a token)
+    gets N(0, 0.02^2). Models without either are left as they are. Returns the model."""
     import torch
     from torch import nn
 
@@ -107,6 +110,9 @@ def randomise_trivial_init(model: Any, seed: int = 0) -> Any:
             if module.weight is not None and module.bias is not None:
                 module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+        for param in model.parameters():
+            if param.dim() >= 2 and param.is_floating_point() and not param.any():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
     return model
 
 

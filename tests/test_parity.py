@@ -9,9 +9,10 @@ moment the module returns, so later in-place ops cannot touch it), or torchvisio
 Inputs are real photos sent as raw, already-normalised float32 [1, 3, H, W] tensors, so server
 preprocessing plays no part: any difference comes from extraction itself.
 
-The saved weights have BatchNorm statistics and affine parameters far from the identity
-(conftest.save_random_weights), and every comparison is relative to the reference's magnitude:
-a BatchNorm dropped or folded wrongly fails here.
+The saved weights have BatchNorm statistics and affine parameters far from the identity, and no
+all-zero weights (conftest.save_random_weights), and every comparison is relative to the
+reference's magnitude, which must be non-trivial: a BatchNorm dropped or folded wrongly, or a
+layer that comes back as zeros, fails here.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from layertap.v1 import layertap_pb2 as pb
 # A BatchNorm dropped or folded wrongly moves them by far more, now that the saved weights'
 # BatchNorms are not the identity (conftest.save_random_weights).
 RTOL = 2e-5
+MIN_SCALE = 1e-2  # every reference compared here reaches at least this magnitude
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 PHOTOS = ("astronaut", "chelsea")
@@ -239,10 +241,17 @@ def extract(
 
 
 def assert_close(got: np.ndarray, want: torch.Tensor, what: str) -> None:
-    """`got` within RTOL of the reference's largest magnitude."""
+    """`got` within RTOL of the reference's largest magnitude. The reference must be worth
+    comparing: an all-zero or vanishing output (as ViT's zero-initialised head, or a deep layer
+    of a network whose BatchNorms are all the identity, gives) would match anything small."""
     want_np = want.numpy()
     assert got.shape == want_np.shape, f"{what}: shape {got.shape} != reference {want_np.shape}"
     scale = float(np.abs(want_np).max())
+    spread = float(want_np.std())
+    assert scale >= MIN_SCALE and spread >= 0.01 * scale, (
+        f"{what}: trivial reference (max |x| {scale:.3g}, std {spread:.3g}): "
+        "nothing to compare against"
+    )
     diff = float(np.max(np.abs(got - want_np)))
     assert diff <= RTOL * scale, (
         f"{what}: max abs diff {diff:.3g} > {RTOL} x reference max |x| {scale:.3g}"
