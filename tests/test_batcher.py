@@ -9,7 +9,6 @@ that asserts a 30 ms wait sees 30 ms, however long the real run took.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
