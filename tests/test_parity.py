@@ -155,6 +155,13 @@ CASES: dict[str, list[Case]] = {
 ARCHS = list(CASES)
 
 
+# Served again with fold_batchnorm = false, where the values must equal the model's own forward
+# bit for bit: BatchNorm after a convolution in a plain module (resnet18), in torchvision's
+# Conv2dNormActivation and depthwise convolutions (mobilenet_v2), before a convolution
+# (densenet121).
+UNFOLDED = ("resnet18", "mobilenet_v2", "densenet121")
+
+
 # --- helpers -----------------------------------------------------------------------------------
 def input_batch(size: int) -> np.ndarray:
     """The real photos, resized to size x size and ImageNet-normalised: float32 [N, 3, S, S]."""
@@ -215,9 +222,16 @@ def hooked_forward(
     return captured
 
 
-def fx_forward(arch: str, path: Path, node: str, x: torch.Tensor) -> torch.Tensor:
-    """One node via torchvision's own create_feature_extractor, on a separate model instance."""
-    model = reference_model(arch, path)
+def fx_forward(
+    arch: str,
+    path: Path,
+    node: str,
+    x: torch.Tensor,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """One node via torchvision's own create_feature_extractor, on a separate model instance
+    (its weights in `layout`)."""
+    model = reference_model(arch, path).to(memory_format=layout)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extractor = create_feature_extractor(model, return_nodes=[node]).eval()
@@ -283,6 +297,31 @@ def server(weight_files: dict[str, Path]) -> Iterator[RunningServer]:
                 channels_last=CHANNELS_LAST.get(a),
             )
             for a in ARCHS
+        ),
+    )
+    running = start_server(settings)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def unfolded_server(weight_files: dict[str, Path]) -> Iterator[RunningServer]:
+    """A few of the models again, with fold_batchnorm = false (one in the default layout, two
+    channels-last, as pinned in CHANNELS_LAST)."""
+    settings = Settings(
+        port=0,
+        max_batch_size=8,
+        max_wait_ms=5,
+        max_message_bytes=256 * 1024 * 1024,
+        models=tuple(
+            ModelConfig(
+                name=a,
+                arch=a,
+                weights=str(weight_files[a]),
+                channels_last=CHANNELS_LAST[a],
+                fold_batchnorm=False,
+            )
+            for a in UNFOLDED
         ),
     )
     running = start_server(settings)
@@ -467,3 +506,44 @@ def test_token_pools_vit(
             assert out.layout == "NC" and list(out.shape) == [768]
             what = f"vit encoder pool {pb.Pooling.Name(pool)} image {i}"
             assert_close(to_array(out), want[i], what)
+
+
+@pytest.mark.parametrize("arch", UNFOLDED)
+def test_parity_without_folding_is_bit_for_bit(
+    arch: str,
+    unfolded_server: RunningServer,
+    weight_files: dict[str, Path],
+    batches: dict[int, np.ndarray],
+) -> None:
+    """fold_batchnorm = false serves the model's own arithmetic, bit for bit (README,
+    docs/OPERATIONS.md): every value equals an in-process forward of the same weights on the
+    same batch in the same memory layout (the server's, pinned in CHANNELS_LAST: convolution
+    kernels, and so the last bits, differ between layouts)."""
+    cases = CASES[arch]
+    batch = batches[224]
+    response = extract(unfolded_server, arch, raw_images(batch), [c.requested for c in cases])
+    loaded = unfolded_server.server.runtime.model(arch)
+    assert loaded.channels_last is CHANNELS_LAST[arch]
+    assert folded_copies(unfolded_server, arch) == 0, f"{arch}: folded with fold_batchnorm false"
+
+    layout = torch.channels_last if CHANNELS_LAST[arch] else torch.contiguous_format
+    x = torch.from_numpy(batch).contiguous(memory_format=layout)
+    model = reference_model(arch, weight_files[arch]).to(memory_format=layout)
+    want = hooked_forward(model, [c.hook for c in cases if c.hook], x)
+    del model
+    for c in cases:
+        if c.fx:
+            want[c.fx] = fx_forward(arch, weight_files[arch], c.fx, x, layout)
+
+    assert [(n.requested, n.node) for n in response.metadata.nodes] == [
+        (c.requested, c.node) for c in cases
+    ]
+    assert len(response.results) == len(PHOTOS)
+    for i, result in enumerate(response.results):
+        for c, out in zip(cases, result.outputs, strict=True):
+            got, ref = to_array(out.tensor), want[c.hook or c.fx or ""][i]
+            what = f"{arch} {c.requested} -> {c.node} image {i}, unfolded"
+            assert_close(got, ref, what)  # shape, a non-trivial reference
+            same = bool(np.array_equal(got, ref.numpy()))
+            diff = float(np.abs(got - ref.numpy()).max())
+            assert same, f"{what}: not bit for bit (max diff {diff:.3g})"
