@@ -134,13 +134,21 @@ def test_entries_with_the_same_weights_share_one_base_model(resnet18_weights: Pa
         running.stop()
 
 
+# squeezenet1_1's preset (ImageNet mean/std, bilinear, antialiased) at the entries' input_size
+# (160, 160): crop 160, resized first to round(160 * 256 / 224) = 183, torchvision's ratio
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+CROP, RESIZE = 160, 183
+
+
 def test_resize_kernel_uint8_by_default_float_on_request(config_server: RunningServer) -> None:
     """Encoded photos are resized with torchvision v2's uint8 kernel unless the entry asks for
-    the float kernel (weights.transforms() on tensors); DescribeModel says which."""
+    the float kernel (weights.transforms() on tensors); DescribeModel says which. The reference
+    preprocessing is torchvision's own, with the values above written here, not what the server
+    reports: a wrong size, mean or std fails, whatever the server says about it."""
     import io
 
-    import torchvision.transforms.functional as F
-    import torchvision.transforms.v2.functional as F2
+    import torchvision.transforms.v2 as T
     from PIL import Image
 
     pixels = photo("chelsea")
@@ -148,19 +156,34 @@ def test_resize_kernel_uint8_by_default_float_on_request(config_server: RunningS
     Image.fromarray(pixels).save(buf, "PNG")  # lossless: both sides see the same pixels
     model = config_server.model.eval()  # type: ignore[attr-defined]
     img = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+    references = {
+        # torchvision v2 on a uint8 tensor: its native uint8 antialiased resize
+        "squeeze": T.Compose(
+            [
+                T.Resize(RESIZE, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                T.CenterCrop(CROP),
+                T.ToDtype(torch.float32, scale=True),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        ),
+        # the weights' own preset (v1 resize in float), at this crop and resize
+        "squeeze-exact": torchvision.models.SqueezeNet1_1_Weights.IMAGENET1K_V1.transforms(
+            crop_size=CROP, resize_size=RESIZE
+        ),
+    }
     maps: dict[str, np.ndarray] = {}
     with FeatureClient(config_server.target) as client:
         infos = {m.name: m for m in client.list_models()}
-        for name, kernel, resize in (
-            ("squeeze", "uint8", F2.resize),
-            ("squeeze-exact", "float", F.resize),
-        ):
+        for name, kernel in (("squeeze", "uint8"), ("squeeze-exact", "float")):
             p = infos[name].preprocessing
             assert p.resize_kernel == kernel
             assert client.describe(name).model.preprocessing.resize_kernel == kernel
-            x = resize(img, [p.resize_size], antialias=True)
-            x = F.center_crop(x, list(p.crop_size)).float() / 255
-            x = F.normalize(x, list(p.mean), list(p.std))
+            # what the server reports is what it does (checked below against torchvision)
+            assert (p.resize_size, tuple(p.crop_size)) == (RESIZE, (CROP, CROP))
+            np.testing.assert_allclose(p.mean, IMAGENET_MEAN, rtol=1e-6)
+            np.testing.assert_allclose(p.std, IMAGENET_STD, rtol=1e-6)
+            x = references[name](img)
+            assert x.dtype == torch.float32 and tuple(x.shape) == (3, CROP, CROP)
             out = client.extract([buf.getvalue()], model=name, nodes="features.0")  # first conv
             with torch.inference_mode():
                 ref = model.features[0](x[None])
