@@ -1,20 +1,21 @@
 """Token pools, NHWC maps and forward hooks on real architectures, end to end over gRPC.
 
-One server holds torchvision's vit_b_16 (random init, 64x64: 16 patch tokens + CLS, fx),
-swin_t (random init, 64x64: NHWC stages, fx), a DINOv2-like model written here (CLS + 4
-register tokens, data-dependent `interpolate_pos_encoding`: torch.fx cannot trace it, so
-`auto` falls back to forward hooks) and small models that probe the hook extractor's edges
+One server holds torchvision's vit_b_16 (seeded random weights from a file, 64x64: 16 patch
+tokens + CLS, fx), swin_t (the same, 64x64: NHWC stages, fx), a DINOv2-like model written here
+(CLS + 4 register tokens, data-dependent `interpolate_pos_encoding`: torch.fx cannot trace it,
+so `auto` falls back to forward hooks) and small models that probe the hook extractor's edges
 (a weight-shared block, a tuple-returning module, in-place ops, BatchNorm, a module that
-caches on itself). Every descriptor is checked against an in-process computation on a copy of
-the served module. The "regressions" section pins fixes in hooks.py and catalog.py.
+caches on itself). Every descriptor is checked against an in-process computation on a model
+the test builds itself (torchvision's builder and the same weights file, or the same seeded
+factory), never on the server's own module. The "regressions" section pins fixes in hooks.py
+and catalog.py.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import RunningServer, start_server
+from conftest import RunningServer, save_random_weights, start_server
 from test_pooling import _regional_reference
 from torch import nn
 from torchvision.ops import roi_align
@@ -264,27 +265,49 @@ def lazy_grid() -> nn.Module:
 
 # --------------------------------------------------------------------------- server
 RANDOM = {"weights": "none", "allow_random": True}
+# served name -> (torchvision architecture, builder kwargs)
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": ("vit_b_16", {"image_size": 64}),
+    "swin": ("swin_t", {}),
+}
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
+def weight_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Seeded random weights (a non-zero ViT head, conftest.save_random_weights) in files the
+    server loads and the test's own reference models load too."""
+    folder = tmp_path_factory.mktemp("tokens")
+    return {
+        name: save_random_weights(arch, folder / f"{name}.pth", **kwargs)
+        for name, (arch, kwargs) in ARCHS.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def server(weight_files: dict[str, Path]) -> Iterator[RunningServer]:
+    vit, swin = str(weight_files["vit"]), str(weight_files["swin"])
     settings = Settings(
         port=0,
         max_batch_size=8,
         max_wait_ms=50,
         models=(
-            ModelConfig(name="vit", arch="vit_b_16", kwargs={"image_size": 64}, **RANDOM),
+            ModelConfig(name="vit", arch="vit_b_16", kwargs={"image_size": 64}, weights=vit),
+            # the same base module (shared weights) through forward hooks
             ModelConfig(
                 name="vit-hooks",
                 arch="vit_b_16",
                 kwargs={"image_size": 64},
+                weights=vit,
                 extraction="hooks",
-                **RANDOM,
             ),
-            ModelConfig(name="swin", arch="swin_t", input_size=(64, 64), **RANDOM),
-            # the same base module (shared weights) through forward hooks
+            ModelConfig(name="swin", arch="swin_t", input_size=(64, 64), weights=swin),
+            # likewise
             ModelConfig(
-                name="swin-hooks", arch="swin_t", input_size=(64, 64), extraction="hooks", **RANDOM
+                name="swin-hooks",
+                arch="swin_t",
+                input_size=(64, 64),
+                weights=swin,
+                extraction="hooks",
             ),
             # the factory as a .py file path (examples/face/face.toml's form)
             ModelConfig(
@@ -302,10 +325,26 @@ def server() -> Iterator[RunningServer]:
     running.stop()
 
 
-def served(server: RunningServer, name: str) -> nn.Module:
-    """A private copy of the module the server serves (random init: the same weights)."""
-    module = server.server.runtime.model(name).weights.module
-    return copy.deepcopy(module).cpu().eval()
+Reference = Callable[[str], nn.Module]
+
+
+@pytest.fixture(scope="module")
+def reference(weight_files: dict[str, Path]) -> Reference:
+    """reference(name): a fresh torchvision model with the weights file the server loaded."""
+    built: dict[str, nn.Module] = {}
+
+    def get(name: str) -> nn.Module:
+        if name not in built:
+            arch, kwargs = ARCHS[name]
+            state = torch.load(weight_files[name], map_location="cpu", weights_only=True)
+            with torch.device("meta"):
+                model = torchvision.models.get_model(arch, weights=None, **kwargs)
+            model.load_state_dict(state, assign=True)
+            assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+            built[name] = model.eval()
+        return built[name]
+
+    return get
 
 
 def module_outputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
@@ -351,7 +390,7 @@ def images(seed: int, n: int, size: int) -> np.ndarray:
 VIT_LAST = "encoder.layers.encoder_layer_11"
 
 
-def test_vit_token_pools_equal_in_process(server: RunningServer) -> None:
+def test_vit_token_pools_equal_in_process(server: RunningServer, reference: Reference) -> None:
     response = describe(server, "vit")
     assert response.extraction_mode == "fx" and response.model.prefix_tokens == 1
     by_name = {n.name: n for n in response.nodes}
@@ -360,7 +399,7 @@ def test_vit_token_pools_equal_in_process(server: RunningServer) -> None:
 
     x = images(0, 2, 64)
     nodes = [VIT_LAST, "encoder.ln"]
-    ref = module_outputs(served(server, "vit"), torch.from_numpy(x), nodes)
+    ref = module_outputs(reference("vit"), torch.from_numpy(x), nodes)
     with FeatureClient(server.target) as client:
         raw = client.extract(list(x), model="vit", nodes=nodes)
         assert raw.nodes[VIT_LAST] == f"{VIT_LAST}.add_1" and raw.layouts[VIT_LAST] == "NLC"
@@ -417,7 +456,9 @@ def test_vit_refuses_map_pools_and_regions_with_reasons(server: RunningServer) -
 SWIN_STAGES = {"features.1": (16, 16, 96), "features.3": (8, 8, 192), "features.7": (2, 2, 768)}
 
 
-def test_swin_nhwc_stage_pools_equal_in_process(server: RunningServer) -> None:
+def test_swin_nhwc_stage_pools_equal_in_process(
+    server: RunningServer, reference: Reference
+) -> None:
     described = describe(server, "swin").nodes
     for name, hwc in SWIN_STAGES.items():  # a stage: the last node under its prefix
         last = [n for n in described if n.name.startswith(name + ".")][-1]
@@ -426,7 +467,7 @@ def test_swin_nhwc_stage_pools_equal_in_process(server: RunningServer) -> None:
 
     x = images(2, 2, 64)
     nodes = list(SWIN_STAGES)
-    ref = module_outputs(served(server, "swin"), torch.from_numpy(x), nodes)
+    ref = module_outputs(reference("swin"), torch.from_numpy(x), nodes)
     with FeatureClient(server.target) as client:
         raw = client.extract(list(x), model="swin", nodes=nodes)
         out = {
@@ -459,11 +500,11 @@ def test_swin_through_hooks_has_the_same_nhwc_stages(server: RunningServer) -> N
         close(hooks[name], torch.from_numpy(fx[name]))
 
 
-def test_swin_regions_on_an_nhwc_stage(server: RunningServer) -> None:
+def test_swin_regions_on_an_nhwc_stage(server: RunningServer, reference: Reference) -> None:
     """Boxes in input pixels (a raw 64x64 tensor: no resize) on the 16x16 NHWC stage."""
     x = images(3, 2, 64)
     boxes = [[(0, 0, 64, 64), (8, 4, 40, 60)], [(16, 16, 48, 32)]]
-    ref = module_outputs(served(server, "swin"), torch.from_numpy(x), ["features.1"])
+    ref = module_outputs(reference("swin"), torch.from_numpy(x), ["features.1"])
     fmap = ref["features.1"].permute(0, 3, 1, 2).contiguous()
     with FeatureClient(server.target) as client:
         pooled = client.extract(
