@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
+
+from .config_types import ConfigError, check_table
 
 ENV_PREFIX = "LAYERTAP_"
 MiB = 1024 * 1024
@@ -264,8 +266,7 @@ FIELDS: dict[str, str] = {
 SECRETS = ("auth_tokens",)
 
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key and what it accepts."""
+_SERVER_TYPES = {k: v for k, v in get_type_hints(Settings).items() if k in FIELDS}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -405,18 +406,15 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"{where}: max_wait_ms and preferred_batch_size must be >= 0")
 
 
-_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
-_HEAD_KEYS = {f.name for f in dataclasses.fields(HeadConfig)}
+# The declared type of every key a config table may hold (config_types checks values against
+# them); a warmup_nodes entry may also be a bare node name, a set of one.
+_MODEL_TYPES = get_type_hints(ModelConfig) | {"warmup_nodes": tuple[str | tuple[str, ...], ...]}
+_HEAD_TYPES = get_type_hints(HeadConfig)
 
 
 def parse_head(entry: Mapping[str, Any], base_dir: Path | None = None) -> HeadConfig:
     """One [[heads]] table -> HeadConfig, the file made absolute (relative to the config)."""
-    unknown = set(entry) - _HEAD_KEYS
-    if unknown:
-        raise ConfigError(
-            f"head entry {entry.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
-            f"known: {sorted(_HEAD_KEYS)}"
-        )
+    check_table(f"head entry {entry.get('name', '?')!r}", entry, _HEAD_TYPES)
     if not entry.get("name") or not entry.get("file"):
         raise ConfigError("every [[heads]] entry needs a 'name' and a 'file' (.npz)")
     path = Path(str(entry["file"])).expanduser()
@@ -427,12 +425,7 @@ def parse_head(entry: Mapping[str, Any], base_dir: Path | None = None) -> HeadCo
 
 def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> ModelConfig:
     """One [[models]] table → ModelConfig, with relative weight paths made absolute."""
-    unknown = set(entry) - _MODEL_KEYS
-    if unknown:
-        raise ConfigError(
-            f"model entry {entry.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
-            f"known: {sorted(_MODEL_KEYS)}"
-        )
+    check_table(f"model entry {entry.get('name', '?')!r}", entry, _MODEL_TYPES)
     if not entry.get("name"):
         raise ConfigError("every [[models]] entry needs a 'name'")
     values = dict(entry)
@@ -492,9 +485,9 @@ def load_settings(
     config_path = cli.get("config", from_env.get("config")) or None
     data, base_dir = _read_toml(config_path)
     server_table = data.get("server", {})
-    unknown = set(server_table) - set(FIELDS)
-    if unknown:
-        raise ConfigError(f"[server] has unknown keys {sorted(unknown)}; known: {list(FIELDS)}")
+    # strings are parsed by _coerce ("false", "8"), like the same values from env and flags
+    typed = {k: v for k, v in server_table.items() if not isinstance(v, str)}
+    check_table("[server]", server_table, _SERVER_TYPES, skip=set(server_table) - set(typed))
     merged: dict[str, Any] = {}
     for source in (server_table, from_env, cli):
         for name, value in source.items():

@@ -66,6 +66,67 @@ def test_config_errors_name_the_problem(tmp_path: Path, text: str, message: str)
         load_settings(["--config", str(config)], env={})
 
 
+M = '[[models]]\nname = "a"\narch = "resnet18"\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # a quoted boolean is a string, and a non-empty string is truthy: random weights served
+        (
+            M + 'allow_random = "false"\n',
+            "allow_random must be a boolean (true or false, unquoted), got 'false' (a string)",
+        ),
+        (M + 'max_batch_size = "8"\n', "max_batch_size must be an integer, got '8' (a string)"),
+        (M + "max_batch_size = 8.5\n", "max_batch_size must be an integer, got 8.5 (a number)"),
+        (M + "fold_batchnorm = 1\n", "fold_batchnorm must be a boolean"),
+        (M + 'input_size = "224"\n', "input_size must be a list of integers, got '224'"),
+        (M + 'mean = [0.5, "0.5", 0.5]\n', "mean must be a list of numbers"),
+        (
+            M + 'warmup_nodes = "layer1"\n',
+            "warmup_nodes must be a list of strings or lists of strings, got 'layer1' (a string)",
+        ),
+        (M + 'kwargs = "width=4"\n', "kwargs must be a table"),
+        (M + "weights = 3\n", "weights must be a string, got 3 (an integer)"),
+        ('[[heads]]\nname = "h"\nfile = 3\n', "head entry 'h': file must be a string"),
+        ("[server]\nmetrics = 0\n", "[server]: metrics must be a boolean"),
+        ("[server]\nport = true\n", "[server]: port must be an integer, got True (a boolean)"),
+        ("[server]\nmax_wait_ms = [2]\n", "[server]: max_wait_ms must be a number"),
+        ("[server]\nprot = 1\n", "unknown keys ['prot'] (did you mean 'port'?)"),
+        (M + 'wieghts = "none"\n', "unknown keys ['wieghts'] (did you mean 'weights'?)"),
+        ('[[heads]]\nname = "h"\nfiel = "h.npz"\n', "(did you mean 'file'?)"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """Each wrong value is named with its key, the type expected and the value given; an
+    unknown key with the closest valid one."""
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(["--config", str(config)], env={})
+    assert message in str(info.value)
+
+
+def test_config_values_of_the_right_type_are_kept(tmp_path: Path) -> None:
+    """Integers are numbers; a bare warmup node name is a set of one; strings in [server] are
+    parsed like env values; the typed values arrive unchanged."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[server]\nmax_wait_ms = 3\nreflection = "false"\nport = "50052"\n'
+        + M
+        + "allow_random = true\nmax_wait_ms = 4\nmean = [0, 0.5, 1]\n"
+        + 'warmup_nodes = ["layer1", ["layer2", "layer3"]]\nkwargs = { num_classes = 10 }\n'
+    )
+    s = load_settings(["--config", str(config)], env={})
+    assert (s.max_wait_ms, s.reflection, s.port) == (3.0, False, 50052)
+    (m,) = s.models
+    assert m.allow_random is True and m.max_wait_ms == 4 and m.mean == (0, 0.5, 1)
+    assert m.warmup_nodes == (("layer1",), ("layer2", "layer3"))
+    assert dict(m.kwargs) == {"num_classes": 10}
+
+
 def test_max_batch_size_zero_means_the_measured_default_of_the_device() -> None:
     from layertap.server.settings import default_batch_size
 
