@@ -7,7 +7,8 @@ Why our own trace instead of get_graph_node_names/create_feature_extractor calls
 those trace train and eval graphs and call .train() on the shared model (flipping BatchNorm for
 every extractor built from it), and they put requested names unescaped into a regex. We trace
 the eval graph once with torchvision's own NodePathTracer (same node names), and shapes come from
-shape propagation on fake tensors, never a real forward.
+shape propagation on fake tensors: no real forward, except one on a zero batch at load for a
+model whose leaf modules cannot run on fake tensors (_propagate).
 """
 
 from __future__ import annotations
