@@ -30,7 +30,7 @@ replica (``load_balancing=``, ``retries=``).
 from __future__ import annotations
 
 from ._aio import AsyncFeatureClient
-from ._convert import ImageLike, bfloat16_to_float32
+from ._images import ImageLike
 from ._options import (
     DEFAULT_LOAD_BALANCING,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -38,6 +38,7 @@ from ._options import (
     DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
 )
+from ._responses import bfloat16_to_float32
 from ._security import tls_credentials
 from ._sync import FeatureClient
 from .errors import FeatureServiceError

@@ -42,18 +42,17 @@ import grpc.aio
 
 from layertap.v1 import layertap_pb2 as pb
 
-from ._convert import (
+from ._images import image_to_proto
+from ._option_parsing import parse_boxes
+from ._requests import (
     check_image,
     image_budget,
-    image_to_proto,
     image_wire_bytes,
     images_per_request,
-    parse_boxes,
-    parse_extract_response,
     request_template,
-    split_result,
     with_images,
 )
+from ._responses import parse_extract_response, split_result
 from ._retry import backoff_delay, remaining
 from .errors import FeatureServiceError
 from .types import ExtractResult, ServerInfo

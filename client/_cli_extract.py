@@ -24,7 +24,8 @@ import grpc
 import numpy as np
 
 from ._cli_args import positive_int
-from ._convert import POST_FORMS, parse_post_step
+from ._option_parsing import parse_post_step
+from ._options import POST_FORMS
 from .errors import FeatureServiceError
 
 if TYPE_CHECKING:

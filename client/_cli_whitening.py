@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _cli_extract, _whitening
 from ._cli_args import Subcommands, add_bulk_arguments, add_input_arguments, positive_float
-from ._convert import POOLING
+from ._options import POOLING
 
 if TYPE_CHECKING:
     from ._sync import FeatureClient

@@ -14,7 +14,8 @@ import numpy as np
 
 from layertap.v1 import layertap_pb2 as pb
 
-from ._convert import ImageLike, as_image_list, images_per_request, images_to_proto
+from ._images import ImageLike, as_image_list, images_to_proto
+from ._requests import images_per_request
 from .types import ResolvedNode, ServerInfo
 
 

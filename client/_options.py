@@ -1,4 +1,5 @@
-"""Settings shared by the sync and async clients: channel options and per-call deadlines."""
+"""Settings and tables shared by the clients and the CLI: channel options, per-call deadlines,
+and the values extract options take (pools, dtypes, post ops, priorities) with the wire dtypes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import json
 import re
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+
+from layertap.v1 import layertap_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -23,6 +28,63 @@ DEFAULT_RETRIES = 4
 MAX_RETRIES = 10
 KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
+
+# --------------------------------------------------------------------------- extract options
+
+POOLING: dict[str, pb.Pooling] = {
+    "raw": pb.POOLING_RAW,
+    "avg": pb.POOLING_AVG,
+    "max": pb.POOLING_MAX,
+    "gem": pb.POOLING_GEM,
+    "cls": pb.POOLING_CLS,
+    "mean": pb.POOLING_MEAN,
+    "avgmax": pb.POOLING_AVGMAX,
+    "catavgmax": pb.POOLING_CATAVGMAX,
+    "rmac": pb.POOLING_RMAC,
+    "rgem": pb.POOLING_RGEM,
+    "cls_mean": pb.POOLING_CLS_MEAN,
+    "cls+mean": pb.POOLING_CLS_MEAN,  # the DINOv2 paper's spelling
+}
+PARAMETER_DTYPES = ("float32", "float16", "bfloat16")
+OUTPUT_DTYPES = (*PARAMETER_DTYPES, "int8")
+"""Extract output dtypes; int8 is for L2-normalised pooled descriptors only (round(127 x))."""
+
+POST_OPS: dict[str, pb.PostStep.Op] = {
+    "l2": pb.PostStep.OP_L2,
+    "power": pb.PostStep.OP_POWER,
+    "center": pb.PostStep.OP_CENTER,
+    "pca": pb.PostStep.OP_PCA,
+    "whiten": pb.PostStep.OP_WHITEN,
+}
+POST_FORMS = (
+    "'l2', 'power', 'power:ALPHA', 'center:HEAD', 'pca:HEAD', 'pca:HEAD:DIM', 'whiten:HEAD', "
+    "'whiten:HEAD:DIM', or a dict {'op': ..., 'alpha': ..., 'head': ..., 'dim': ...}"
+)
+HEAD_OPS = frozenset({"center", "pca", "whiten"})
+"""Post ops that name a head ('OP:HEAD')."""
+DIM_OPS = frozenset({"pca", "whiten"})
+"""Post ops that take a number of components ('OP:HEAD:DIM')."""
+ENDS_IN_L2 = frozenset(
+    {pb.PostStep.OP_L2, pb.PostStep.OP_POWER, pb.PostStep.OP_PCA, pb.PostStep.OP_WHITEN}
+)
+"""Post ops whose output is L2-normalised (what dtype='int8' needs last)."""
+MAP_POOLS = frozenset({pb.POOLING_RMAC, pb.POOLING_RGEM})
+"""Pools over regions of the map: the ones rmac_levels applies to."""
+DEFAULT_POWER_ALPHA = 0.5
+PRIORITIES: dict[str, pb.Priority] = {"normal": pb.PRIORITY_NORMAL, "low": pb.PRIORITY_LOW}
+
+# Wire dtype -> numpy dtype of the raw little-endian bytes. bfloat16 has no numpy dtype: it is
+# read as uint16 and widened to float32 (see bfloat16_to_float32).
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
+    "uint8": np.dtype("<u1"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int8": np.dtype("i1"),
+}
+
+
+# --------------------------------------------------------------------------- channel
 
 _POLICY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _PORT = re.compile(r"^[0-9]{1,5}$")

@@ -17,24 +17,8 @@ from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 from ._bulk import BulkOptions, BulkResult, BulkRun, ErrorMode, Transport, bulk_options
 from ._compare import CompareResult, compare_requests, parse_compare_responses, several_pairs
-from ._convert import (
-    ImageLike,
-    NodesArg,
-    PostArg,
-    RegionsArg,
-    TtaArg,
-    attach_regions,
-    description_from_proto,
-    images_to_proto,
-    merge_results,
-    models_from_proto,
-    parameters_from_proto,
-    parameters_request,
-    parse_extract_response,
-    plan_requests,
-    request_template,
-    server_info_from_proto,
-)
+from ._images import ImageLike, images_to_proto
+from ._option_parsing import NodesArg, PostArg, RegionsArg, TtaArg
 from ._options import (
     DEFAULT_LOAD_BALANCING,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -49,6 +33,15 @@ from ._options import (
     check_retries,
     check_timeout,
     resolve_timeout,
+)
+from ._requests import attach_regions, parameters_request, plan_requests, request_template
+from ._responses import (
+    description_from_proto,
+    merge_results,
+    models_from_proto,
+    parameters_from_proto,
+    parse_extract_response,
+    server_info_from_proto,
 )
 from ._retry import call_with_retries
 from ._security import with_token

@@ -29,8 +29,7 @@ from ._cli_args import (
     positive_int,
 )
 from ._cli_tree import tree_rows
-from ._convert import OUTPUT_DTYPES, POOLING
-from ._options import DEFAULT_TARGET
+from ._options import DEFAULT_TARGET, OUTPUT_DTYPES, POOLING
 from ._security import tls_credentials
 from ._sync import FeatureClient
 from .errors import FeatureServiceError

@@ -29,14 +29,14 @@ from layertap.client import (
     FeatureClient,
     HeadInfo,
 )
-from layertap.client._convert import (
-    build_extract_request,
+from layertap.client._option_parsing import (
     build_output_options,
     parse_post,
     parse_post_step,
     parse_regions,
     parse_tta,
 )
+from layertap.client._requests import build_extract_request
 from layertap.client.cli import main
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
@@ -623,7 +623,8 @@ def test_descriptor_options_need_no_torch() -> None:
         import numpy as np
 
         import layertap.client.cli
-        from layertap.client._convert import build_extract_request, decode_tensor
+        from layertap.client._requests import build_extract_request
+        from layertap.client._responses import decode_tensor
         from layertap.v1 import layertap_pb2 as pb
 
         request, n = build_extract_request(

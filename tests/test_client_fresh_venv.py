@@ -27,7 +27,7 @@ def test_client_installs_and_imports_without_torch(tmp_path: Path) -> None:
     script = (
         "import sys, numpy as np\n"
         "from layertap.client import FeatureClient\n"
-        "from layertap.client._convert import images_to_proto\n"
+        "from layertap.client._images import images_to_proto\n"
         "images = images_to_proto([np.zeros((4, 5, 3), np.uint8), b'jpeg-bytes'])\n"
         "assert list(images[0].tensor.shape) == [4, 5, 3] and images[1].encoded\n"
         "with FeatureClient('127.0.0.1:1', timeout=1) as c: pass\n"

@@ -30,7 +30,8 @@ SCRIPT = textwrap.dedent(
     import layertap.client
     import layertap.client.cli
     from layertap.client import AsyncFeatureClient, FeatureClient
-    from layertap.client._convert import build_extract_request, decode_tensor
+    from layertap.client._requests import build_extract_request
+    from layertap.client._responses import decode_tensor
 
     with FeatureClient("127.0.0.1:1", timeout=1) as client:
         pass

@@ -27,7 +27,7 @@ import pytest
 from conftest import RunningServer, encode, start_server
 from PIL import Image
 
-from layertap.client._convert import image_to_proto
+from layertap.client._images import image_to_proto
 from layertap.server.settings import ModelConfig, Settings
 from layertap.v1 import layertap_pb2 as pb
 
