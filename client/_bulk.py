@@ -177,16 +177,23 @@ def split_item(item: Any, position: int) -> tuple[Any, Any, Any]:
     return str(position), item, None
 
 
-def progress_bar(enabled: bool | None, total: int | None) -> Any:
-    """A tqdm bar on stderr (``None``: only when stderr is a terminal), or ``None``."""
+def progress_bar(enabled: bool | None, total: int | None, desc: str | None = "extract") -> Any:
+    """A tqdm bar on stderr, or ``None``: ``None`` for ``enabled`` shows it only when stderr is
+    a terminal, and then not at all if tqdm cannot be imported (the bar is a nicety); ``True``
+    needs tqdm. The one progress bar of the client (``extract_many``, ``layertap extract``)."""
+    auto = enabled is None
     if enabled is None:
         isatty = getattr(sys.stderr, "isatty", None)
         enabled = bool(isatty and isatty())
     if not enabled:
         return None
-    from tqdm import tqdm  # imported only when a bar is shown
-
-    return tqdm(total=total, unit="img", file=sys.stderr, desc="extract", dynamic_ncols=True)
+    try:
+        from tqdm import tqdm  # imported only when a bar is shown
+    except ImportError:
+        if auto:
+            return None
+        raise
+    return tqdm(total=total, unit="img", file=sys.stderr, desc=desc, dynamic_ncols=True)
 
 
 class BulkRun:

@@ -22,8 +22,9 @@ from conftest import RunningServer, photo
 from PIL import Image
 
 from layertap.client import FeatureClient, FeatureServiceError
-from layertap.client import _cli_extract as bulk
+from layertap.client.cli import extract_dir as bulk
 from layertap.client.cli import main
+from layertap.client.cli.stores import atomic_write
 
 NODES = ["features.14", "features.18"]
 
@@ -431,6 +432,6 @@ def test_float16_outputs_resume_in_every_format(tmp_path: Path, fmt: str) -> Non
 def test_outputs_go_into_missing_directories(tmp_path: Path) -> None:
     """`-o new/dir/x.npz` (and fit-whitening's head) creates the directories, atomically."""
     target = tmp_path / "new" / "dir" / "x.bin"
-    bulk._atomic_write(target, lambda f: f.write(b"abc"))
+    atomic_write(target, lambda f: f.write(b"abc"))
     assert target.read_bytes() == b"abc"
     assert sorted(p.name for p in target.parent.iterdir()) == ["x.bin"]  # no temp file left

@@ -13,8 +13,8 @@ from layertap.client import (
     NodeInfo,
     Preprocessing,
 )
-from layertap.client._cli_tree import tree_rows
 from layertap.client.cli import main
+from layertap.client.cli.nodes import tree_rows
 
 
 def _description() -> ModelDescription:

@@ -592,7 +592,7 @@ def test_cli_bulk_int8_concat_resumes_in_every_format(
     elif fmt == ".npy":
         ids, array = out.with_suffix(".ids.txt").read_text().split(), np.load(out)
     else:
-        from layertap.client._cli_extract import _ParquetStore
+        from layertap.client.cli.stores import ParquetStore as _ParquetStore
 
         table = _ParquetStore(out).load()
         assert table is not None

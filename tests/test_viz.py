@@ -23,10 +23,9 @@ from layertap.client import (
     FeatureServiceError,
     Preprocessing,
     Timings,
-    cli,
     viz,
 )
-from layertap.client.cli import main
+from layertap.client.cli import main, pictures
 
 # --------------------------------------------------------------------------- numpy only
 
@@ -247,7 +246,7 @@ def test_show_maps_of_a_fixed_size_model_overlays_the_centre_crop(
     monkeypatch.setattr(viz, "feature_maps_picture", spy)
     args = argparse.Namespace(image=cat_jpg, model="vit", node="encoder", channels=4, top=False,
                               max_size=1024, output=tmp_path / "vit.png")  # fmt: skip
-    assert cli._cmd_show_maps(FixedSize(), args) == 0  # type: ignore[arg-type]
+    assert pictures.show_maps(FixedSize(), args) == 0  # type: ignore[arg-type]
     ((maps, shown),) = drawn
     assert maps.shape == (12, 14, 14)
     # chelsea is 300 x 451: x256/300, a 224 crop is 262 x 262 of the original, centred

@@ -18,16 +18,18 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-from . import _cli_extract, _whitening
-from ._cli_args import Subcommands, add_bulk_arguments, add_input_arguments, positive_float
-from ._options import POOLING
+from .. import _whitening
+from .._options import POOLING
+from . import extract_dir
+from .common import Subcommands, add_bulk_arguments, add_input_arguments, positive_float
+from .stores import atomic_write
 
 if TYPE_CHECKING:
-    from ._sync import FeatureClient
+    from .._sync import FeatureClient
 
 
 def register(subcommands: Subcommands) -> None:
-    """Add the ``fit-whitening`` subcommand (one call from client/cli.py)."""
+    """Add the ``fit-whitening`` subcommand (one call from client/cli/__init__.py)."""
     p = subcommands.add(
         "fit-whitening",
         command,
@@ -103,11 +105,11 @@ def descriptors(
 ) -> tuple[list[str], np.ndarray, int]:
     """Extract (or resume) the pooled descriptors into ``path``; return ids, the
     L2-normalised (concatenated) descriptors [n, D] and the bulk run's exit code."""
-    opts = _cli_extract.options_from_args(args, path)
+    opts = extract_dir.options_from_args(args, path)
     # A temporary file's summary would only name a path that is about to go: keep the
     # summary for failures (which it lists) and for a --descriptors file the user keeps.
     summary = io.StringIO()
-    code = _cli_extract.run(client, opts, out=summary if args.descriptors is None else out)
+    code = extract_dir.run(client, opts, out=summary if args.descriptors is None else out)
     if code and args.descriptors is None:
         out.write(summary.getvalue())
     with np.load(path, allow_pickle=False) as npz:
@@ -164,7 +166,7 @@ def command(client: FeatureClient, args: argparse.Namespace) -> int:
         nodes=args.nodes,
         pool=args.pool,
     )
-    _cli_extract._atomic_write(args.output, lambda f: _whitening.save(head, f))
+    atomic_write(args.output, lambda f: _whitening.save(head, f))
     what = f"{args.model} {'+'.join(args.nodes)}, {args.pool}"
     print(
         f"wrote {args.output}: {head.n_components} components of {head.input_dim}-d "

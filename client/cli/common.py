@@ -1,19 +1,19 @@
-"""Argument helpers shared by the ``layertap`` subcommands (client/cli.py and the
-client/_cli_*.py modules that add their own subcommands).
+"""What the ``layertap`` subcommands share: argparse types, the subcommand registry, the
+input and bulk argument groups, and the plain-text table they print.
 
-Kept apart from client/cli.py, which imports those modules, so they can use these without
-importing it back.
+Kept apart from client/cli/__init__.py, which imports every subcommand module, so those can
+use these without importing it back.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._sync import FeatureClient
+    from .._sync import FeatureClient
 
 Command = Callable[["FeatureClient", argparse.Namespace], int]
 """A subcommand's handler: runs it with the connected client, returns the exit code."""
@@ -76,3 +76,13 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--concurrency", type=positive_int, default=4, help="requests in flight at once"
     )
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns two spaces apart, trailing spaces stripped."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+    return "\n".join(lines)

@@ -10,13 +10,13 @@ import argparse
 import json
 from pathlib import Path
 
-from ._cli_args import Subcommands
-from ._compare import CompareResult
-from ._sync import FeatureClient
+from .._compare import CompareResult
+from .._sync import FeatureClient
+from .common import Subcommands
 
 
 def register(subcommands: Subcommands) -> None:
-    """Add the ``compare`` subcommand (one call from client/cli.py)."""
+    """Add the ``compare`` subcommand (one call from client/cli/__init__.py)."""
     p = subcommands.add(
         "compare",
         run,

@@ -1,4 +1,5 @@
-"""``layertap nodes MODEL --tree``: the module hierarchy with each graph node's shape.
+"""``layertap nodes MODEL``: a model's extractable nodes, as a list or (``--tree``) as the module
+hierarchy with each graph node's shape.
 
 Users know models by their modules (``features.22``), the server by graph nodes; the tree puts
 both side by side, like torchinfo, so nobody has to read model source to find a layer name.
@@ -6,10 +7,49 @@ both side by side, like torchinfo, so nobody has to read model source to find a 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .types import ModelDescription, NodeInfo
+from ..types import ModelDescription, NodeInfo
+from .common import Subcommands, format_table, positive_int
+
+if TYPE_CHECKING:
+    from .._sync import FeatureClient
+
+
+def register(subcommands: Subcommands) -> None:
+    """Add the ``nodes`` subcommand (one call from client/cli/__init__.py)."""
+    nodes = subcommands.add("nodes", command, help="list a model's extractable nodes")
+    nodes.add_argument("model")
+    nodes.add_argument("--shapes", action="store_true", help="also show shape, dtype, layout")
+    nodes.add_argument("--filter", metavar="SUBSTR", help="only nodes whose name contains this")
+    nodes.add_argument(
+        "--tree",
+        action="store_true",
+        help="the module hierarchy, with each module's type and output shape and layout",
+    )
+    nodes.add_argument(
+        "--depth", type=positive_int, metavar="N", help="with --tree: show N levels at most"
+    )
+
+
+def command(client: FeatureClient, args: argparse.Namespace) -> int:
+    desc = client.describe(args.model)
+    if args.tree:
+        rows = tree_rows(desc, substring=args.filter, max_depth=args.depth)
+        print(format_table(["MODULE", "TYPE", "OUTPUT SHAPE", "LAYOUT"], rows))
+        return 0
+    nodes = [n for n in desc.nodes if not args.filter or args.filter in n.name]
+    if args.shapes:
+        rows = [[n.name, str(list(n.shape)), n.dtype, n.layout or "-"] for n in nodes]
+        if rows:
+            print(format_table(["NODE", "SHAPE", "DTYPE", "LAYOUT"], rows))
+    else:
+        for n in nodes:
+            print(n.name)
+    return 0
 
 
 @dataclass
