@@ -13,7 +13,8 @@ import grpc.aio
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
-from ._bulk import BulkOptions, BulkResult, BulkRun, ErrorMode, Transport, bulk_options
+from ._bulk import BulkRun
+from ._bulk_options import BulkOptions, BulkResult, ErrorMode, Transport, bulk_options
 from ._compare import CompareResult, compare_requests, parse_compare_responses, several_pairs
 from ._images import ImageLike, images_to_proto
 from ._option_parsing import NodesArg, PostArg, RegionsArg, TtaArg
