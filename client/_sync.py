@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -15,7 +14,7 @@ import numpy as np
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
-from ._bulk import BulkRun
+from ._bulk_loop import BulkLoop
 from ._bulk_options import BulkOptions, BulkResult, ErrorMode, Transport, bulk_options
 from ._compare import CompareResult, compare_requests, parse_compare_responses, several_pairs
 from ._images import ImageLike, images_to_proto
@@ -120,7 +119,7 @@ class FeatureClient:
         self._closed = False
         self._info: ServerInfo | None = None
         self._bulk_lock = threading.Lock()
-        self._bulk: _BulkLoop | None = None
+        self._bulk: BulkLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -384,89 +383,16 @@ class FeatureClient:
         info = self._limits(timeout)
         return self._extract_many(items, options, info)
 
-    def _bulk_loop(self) -> _BulkLoop:
+    def _bulk_loop(self) -> BulkLoop:
         with self._bulk_lock:
             if self._closed:
                 raise RuntimeError("FeatureClient is closed")
             if self._bulk is None:
-                self._bulk = _BulkLoop(self._address, self._credentials, self._options)
+                self._bulk = BulkLoop(self._address, self._credentials, self._options)
             return self._bulk
 
     def _extract_many(
         self, items: Iterable[Any], options: BulkOptions, info: ServerInfo
     ) -> Iterator[tuple[Any, BulkResult]]:
-        bulk = self._bulk_loop()
-
-        async def start() -> AsyncIterator[tuple[Any, BulkResult]]:
-            return BulkRun(bulk.stub, self._metadata, info, options, items).results()
-
-        agen = bulk.run(start())
-        try:
-            while True:
-                try:
-                    pair = bulk.run(_anext(agen))
-                except StopAsyncIteration:
-                    return
-                yield pair
-        finally:
-            if not bulk.closed:
-                bulk.run(_aclose(agen))
-
-
-async def _anext(agen: AsyncIterator[_R]) -> _R:
-    return await anext(agen)
-
-
-async def _aclose(agen: Any) -> None:
-    while getattr(agen, "ag_running", False):  # a step interrupted in the caller's thread
-        await asyncio.sleep(0.005)
-    await agen.aclose()
-
-
-class _BulkLoop:
-    """A private event loop in a daemon thread with a grpc.aio channel (same target,
-    credentials and options as the client's), so ``extract_many`` of the blocking client
-    drives the one asyncio bulk engine instead of a second, threaded copy of it."""
-
-    def __init__(
-        self,
-        address: str,
-        credentials: grpc.ChannelCredentials | None,
-        options: list[tuple[str, int | str]],
-    ) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.closed = False
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="layertap-bulk", daemon=True
-        )
-        self._thread.start()
-
-        async def open_channel() -> grpc.aio.Channel:
-            if credentials is None:
-                return grpc.aio.insecure_channel(address, options=options)
-            return grpc.aio.secure_channel(address, credentials, options=options)
-
-        self._channel = self.run(open_channel())
-        self.stub = pb_grpc.FeatureServiceStub(self._channel)
-
-    def run(self, coro: Coroutine[Any, Any, _R]) -> _R:
-        """Run ``coro`` on the loop and wait; an interrupt here cancels it there too."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
-
-    def close(self) -> None:
-        """Close the channel (cancelling runs in flight) and stop the loop thread."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            asyncio.run_coroutine_threadsafe(self._channel.close(), self.loop).result(30)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(30)
-            if not self._thread.is_alive():
-                self.loop.close()
+        bulk = self._bulk_loop()  # a generator: the loop starts on the first next()
+        yield from bulk.results(self._metadata, info, options, items)
