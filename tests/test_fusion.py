@@ -33,6 +33,15 @@ def _ext(catalog: Catalog, *names: str) -> fx.GraphModule:
     return build_extractor(catalog, [catalog.resolve(n) for n in names])
 
 
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to float32 rounding: folding reorders the arithmetic, so deep maps (resnet18's
+    layer4 reaches ~27 here) differ by a few ulps of their largest values, and which elements
+    do depends on the thread count's kernel split. The tolerance is relative to the map's
+    scale; a wrong fold (an ignored running mean, a dropped BatchNorm) is off by 1e-1 or more."""
+    atol = 2e-6 * max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol)
+
+
 def _run(extractor: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
         return extractor(x)  # type: ignore[no-any-return]
@@ -50,7 +59,7 @@ def test_folded_outputs_match_the_model_and_the_conv_asked_for_stays() -> None:
     want, got = _run(plain, x), _run(folded, x)
     assert list(got) == list(want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+        _close(got[name], want[name])
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
 
@@ -61,7 +70,7 @@ def test_folded_outputs_match_the_model_and_the_conv_asked_for_stays() -> None:
     conv1, bn1, layer1 = out.values()
     assert list(out) == list(ref)
     assert torch.equal(conv1, ref["conv1"]) and torch.equal(bn1, ref["bn1"])
-    torch.testing.assert_close(layer1, ref[catalog.resolve("layer1")], rtol=1e-4, atol=1e-5)
+    _close(layer1, ref[catalog.resolve("layer1")])
 
 
 def test_folded_copies_are_shared_and_the_model_is_untouched() -> None:
@@ -90,7 +99,7 @@ def test_channels_last_models_fold_into_channels_last_weights() -> None:
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # type: ignore[operator]
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     (want,), (got,) = _run(_ext(catalog, "layer1"), x).values(), _run(extractor, x).values()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    _close(got, want)
 
 
 class _Odd(nn.Module):
@@ -158,4 +167,4 @@ def test_leaf_sequentials_fold_inside_into_shared_copies() -> None:
     want, got = _run(_ext(catalog, "stem", "head"), x), _run(extractor, x)
     assert list(got) == list(want) == ["stem", "head"]
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+        _close(got[name], want[name])

@@ -17,8 +17,9 @@ layer that comes back as zeros, fails here.
 
 from __future__ import annotations
 
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,27 @@ ARCHS = list(CASES)
 # Conv2dNormActivation and depthwise convolutions (mobilenet_v2), before a convolution
 # (densenet121).
 UNFOLDED = ("resnet18", "mobilenet_v2", "densenet121")
+# The unfolded server's worker and the bit-for-bit reference run with this many torch threads:
+# a convolution's last bits depend on how its work is split between threads.
+UNFOLDED_THREADS = 2
+
+
+def with_torch_threads(n: int, fn: Callable[[], Any]) -> Any:
+    """fn() on a fresh thread whose torch intra-op thread count is n, whatever any other
+    thread of the test process has set (ATen fixes a thread's count at its first parallel op,
+    from the last set_num_threads of any thread: set it, then read it at once)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        torch.set_num_threads(n)
+        assert torch.get_num_threads() == n
+        out["value"] = fn()
+
+    thread = threading.Thread(target=run, name=f"reference-{n}-threads")
+    thread.start()
+    thread.join()
+    assert "value" in out, "the reference forward failed (see the thread's traceback above)"
+    return out["value"]
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -313,6 +335,7 @@ def unfolded_server(weight_files: dict[str, Path]) -> Iterator[RunningServer]:
         max_batch_size=8,
         max_wait_ms=5,
         max_message_bytes=256 * 1024 * 1024,
+        torch_threads=UNFOLDED_THREADS,
         models=tuple(
             ModelConfig(
                 name=a,
@@ -518,7 +541,9 @@ def test_parity_without_folding_is_bit_for_bit(
     """fold_batchnorm = false serves the model's own arithmetic, bit for bit (README,
     docs/OPERATIONS.md): every value equals an in-process forward of the same weights on the
     same batch in the same memory layout (the server's, pinned in CHANNELS_LAST: convolution
-    kernels, and so the last bits, differ between layouts)."""
+    kernels, and so the last bits, differ between layouts) and with the same torch thread
+    count (UNFOLDED_THREADS, the worker's: a run where earlier tests had left the test thread
+    at another count differed in the last bits)."""
     cases = CASES[arch]
     batch = batches[224]
     response = extract(unfolded_server, arch, raw_images(batch), [c.requested for c in cases])
@@ -528,12 +553,16 @@ def test_parity_without_folding_is_bit_for_bit(
 
     layout = torch.channels_last if CHANNELS_LAST[arch] else torch.contiguous_format
     x = torch.from_numpy(batch).contiguous(memory_format=layout)
-    model = reference_model(arch, weight_files[arch]).to(memory_format=layout)
-    want = hooked_forward(model, [c.hook for c in cases if c.hook], x)
-    del model
-    for c in cases:
-        if c.fx:
-            want[c.fx] = fx_forward(arch, weight_files[arch], c.fx, x, layout)
+
+    def reference() -> dict[str, torch.Tensor]:
+        model = reference_model(arch, weight_files[arch]).to(memory_format=layout)
+        want = hooked_forward(model, [c.hook for c in cases if c.hook], x)
+        for c in cases:
+            if c.fx:
+                want[c.fx] = fx_forward(arch, weight_files[arch], c.fx, x, layout)
+        return want
+
+    want = with_torch_threads(UNFOLDED_THREADS, reference)
 
     assert [(n.requested, n.node) for n in response.metadata.nodes] == [
         (c.requested, c.node) for c in cases
