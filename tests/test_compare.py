@@ -278,21 +278,6 @@ def test_native_resolution_pairs_and_async_client(server: RunningServer) -> None
     assert 0 < near < far
 
 
-def _np_layer(fa: np.ndarray, fb: np.ndarray) -> float:
-    """ref_layer in numpy, on float64 copies of [C, H, W] maps."""
-    fa, fb = fa.astype(np.float64), fb.astype(np.float64)
-    na = fa / (np.sqrt((fa**2).sum(0, keepdims=True)) + 1e-10)
-    nb = fb / (np.sqrt((fb**2).sum(0, keepdims=True)) + 1e-10)
-    return float(((na - nb) ** 2).sum(0).mean())
-
-
-def _np_style(fa: np.ndarray, fb: np.ndarray) -> float:
-    c = fa.shape[0]
-    xa, xb = fa.reshape(c, -1).astype(np.float64), fb.reshape(c, -1).astype(np.float64)
-    ga, gb = xa @ xa.T / xa.size, xb @ xb.T / xb.size
-    return float(((ga - gb) ** 2).sum())
-
-
 def _noisy(name: str, sigma: float) -> bytes:
     """The photo with seeded Gaussian noise of `sigma` grey levels, as a JPEG."""
     rng = np.random.default_rng(int(sigma))
