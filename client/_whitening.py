@@ -14,6 +14,9 @@ both applied to the stored eigenvalues only (axes and PCA projections are unchan
   ``(1 - a) l_i + a trace(C) / D`` on the same axes;
 - a floor of ``EIGVAL_FLOOR`` times the largest eigenvalue, so every stored eigenvalue is
   strictly positive (the file format requires it) even with ``shrinkage = 0``.
+
+The head file itself (``layertap-head-v1``: writer, checking reader) is
+``layertap.common.heads_format``, the one definition the server reads with too.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import IO
 
 import numpy as np
 
-FORMAT = "layertap-head-v1"
+from layertap.common.heads_format import FORMAT as FORMAT  # re-exported: the client's name
+from layertap.common.heads_format import HeadArrays, read_head, write_head
+
 EIGVAL_FLOOR = 1e-6  # relative to the largest eigenvalue
 # Eigenvalues below this fraction of the largest are numerically zero: their axes are noise
 # (duplicates, or more dimensions than images) and are never kept.
@@ -175,62 +180,19 @@ def fit(
     )
 
 
-def _str_array(values: Sequence[str]) -> np.ndarray:
-    return np.asarray(list(values), dtype=np.str_) if values else np.zeros(0, dtype="<U1")
-
-
 def save(head: Whitening, path: str | Path | IO[bytes]) -> None:
-    """Write the head in the server's ``layertap-head-v1`` .npz format (no pickle)."""
-
-    def write(f: IO[bytes]) -> None:
-        np.savez(
-            f,
-            format=np.asarray(FORMAT),
-            mean=head.mean.astype(np.float32),
-            components=head.components.astype(np.float32),
-            eigvals=head.eigvals.astype(np.float32),
-            model=np.asarray(head.model),
-            nodes=_str_array(head.nodes),
-            pool=np.asarray(head.pool),
-            n_samples=np.asarray(head.n_samples, dtype=np.int64),
-        )
-
+    """Write the head in the server's ``layertap-head-v1`` .npz format (no pickle); a path
+    is written as given (no ``.npz`` appended)."""
+    h = head
+    arrays = HeadArrays(h.mean, h.components, h.eigvals, h.model, h.nodes, h.pool, h.n_samples)
     if isinstance(path, str | Path):
         with open(path, "wb") as f:
-            write(f)
+            write_head(f, arrays)
     else:
-        write(path)
+        write_head(path, arrays)
 
 
 def load(path: str | Path | IO[bytes]) -> Whitening:
-    """Read a head file, checking what the server checks (ValueError says what is wrong)."""
-    with np.load(path, allow_pickle=False) as npz:
-        files = set(npz.files)
-        missing = {"format", "mean", "components", "eigvals"} - files
-        if missing:
-            raise ValueError(f"{path}: not a layertap head, missing {sorted(missing)}")
-        fmt = str(npz["format"])
-        if fmt != FORMAT:
-            raise ValueError(f"{path}: format {fmt!r}, expected {FORMAT!r}")
-        mean, comps, eig = npz["mean"], npz["components"], npz["eigvals"]
-        model = str(npz["model"]) if "model" in files else ""
-        nodes = tuple(str(s) for s in npz["nodes"]) if "nodes" in files else ()
-        pool = str(npz["pool"]) if "pool" in files else ""
-        n_samples = int(npz["n_samples"]) if "n_samples" in files else 0
-    if mean.ndim != 1 or comps.ndim != 2 or eig.ndim != 1:
-        raise ValueError(
-            f"{path}: mean must be [D], components [K, D], eigvals [K]; got "
-            f"{list(mean.shape)}, {list(comps.shape)}, {list(eig.shape)}"
-        )
-    d, k = mean.shape[0], comps.shape[0]
-    if comps.shape[1] != d or eig.shape[0] != k or k > d:
-        raise ValueError(
-            f"{path}: shapes disagree: mean {list(mean.shape)}, components "
-            f"{list(comps.shape)}, eigvals {list(eig.shape)}"
-        )
-    for name, arr in (("mean", mean), ("components", comps), ("eigvals", eig)):
-        if arr.dtype != np.float32 or not np.all(np.isfinite(arr)):
-            raise ValueError(f"{path}: {name} must be finite float32 (got {arr.dtype})")
-    if not np.all(eig > 0) or np.any(np.diff(eig) > 0):
-        raise ValueError(f"{path}: eigvals must be positive and descending")
-    return Whitening(mean, comps, eig, model, nodes, pool, n_samples)
+    """Read a head file with the server's checks (ValueError says what is wrong)."""
+    a = read_head(path)
+    return Whitening(a.mean, a.components, a.eigvals, a.model, a.nodes, a.pool, a.n_samples or 0)

@@ -1,7 +1,10 @@
-"""Head files (server/heads.py): loading, every refusal, and PCA / whitening against numpy."""
+"""Head files (the shared format in common/heads_format.py, the server's server/heads.py):
+loading, every refusal on both sides, and PCA / whitening against numpy."""
 
 from __future__ import annotations
 
+import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from layertap.client import _whitening as wh
+from layertap.common.heads_format import FORMAT, HeadArrays, read_head, write_head
 from layertap.server.heads import HEAD_FORMAT, Head, load_head, save_head
-from layertap.server.pooling import OutputSpec, PostOp, apply_head, finish
+from layertap.server.pooling import apply_head, finish
+from layertap.server.spec import OutputSpec, PostOp
 
 
 def _fit(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,34 +90,41 @@ def test_save_head_writes_what_load_head_reads(tmp_path: Path) -> None:
     assert load_head("b", tmp_path / "bare.npz").nodes == ()
 
 
+# Every malformed file both readers refuse (the server's load_head and the client's load go
+# through the one reader in layertap.common.heads_format), with the reason the message gives.
+BAD_FILES: list[tuple[dict[str, Any], str]] = [
+    ({"eigvals": None}, "missing key.*eigvals"),
+    ({"format": None, "mean": None}, "missing key.*format, mean"),
+    ({"format": np.array("layertap-head-v0")}, "format is 'layertap-head-v0'"),
+    ({"format": np.array([HEAD_FORMAT])}, "'format' must be a 0-d string"),
+    ({"mean": np.zeros((2, 8), np.float32)}, "'mean' must have 1 dimension"),
+    ({"mean": np.zeros(7, np.float32)}, r"components has shape \(5, 8\) but mean has 7"),
+    ({"components": np.zeros(8, np.float32)}, "'components' must have 2 dimension"),
+    ({"eigvals": np.ones(4, np.float32)}, "eigvals has 4 values, components 5 rows"),
+    ({"mean": np.full(8, np.nan, np.float32)}, "'mean' holds NaN"),
+    ({"components": np.full((5, 8), np.inf, np.float32)}, "'components' holds NaN or inf"),
+    ({"mean": np.full(8, 1e300)}, "'mean' holds NaN or infinite values .in float32"),
+    ({"eigvals": np.array([3, 2, 1, 0, 0], np.float32)}, "eigvals must all be > 0"),
+    ({"eigvals": np.array([3, 2, 1, 1, -1], np.float32)}, r"smallest is -1\.0"),
+    ({"eigvals": np.array([1, 2, 3, 4, 5], np.float32)}, "descending"),
+    ({"mean": np.zeros(8, np.int64)}, "'mean' must be a floating-point array"),
+    (
+        {"components": np.ones((9, 8), np.float32), "eigvals": np.ones(9, np.float32)},
+        "9 rows, more than the dimension 8",
+    ),
+    ({"nodes": np.array("layer4")}, "'nodes' must be a 1-d string array"),
+    ({"pool": np.array(3.0)}, "'pool' must be a 0-d string"),
+]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"eigvals": None}, "missing key.*eigvals"),
-        ({"format": None, "mean": None}, "missing key.*format, mean"),
-        ({"format": np.array("layertap-head-v0")}, "format is 'layertap-head-v0'"),
-        ({"format": np.array([HEAD_FORMAT])}, "'format' must be a 0-d string"),
-        ({"mean": np.zeros((2, 8), np.float32)}, "'mean' must have 1 dimension"),
-        ({"mean": np.zeros(7, np.float32)}, r"components has shape \(5, 8\) but mean has 7"),
-        ({"components": np.zeros(8, np.float32)}, "'components' must have 2 dimension"),
-        ({"eigvals": np.ones(4, np.float32)}, "eigvals has 4 values, components 5 rows"),
-        ({"mean": np.full(8, np.nan, np.float32)}, "'mean' holds NaN"),
-        ({"components": np.full((5, 8), np.inf, np.float32)}, "'components' holds NaN or inf"),
-        ({"mean": np.full(8, 1e300)}, "'mean' holds NaN or infinite values .in float32"),
-        ({"eigvals": np.array([3, 2, 1, 0, 0], np.float32)}, "eigvals must all be > 0"),
-        ({"eigvals": np.array([3, 2, 1, 1, -1], np.float32)}, r"smallest is -1\.0"),
-        ({"eigvals": np.array([1, 2, 3, 4, 5], np.float32)}, "descending"),
-        ({"mean": np.zeros(8, np.int64)}, "'mean' must be a floating-point array"),
-        (
-            {"components": np.ones((9, 8), np.float32), "eigvals": np.ones(9, np.float32)},
-            "9 rows, more than the dimension 8",
-        ),
+        *BAD_FILES,
         (
             {"model": np.array("vgg16")},
             "fitted on model 'vgg16' but the config binds it to 'resnet50'",
         ),
-        ({"nodes": np.array("layer4")}, "'nodes' must be a 1-d string array"),
-        ({"pool": np.array(3.0)}, "'pool' must be a 0-d string"),
     ],
 )
 def test_bad_files_are_refused_with_the_reason(
@@ -127,6 +140,51 @@ def test_pickled_object_arrays_are_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, nodes=np.array([{"evil": 1}, "layer4"], dtype=object))
     with pytest.raises(ValueError, match="'nodes' cannot be read without pickle"):
         load_head("bad", path)
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_FILES)
+def test_the_client_refuses_what_the_server_refuses(
+    tmp_path: Path, overrides: dict[str, Any], message: str
+) -> None:
+    path = _write(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=message) as err:
+        wh.load(path)
+    assert str(err.value).startswith(f"{path}: ")
+
+
+def test_shared_format_round_trip_and_its_messages(tmp_path: Path) -> None:
+    mean, comps, lam = _fit(_data(), 4)
+    buf = io.BytesIO()
+    write_head(buf, HeadArrays(mean, comps, lam, "m", ("a", "b"), "gem", n_samples=400))
+    buf.seek(0)
+    back = read_head(buf)
+    assert back.mean.dtype == back.components.dtype == back.eigvals.dtype == np.float32
+    np.testing.assert_array_equal(back.components, comps.astype(np.float32))
+    assert (back.model, back.nodes, back.pool, back.n_samples) == ("m", ("a", "b"), "gem", 400)
+    assert FORMAT == HEAD_FORMAT == wh.FORMAT
+    # n_samples is optional: not written when not given, None when absent
+    write_head(tmp_path / "bare.npz", HeadArrays(mean, comps, lam))
+    with np.load(tmp_path / "bare.npz", allow_pickle=False) as npz:
+        assert "n_samples" not in npz.files and str(npz["format"]) == FORMAT
+    bare = read_head(tmp_path / "bare.npz")
+    assert (bare.model, bare.nodes, bare.pool, bare.n_samples) == ("", (), "", None)
+    # every message starts with `where` (default: the path)
+    bad = _write(tmp_path, n_samples=np.array([3]))
+    with pytest.raises(ValueError, match=r"^my head: 'n_samples' must be a 0-d non-negative"):
+        read_head(bad, "my head")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}.missing.npz: file not f"):
+        read_head(tmp_path / "missing.npz")
+
+
+def test_server_written_file_is_read_by_the_client(tmp_path: Path) -> None:
+    mean, comps, lam = _fit(_data(), 3)
+    save_head(tmp_path / "s.npz", mean, comps, lam, model="m", nodes=["a"], pool="rmac")
+    head = wh.load(tmp_path / "s.npz")
+    np.testing.assert_array_equal(head.eigvals, lam.astype(np.float32))
+    assert (head.model, head.nodes, head.pool, head.n_samples) == ("m", ("a",), "rmac", 0)
+    # float64 arrays (the server accepts them) are read as float32 by the client too
+    np.savez(tmp_path / "f64.npz", **{**_valid(), "mean": mean.astype(np.float64)})
+    assert wh.load(tmp_path / "f64.npz").mean.dtype == np.float32
 
 
 def test_unreadable_files(tmp_path: Path) -> None:
