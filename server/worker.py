@@ -1,49 +1,40 @@
 """The model runtime: one worker thread per device owns every model, extractor and forward.
 
-Nothing here runs on the event loop: async methods only hand work to the worker thread. Building
-an extractor and running it happen on that same thread, so a build for a new node set happens
-once even when many requests ask at once, and no tracing (or torch.compile) can race a forward.
-Several devices mean several runtimes (server/dispatch.py), each with its own thread and copy.
+Nothing here runs on the event loop: async methods only hand work to the worker thread. Loading
+(server/loading.py), building an extractor and running it (server/extractors.py) and reading
+parameters (server/parameters.py) happen on that same thread, so a build for a new node set
+happens once even when many requests ask at once, and no tracing (or torch.compile) can race a
+forward. This module keeps the thread, the model lookups and the batch forward: out-of-memory
+halving and the pooling of each group of items. Several devices mean several runtimes
+(server/dispatch.py), each with its own thread and copy.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
-import dataclasses
-import difflib
 import logging
 import os
 import re
-import statistics
 import threading
-import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from . import models as model_loading
-from .catalog import (
-    Catalog,
-    NodeSpec,
-    build_catalog,
-    build_extractor,
-    default_prefix_tokens,
-    module_tree,
-)
-from .errors import InvalidArgument, LayertapError, LimitExceeded, ModelNotFound, Unavailable
-from .fusion import fold_batchnorms
-from .hooks import build_hook_catalog, build_hook_extractor
+from .catalog import NodeSpec
+from .errors import InvalidArgument, LimitExceeded, ModelNotFound, Unavailable
+from .extractors import cached_extractor, run_extractor
+from .loaded import LoadedModel
+from .loading import ModelLoader, SharedWeights  # app imports SharedWeights from here
 from .metrics import Metrics
+from .parameters import read_parameters
 from .pooling import DTYPES, OutputSpec, finish_raw, pool_maps, roi_pool
 from .preprocess import Preprocessing
 from .process import pin_torch_threads
-from .settings import ModelConfig, Settings, batch_limit
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,22 +70,6 @@ class Item:
     boxes: torch.Tensor | None = None
 
 
-@dataclass
-class LoadedModel:
-    config: ModelConfig
-    weights: model_loading.LoadedWeights
-    catalog: Catalog
-    modules: list[tuple[str, str, int]]
-    n_prefix_tokens: int
-    # fx.GraphModule, or its torch.compile wrapper when the model is compiled
-    extractors: OrderedDict[tuple[str, ...], torch.nn.Module] = field(default_factory=OrderedDict)
-    autocast: torch.dtype | None = None
-    # conv + BatchNorm pairs folded into one convolution, shared by this model's extractors
-    folded: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict)
-    # weights and input batches in channels-last memory format (config, or chosen at load)
-    channels_last: bool = False
-
-
 def _is_oom(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, or the CPU allocator's equivalent RuntimeError."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -111,22 +86,6 @@ def _first_line(exc: BaseException) -> str:
     return re.sub(r"Proxy\([^)]*\)", "another size", line)[:200]
 
 
-# A model whose batch forward takes less than this is not timed for channels-last.
-SMALL_FORWARD_MS = 20.0
-
-
-def _forward_ms(module: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> float:
-    """Median ms of `runs` forwards after one untimed (allocator, kernel choice); the caller
-    sets the compute mode."""
-    times = []
-    for i in range(runs + 1):
-        started = time.perf_counter()
-        module(x)
-        if i:
-            times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
-
-
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,10 +93,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise model_loading.ModelLoadError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-def _import_all(specs: Sequence[str]) -> list[Any]:
-    return [model_loading.import_object(s) for s in specs]
 
 
 def usable_cores() -> int:
@@ -155,40 +110,6 @@ def default_torch_threads(settings: Settings, cpu_workers: int = 1) -> int:
     if settings.torch_threads > 0:
         return settings.torch_threads
     return max(1, usable_cores() // max(1, cpu_workers))
-
-
-def _submodule(cfg: ModelConfig, module: torch.nn.Module) -> torch.nn.Module:
-    """The configured `submodule` of the built model, or a load error listing the top ones."""
-    try:
-        return module.get_submodule(cfg.submodule)
-    except AttributeError:
-        children = ", ".join(name for name, _ in module.named_children())
-        raise model_loading.ModelLoadError(
-            f"model {cfg.name!r}: {type(module).__name__} has no submodule {cfg.submodule!r}; "
-            f"its children are: {children} (DescribeModel of the whole model lists every path)"
-        ) from None
-
-
-class SharedWeights:
-    """Models built once (on the CPU) for several runtimes: each device gets a copy of the same
-    module, so random-init models agree across devices and files are read once. Thread-safe:
-    the devices' workers load in parallel."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._built: dict[tuple[object, ...], model_loading.LoadedWeights] = {}
-
-    def copy_of(self, cfg: ModelConfig) -> model_loading.LoadedWeights:
-        key = model_loading.base_key(cfg)
-        with self._lock:
-            if key not in self._built:
-                self._built[key] = model_loading.build_model(cfg)
-            built = self._built[key]
-        return dataclasses.replace(built, module=copy.deepcopy(built.module)).for_entry(cfg)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._built.clear()
 
 
 class ModelRuntime:
@@ -212,8 +133,8 @@ class ModelRuntime:
         )
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, str] = {}
-        self._bases: dict[tuple[object, ...], model_loading.LoadedWeights] = {}
-        self._layouts: dict[tuple[object, ...], bool] = {}  # base key -> channels-last
+        # builds each entry on this device (worker thread only), sharing base models
+        self._loader = ModelLoader(settings, self.device, metrics, shared)
         self._batch_caps: dict[str, int] = {}
         self._ready = threading.Event()
         self._configs = {m.name: m for m in settings.models}
@@ -239,7 +160,7 @@ class ModelRuntime:
         for cfg in self.settings.models:
             ok = False
             try:
-                loaded = await self._call(self._load, cfg)
+                loaded = await self._call(self._loader.load, cfg)
                 self._models[cfg.name] = loaded
                 ok = True
                 log.info("model %s ready on %s", cfg.name, self.device)
@@ -259,174 +180,6 @@ class ModelRuntime:
 
     def ready_models(self) -> list[str]:
         return list(self._models)
-
-    def _autocast_dtype(self, cfg: ModelConfig) -> torch.dtype | None:
-        if not cfg.autocast:
-            return None
-        if cfg.autocast == "float16" and self.device.type != "cuda":
-            raise model_loading.ModelLoadError(
-                f"model {cfg.name!r}: autocast = 'float16' needs a CUDA device (this worker "
-                f"runs on {self.device}); use 'bfloat16' on CPU, or leave autocast empty"
-            )
-        return DTYPES[cfg.autocast]
-
-    def _load(self, cfg: ModelConfig) -> LoadedModel:
-        started = time.monotonic()
-        autocast = self._autocast_dtype(cfg)  # refuse before any weights are read
-        key = (*model_loading.base_key(cfg), cfg.channels_last)
-        shared = self._bases.get(key)
-        if shared is not None:  # same architecture and weights as an earlier entry
-            loaded = shared.for_entry(cfg)
-        else:
-            if self.shared is not None:
-                loaded = self.shared.copy_of(cfg)
-            else:
-                loaded = model_loading.build_model(cfg)
-            module = loaded.module.to(self.device)
-            if cfg.channels_last:
-                module = module.to(memory_format=torch.channels_last)
-            loaded.module = module.eval()
-            self._bases[key] = loaded
-        if cfg.submodule:  # the base (whole model) stays shared; this entry serves a part
-            loaded = dataclasses.replace(loaded, module=_submodule(cfg, loaded.module))
-        module = loaded.module
-        catalog = self._catalog(cfg, module, loaded.preprocessing.crop_size)
-        module.eval()
-        n_prefix = cfg.prefix_tokens if cfg.prefix_tokens >= 0 else default_prefix_tokens(module)
-        result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix, autocast=autocast)
-        if key not in self._layouts:  # decided once per base model
-            self._layouts[key] = self._pick_channels_last(result)
-        result.channels_last = self._layouts[key]
-        self._warm_up(result)
-        log.info("loaded %s (%s) in %.1fs", cfg.name, loaded.weights_id, time.monotonic() - started)
-        return result
-
-    def _pick_channels_last(self, loaded: LoadedModel) -> bool:
-        """The entry's `channels_last`, or for "auto" (None) on the CPU: channels-last when
-        the model's deepest-node extractor (folded, as requests will run it) runs in it and
-        its forward at the model's batch size (at most 8; median of 3 interleaved rounds) is
-        at least 10 % faster there; else the default layout (also when `warmup` is off, or the
-        forward takes under SMALL_FORWARD_MS, or the model has at most one convolution, as
-        ViT and Swin do). Models that cannot take it (5-D convolutions, code that `.view`s an
-        NCHW map) stay in the default layout. Converts the weights in place when chosen."""
-        cfg, module = loaded.config, loaded.weights.module
-        if cfg.channels_last is not None:
-            return cfg.channels_last
-        if self.device.type != "cpu" or cfg.submodule or cfg.compile or not loaded.catalog.nodes:
-            return False
-        if not self.settings.warmup:  # no forward at load was asked for: nothing is timed
-            return False
-        dims = [p.dim() for p in module.parameters()]
-        if 5 in dims:
-            return False
-        if dims.count(4) <= 1:  # a transformer's patch embedding at most: nothing to speed up
-            return False
-        extractor = self._extractor(loaded, (loaded.catalog.nodes[-1].name,), warm_up=True)
-        # at the batch size this model will mostly run (channels-last gains grow with it)
-        batch = batch_limit(self.settings, cfg, self.device.type)
-        x = torch.zeros(min(8, batch), 3, *loaded.catalog.input_size, device=self.device)
-        layouts = (torch.contiguous_format, torch.channels_last)
-        times: dict[torch.memory_format, list[float]] = {f: [] for f in layouts}
-
-        def timed(inputs: torch.Tensor, runs: int = 3) -> float:
-            with self._compute_mode(loaded):  # as requests run it (autocast included)
-                return _forward_ms(extractor, inputs, runs)
-
-        try:
-            if timed(x, runs=1) < SMALL_FORWARD_MS:
-                return False  # a few ms at most to win: not worth the timing
-            for _ in range(3):  # interleaved rounds: drift on a busy machine hits both alike
-                for layout in layouts:
-                    extractor.to(memory_format=layout)
-                    module.to(memory_format=layout)
-                    times[layout].append(timed(x.contiguous(memory_format=layout)))
-            plain, last = (statistics.median(times[f]) for f in layouts)
-        except Exception as exc:  # any failure means: not in this layout
-            log.info("model %s: default layout (a channels-last forward failed: %s)", cfg.name, exc)
-            plain, last = float("nan"), float("inf")
-        chosen = last < 0.9 * plain
-        if not chosen:
-            extractor.to(memory_format=torch.contiguous_format)
-            module.to(memory_format=torch.contiguous_format)
-        log.info(
-            "model %s: %s layout (batch-%d forward %.1f ms default, %.1f ms channels-last)",
-            cfg.name,
-            "channels-last" if chosen else "default",
-            x.shape[0],
-            plain,
-            last,
-        )
-        return chosen
-
-    def _catalog(
-        self, cfg: ModelConfig, module: torch.nn.Module, input_size: tuple[int, int]
-    ) -> Catalog:
-        """The node catalogue in the entry's extraction mode: fx ("fx"; "auto" first) or forward
-        hooks ("hooks"; "auto" when tracing fails, with the trace error as the reason)."""
-        if cfg.extraction == "hooks":
-            reason = "configured: extraction = 'hooks'"
-        else:
-            try:
-                catalog = build_catalog(
-                    module,
-                    input_size,
-                    leaf_modules=_import_all(cfg.leaf_modules),
-                    autowrap_functions=_import_all(cfg.autowrap_functions),
-                )
-            except model_loading.ModelLoadError:
-                raise  # a bad leaf_modules / autowrap_functions import path
-            except Exception as exc:
-                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
-                if cfg.extraction == "fx":
-                    raise model_loading.ModelLoadError(
-                        f"model {cfg.name!r}: torch.fx cannot trace it ({error}); mark the "
-                        "offending modules in leaf_modules or functions in autowrap_functions, "
-                        "or set extraction = 'hooks' (or 'auto') to serve module outputs "
-                        "through forward hooks"
-                    ) from exc
-                reason = f"torch.fx cannot trace it ({error}); serving module outputs through hooks"
-                log.warning("model %s: %s", cfg.name, reason)
-            else:
-                catalog.reason = (
-                    "configured: extraction = 'fx'"
-                    if cfg.extraction == "fx"
-                    else "torch.fx traced the eval graph (extraction = 'auto')"
-                )
-                return catalog
-        if cfg.compile:
-            reason += "; compile is ignored in hooks mode"
-        try:
-            return build_hook_catalog(module, input_size, self.device, reason)
-        except Exception as exc:
-            raise model_loading.ModelLoadError(
-                f"model {cfg.name!r}: the discovery forward for hooks extraction failed at "
-                f"input {input_size[0]}x{input_size[1]} ({type(exc).__name__}: {exc})"
-                + ("" if cfg.extraction == "hooks" else f"; before that, {reason}")
-            ) from exc
-
-    def _warm_up(self, loaded: LoadedModel) -> None:
-        """Before the model reports ready: build (and compile) the extractors of its
-        `warmup_nodes` and run each on a zero batch per `warmup_batch_sizes`, so their first
-        request neither traces nor compiles; with `warmup`, the whole graph too. These builds
-        are not cache misses: no request waited for them."""
-        cfg, catalog = loaded.config, loaded.catalog
-        sets: list[tuple[str, ...]] = []
-        if self.settings.warmup and catalog.nodes:
-            sets.append((catalog.nodes[-1].name,))
-        for group in cfg.warmup_nodes:
-            try:
-                resolved = {catalog.resolve(name) for name in group}
-            except LayertapError as exc:
-                raise model_loading.ModelLoadError(
-                    f"model {cfg.name!r}: warmup_nodes entry {list(group)}: {exc}"
-                ) from exc
-            sets.append(catalog.in_order(resolved))
-        h, w = catalog.input_size
-        for nodes in dict.fromkeys(sets):
-            extractor = self._extractor(loaded, nodes, warm_up=True)
-            for size in cfg.warmup_batch_sizes:
-                batch = torch.zeros(size, 3, h, w, device=self.device)
-                self._run_extractor(loaded, extractor, batch)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until every model has finished loading (successfully or not)."""
@@ -489,47 +242,6 @@ class ModelRuntime:
     async def run_batch(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
         return await self._call(self._forward, key, items)
 
-    def _extractor(
-        self, loaded: LoadedModel, nodes: tuple[str, ...], warm_up: bool = False
-    ) -> torch.nn.Module:
-        cache = loaded.extractors
-        name = loaded.config.name
-        m = self.metrics
-        if nodes in cache:
-            cache.move_to_end(nodes)
-            if m is not None and not warm_up:
-                m.cache_hits.labels(name).inc()
-            return cache[nodes]
-        started = time.perf_counter()
-        extractor: torch.nn.Module
-        if loaded.catalog.mode == "hooks":
-            extractor = build_hook_extractor(loaded.catalog, nodes)
-        else:
-            graph_module = build_extractor(loaded.catalog, nodes)
-            if loaded.config.fold_batchnorm:
-                fold_batchnorms(graph_module, loaded.folded)
-            extractor = graph_module
-        cfg = loaded.config
-        if cfg.compile and loaded.catalog.mode == "fx":
-            # compiled lazily by its first call, on this thread (torch.compile is not
-            # thread-safe); each new batch size compiles again, hence warmup_batch_sizes
-            options: dict[str, Any] = {"backend": cfg.compile_backend}
-            if cfg.compile_backend == "inductor" and cfg.compile != "default":
-                options["mode"] = cfg.compile
-            extractor = torch.compile(extractor, **options)  # type: ignore[assignment]
-        cache[nodes] = extractor
-        evicted = 0
-        while len(cache) > self.settings.extractor_cache_size:
-            cache.popitem(last=False)
-            evicted += 1
-        if m is not None:
-            if not warm_up:
-                m.cache_misses.labels(name).inc()
-            m.build_seconds.labels(name).observe(time.perf_counter() - started)
-            m.cache_evictions.labels(name).inc(evicted)
-            m.cache_entries.labels(name).set(len(cache))
-        return extractor
-
     def batch_cap(self, model: str) -> int | None:
         """A lower batch limit learnt from out-of-memory errors, if any (read by the batcher)."""
         return self._batch_caps.get(model)
@@ -562,26 +274,6 @@ class ModelRuntime:
                 torch.cuda.empty_cache()
             return self._forward(key, items[:half]) + self._forward(key, items[half:])
 
-    @contextlib.contextmanager
-    def _compute_mode(self, loaded: LoadedModel) -> Iterator[None]:
-        """inference_mode (thread-local: entered here, on the worker), plus autocast."""
-        with torch.inference_mode():
-            if loaded.autocast is None:
-                yield
-            else:
-                with torch.autocast(self.device.type, dtype=loaded.autocast):
-                    yield
-
-    def _run_extractor(
-        self, loaded: LoadedModel, extractor: torch.nn.Module, batch: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        if loaded.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        loaded.weights.module.eval()  # nothing may have flipped it, but BatchNorm must be eval
-        extractor.eval()
-        with self._compute_mode(loaded):
-            return extractor(batch)  # type: ignore[no-any-return]
-
     def _stack(self, items: list[Item]) -> torch.Tensor:
         """The batch on the device. For CUDA from the CPU: stacked straight into pinned host
         memory, then one asynchronous copy (ordered before the forward on the same stream; the
@@ -608,10 +300,12 @@ class ModelRuntime:
         # One forward serves every request in the batch: the extractor returns the union of
         # their node sets (in execution order, so equal unions share one cached extractor).
         nodes = loaded.catalog.in_order(n for item in items for n in item.nodes)
-        extractor = self._extractor(loaded, nodes)
+        extractor = cached_extractor(
+            loaded, nodes, self.settings.extractor_cache_size, self.metrics
+        )
         batch = self._stack(items)
         try:
-            outputs = self._run_extractor(loaded, extractor, batch)
+            outputs = run_extractor(loaded, extractor, batch, self.device)
         except (RuntimeError, AssertionError, ValueError) as exc:
             if _is_oom(exc) or tuple(shape[1:]) == tuple(loaded.catalog.input_size):
                 raise  # at the model's own input size this is a bug: INTERNAL
@@ -692,52 +386,4 @@ class ModelRuntime:
         `dtype` (a pooling.DTYPES name), in request order (duplicates once). Read on the
         worker thread, where the model lives, so no forward or transfer runs beside it."""
         loaded = self.model(model)  # NOT_FOUND / UNAVAILABLE before touching the worker
-        return await self._call(self._parameters, loaded, tuple(names), DTYPES[dtype], max_bytes)
-
-    def _parameters(
-        self, loaded: LoadedModel, names: tuple[str, ...], dtype: torch.dtype, max_bytes: int
-    ) -> list[tuple[str, torch.Tensor]]:
-        module = loaded.weights.module
-        tensors: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
-        tensors.update(module.named_buffers(remove_duplicate=False))
-        modules = dict(module.named_modules(remove_duplicate=False))
-        wanted: dict[str, torch.Tensor] = {}
-        unknown: list[str] = []
-        for name in names:
-            if name in tensors:
-                wanted.setdefault(name, tensors[name])
-            elif name and name in modules:
-                own = list(modules[name].named_parameters(prefix=name, recurse=False))
-                if not own:
-                    raise InvalidArgument(
-                        f"module {name!r} ({type(modules[name]).__name__}) has no parameters "
-                        "of its own (a module path returns its own parameters, not its "
-                        "children's); name a submodule or a full parameter name — "
-                        "DescribeModel's modules list own_parameters per module"
-                    )
-                for full, tensor in own:
-                    wanted.setdefault(full, tensor)
-            else:
-                unknown.append(name)
-        if unknown:
-            candidates = [*tensors, *(m for m in modules if m)]
-            close = difflib.get_close_matches(unknown[0], candidates, n=5, cutoff=0.5)
-            hint = f"closest: {', '.join(map(repr, close))}; " if close else ""
-            shown = ", ".join(repr(n[:80]) for n in unknown[:5])
-            raise InvalidArgument(
-                f"model {loaded.config.name!r} has no parameter, buffer or module named {shown}; "
-                f"{hint}see DescribeModel's modules for the module paths"
-            )
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        total = sum(t.numel() for t in wanted.values()) * itemsize
-        if total > max_bytes:
-            raise LimitExceeded(
-                f"the {len(wanted)} requested parameters are {total} bytes as "
-                f"{str(dtype).removeprefix('torch.')}, over max_parameter_bytes={max_bytes}; "
-                "ask for fewer names per call or a 2-byte dtype"
-            )
-        with torch.inference_mode():
-            return [
-                (name, t.detach().to(device="cpu", dtype=dtype, copy=True).contiguous())
-                for name, t in wanted.items()
-            ]
+        return await self._call(read_parameters, loaded, tuple(names), DTYPES[dtype], max_bytes)

@@ -1,4 +1,4 @@
-"""The per-model extractor cache (server/worker.py, ModelRuntime._extractor) past its size.
+"""The per-model extractor cache (server/extractors.py, cached_extractor) past its size.
 
 With extractor_cache_size = 2 and more node sets than that, the least recently used extractor
 is evicted (a hit refreshes it), the evictions metric counts each one, and a node set whose

@@ -14,7 +14,7 @@ import torch
 from conftest import RunningServer, start_server
 from factories import tiny_net, viewing_net
 
-from layertap.server import worker
+from layertap.server import loading
 from layertap.server.settings import ModelConfig, Settings
 from layertap.server.worker import ModelRuntime
 from layertap.v1 import layertap_pb2 as pb
@@ -64,7 +64,7 @@ def test_auto_keeps_channels_last_only_when_clearly_faster(
             return 30.0
         return 24.0 if faster else 28.5
 
-    monkeypatch.setattr(worker, "_forward_ms", fake_ms)
+    monkeypatch.setattr(loading, "_forward_ms", fake_ms)
     cfg = _model("tiny", "factories:tiny_net", tmp_path, kwargs={"convs": 2})
     running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
     try:
@@ -81,7 +81,7 @@ def test_auto_keeps_channels_last_only_when_clearly_faster(
 def test_a_model_that_cannot_run_channels_last_stays_in_the_default_layout(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(worker, "SMALL_FORWARD_MS", 0.0)  # time it although it is tiny
+    monkeypatch.setattr(loading, "SMALL_FORWARD_MS", 0.0)  # time it although it is tiny
     cfg = _model("viewing", "factories:viewing_net", tmp_path, extraction="fx")
     with caplog.at_level(logging.INFO, logger="layertap.server.worker"):
         running = start_server(Settings(port=0, metrics=False, models=(cfg,)))
@@ -99,7 +99,7 @@ def test_explicit_values_are_not_timed(monkeypatch: pytest.MonkeyPatch, tmp_path
     def never(module: object, x: object, runs: int = 3) -> float:
         raise AssertionError("an explicit channels_last was timed")
 
-    monkeypatch.setattr(worker, "_forward_ms", never)
+    monkeypatch.setattr(loading, "_forward_ms", never)
     models = (
         _model("on", "factories:tiny_net", tmp_path, channels_last=True),
         _model("off", "factories:tiny_net", tmp_path, channels_last=False, kwargs={"width": 6}),
@@ -123,7 +123,7 @@ def test_small_models_and_warmup_off_are_not_timed(
         calls.append(runs)
         return 1.0  # under SMALL_FORWARD_MS
 
-    monkeypatch.setattr(worker, "_forward_ms", fake_ms)
+    monkeypatch.setattr(loading, "_forward_ms", fake_ms)
     cfg = _model("small", "factories:tiny_net", tmp_path, kwargs={"convs": 2})
     for warmup, timed in ((True, [1]), (False, [])):
         calls.clear()
@@ -151,7 +151,7 @@ def test_models_without_convolutions_to_speed_up_are_never_timed(
     def no_timing(*_: object, **__: object) -> float:
         raise AssertionError("timed a model the layout cannot speed up")
 
-    monkeypatch.setattr(worker, "_forward_ms", no_timing)
+    monkeypatch.setattr(loading, "_forward_ms", no_timing)
     runtime = ModelRuntime(Settings(models=()), device="cpu")
     try:
         loaded = SimpleNamespace(
@@ -159,6 +159,6 @@ def test_models_without_convolutions_to_speed_up_are_never_timed(
             weights=SimpleNamespace(module=module.eval()),
             catalog=SimpleNamespace(nodes=["n"]),
         )
-        assert runtime._pick_channels_last(loaded) is False  # type: ignore[arg-type]
+        assert runtime._loader._pick_channels_last(loaded) is False  # type: ignore[arg-type]
     finally:
         runtime.shutdown()

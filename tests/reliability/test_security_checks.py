@@ -167,9 +167,9 @@ IMPORT_SITES = {
     # a factory given as a config-relative .py file (import_object's only other branch)
     ("server/models.py", "_import_file", "spec.loader.exec_module(module)"),
     ("server/models.py", "build_model", "import_object(cfg.factory)"),
-    ("server/worker.py", "_import_all", "model_loading.import_object(s)"),
-    ("server/worker.py", "_catalog", "_import_all(cfg.leaf_modules)"),
-    ("server/worker.py", "_catalog", "_import_all(cfg.autowrap_functions)"),
+    ("server/loading.py", "_import_all", "model_loading.import_object(s)"),
+    ("server/loading.py", "_catalog", "_import_all(cfg.leaf_modules)"),
+    ("server/loading.py", "_catalog", "_import_all(cfg.autowrap_functions)"),
 }
 
 
@@ -193,8 +193,8 @@ def test_imports_by_name_come_from_config_only() -> None:
     # the functions around them take a ModelConfig, which only settings build
     for path, fn, arg in [
         ("server/models.py", "build_model", "cfg"),
-        ("server/worker.py", "_load", "cfg"),
-        ("server/worker.py", "_catalog", "cfg"),
+        ("server/loading.py", "load", "cfg"),
+        ("server/loading.py", "_catalog", "cfg"),
     ]:
         tree = ast.parse((ROOT / path).read_text())
         defs = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn]
@@ -204,12 +204,13 @@ def test_imports_by_name_come_from_config_only() -> None:
     # the transport never builds configs or models from a request
     service = ast.parse((ROOT / "server" / "service.py").read_text())
     names = {_dotted(n) for n in ast.walk(service) if isinstance(n, (ast.Name, ast.Attribute))}
-    assert not names & {"ModelConfig", "build_model", "import_object", "load_all", "_load"}
-    # the _load callers: load_all only, which iterates settings.models
+    assert not names & {"ModelConfig", "build_model", "import_object", "load_all", "ModelLoader"}
+    # the loader's callers (ModelLoader.load, through ModelRuntime._loader): load_all only,
+    # which iterates settings.models
     worker = ast.parse((ROOT / "server" / "worker.py").read_text())
     owner = _enclosing_functions(worker)
     callers = {
-        owner.get(n) for n in ast.walk(worker) if isinstance(n, ast.Attribute) and n.attr == "_load"
+        owner.get(n) for n in ast.walk(worker) if isinstance(n, ast.Attribute) and n.attr == "load"
     }
     assert callers == {"load_all"}, callers
     assert "for cfg in self.settings.models" in ast.unparse(
