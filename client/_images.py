@@ -14,9 +14,8 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from layertap.common.options import WIRE_DTYPES
 from layertap.v1 import layertap_pb2 as pb
-
-from ._options import WIRE_DTYPES
 
 ImageLike: TypeAlias = Any
 """One image: a file path (str / os.PathLike), encoded file bytes (bytes / bytearray /

@@ -11,15 +11,12 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from layertap.common.options import DEFAULT_POWER_ALPHA, DIM_OPS, HEAD_OPS, OUTPUT_DTYPES
 from layertap.v1 import layertap_pb2 as pb
 
 from ._options import (
-    DEFAULT_POWER_ALPHA,
-    DIM_OPS,
     ENDS_IN_L2,
-    HEAD_OPS,
     MAP_POOLS,
-    OUTPUT_DTYPES,
     POOLING,
     POST_FORMS,
     POST_OPS,

@@ -10,8 +10,15 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
+from layertap.common.options import (
+    FLOAT_DTYPES,
+    MAP_ONLY_POOLS,
+    POOL_ALIASES,
+    POOL_NAMES,
+    POST_OP_NAMES,
+    PRIORITY_NAMES,
+    UNIT_POST_OPS,
+)
 from layertap.v1 import layertap_pb2 as pb
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -31,57 +38,26 @@ KEEPALIVE_TIMEOUT_MS = 10_000
 
 # --------------------------------------------------------------------------- extract options
 
+# The tables are layertap.common.options (the server validates against the same rows); these
+# are the client's views of them: name -> wire enum, as callers and the CLI spell them.
 POOLING: dict[str, pb.Pooling] = {
-    "raw": pb.POOLING_RAW,
-    "avg": pb.POOLING_AVG,
-    "max": pb.POOLING_MAX,
-    "gem": pb.POOLING_GEM,
-    "cls": pb.POOLING_CLS,
-    "mean": pb.POOLING_MEAN,
-    "avgmax": pb.POOLING_AVGMAX,
-    "catavgmax": pb.POOLING_CATAVGMAX,
-    "rmac": pb.POOLING_RMAC,
-    "rgem": pb.POOLING_RGEM,
-    "cls_mean": pb.POOLING_CLS_MEAN,
-    "cls+mean": pb.POOLING_CLS_MEAN,  # the DINOv2 paper's spelling
+    **{name: value for value, name in POOL_NAMES.items()},
+    **POOL_ALIASES,
 }
-PARAMETER_DTYPES = ("float32", "float16", "bfloat16")
-OUTPUT_DTYPES = (*PARAMETER_DTYPES, "int8")
-"""Extract output dtypes; int8 is for L2-normalised pooled descriptors only (round(127 x))."""
+PARAMETER_DTYPES = FLOAT_DTYPES
 
 POST_OPS: dict[str, pb.PostStep.Op] = {
-    "l2": pb.PostStep.OP_L2,
-    "power": pb.PostStep.OP_POWER,
-    "center": pb.PostStep.OP_CENTER,
-    "pca": pb.PostStep.OP_PCA,
-    "whiten": pb.PostStep.OP_WHITEN,
+    name: value for value, name in POST_OP_NAMES.items()
 }
 POST_FORMS = (
     "'l2', 'power', 'power:ALPHA', 'center:HEAD', 'pca:HEAD', 'pca:HEAD:DIM', 'whiten:HEAD', "
     "'whiten:HEAD:DIM', or a dict {'op': ..., 'alpha': ..., 'head': ..., 'dim': ...}"
 )
-HEAD_OPS = frozenset({"center", "pca", "whiten"})
-"""Post ops that name a head ('OP:HEAD')."""
-DIM_OPS = frozenset({"pca", "whiten"})
-"""Post ops that take a number of components ('OP:HEAD:DIM')."""
-ENDS_IN_L2 = frozenset(
-    {pb.PostStep.OP_L2, pb.PostStep.OP_POWER, pb.PostStep.OP_PCA, pb.PostStep.OP_WHITEN}
-)
+ENDS_IN_L2 = frozenset(POST_OPS[name] for name in UNIT_POST_OPS)
 """Post ops whose output is L2-normalised (what dtype='int8' needs last)."""
-MAP_POOLS = frozenset({pb.POOLING_RMAC, pb.POOLING_RGEM})
+MAP_POOLS = frozenset(POOLING[name] for name in MAP_ONLY_POOLS)
 """Pools over regions of the map: the ones rmac_levels applies to."""
-DEFAULT_POWER_ALPHA = 0.5
-PRIORITIES: dict[str, pb.Priority] = {"normal": pb.PRIORITY_NORMAL, "low": pb.PRIORITY_LOW}
-
-# Wire dtype -> numpy dtype of the raw little-endian bytes. bfloat16 has no numpy dtype: it is
-# read as uint16 and widened to float32 (see bfloat16_to_float32).
-WIRE_DTYPES: dict[str, np.dtype[Any]] = {
-    "uint8": np.dtype("<u1"),
-    "float32": np.dtype("<f4"),
-    "float16": np.dtype("<f2"),
-    "bfloat16": np.dtype("<u2"),
-    "int8": np.dtype("i1"),
-}
+PRIORITIES: dict[str, pb.Priority] = {name: value for value, name in PRIORITY_NAMES.items()}
 
 
 # --------------------------------------------------------------------------- channel

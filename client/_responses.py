@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from layertap.common.options import WIRE_DTYPES
 from layertap.v1 import layertap_pb2 as pb
 
-from ._options import WIRE_DTYPES
 from .errors import FeatureServiceError
 from .types import (
     ExtractMetadata,

@@ -6,6 +6,7 @@ Kept apart from main() so tests start a real server on 127.0.0.1:0 with a real c
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -180,9 +181,20 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     # imported here: the servicer module pulls in protobuf stubs and codec
-    from .service import FeatureService, add_to_server
+    from . import codec
+    from .compare import compare
+    from .pipeline import Pipeline
+    from .rpc import add_to_server
+    from .service import FeatureService
 
-    service = FeatureService(settings, runtime, batcher, decode_pool, metrics, heads=heads)
+    pipeline = Pipeline(settings, runtime, batcher, decode_pool, metrics, heads=heads)
+    service = FeatureService(
+        settings,
+        pipeline,
+        functools.partial(compare, pipeline),
+        codec.IMAGE_FORMATS,
+        codec.RAW_INPUT_DTYPES,
+    )
     add_to_server(service, grpc_server)
     health = HealthServicer()
     for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in settings.models)):

@@ -28,6 +28,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
 
 from .errors import UnknownNode
+from .spec import NodeSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,6 @@ WIRE_DTYPES = {
     torch.bool: "bool",
     torch.float64: "float64",
 }
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    """One extractable node: a batch-dependent tensor of the eval graph."""
-
-    name: str
-    shape: tuple[int, ...]  # for one image at the model's input size (leading dim 1)
-    dtype: str
-    layout: str  # NCHW | NHWC | NLC | NC | ""
-    op: str
-    target: str
 
 
 @dataclass

@@ -32,7 +32,6 @@ import re
 import sys
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +48,7 @@ from PIL import (
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .errors import ImageLimitExceeded, InvalidArgument, InvalidImage
+from .spec import DecodeLimits, check_encoded_size
 
 # torchvision 0.29 warns on every decode call that its decoders are deprecated (in favour of
 # torchcodec). Known and deliberate here; silence exactly that message so `-W error` or dev mode
@@ -68,24 +68,6 @@ __all__ = [
     "decode_tensor_bytes",
     "encode_tensor",
 ]
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """Per-image limits, checked before any pixel is decoded.
-
-    max_pixels guards memory: a 40 MP RGB image is 120 MB as uint8. Pillow's own bomb guard
-    (``Image.MAX_IMAGE_PIXELS``, ~89 MP; error above twice that) is bypassed for header probes, so
-    this is the limit that counts; images above Pillow's hard limit are still refused by the Pillow
-    decoders (GIF/BMP/WebP), reported as ImageLimitExceeded.
-    """
-
-    max_encoded_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-
-    def __post_init__(self) -> None:
-        if self.max_encoded_bytes <= 0 or self.max_pixels <= 0:
-            raise ValueError(f"DecodeLimits must be positive, got {self}")
 
 
 # Wire dtype names -> torch dtypes. Little-endian, C order on the wire.
@@ -230,14 +212,6 @@ def _decode_pillow(im: ImageFile.ImageFile, fmt: str) -> torch.Tensor:
             f"cannot decode {fmt} image: {_clean(e)} (corrupt or truncated data?)"
         ) from None
     return torch.from_numpy(arr).permute(2, 0, 1)  # channels-last view, like torchvision's
-
-
-def check_encoded_size(size: int, limits: DecodeLimits) -> None:
-    """The encoded-bytes limit; cheap, so callers may apply it before any other work."""
-    if size > limits.max_encoded_bytes:
-        raise ImageLimitExceeded(
-            f"{size} encoded bytes exceed max_image_bytes={limits.max_encoded_bytes}"
-        )
 
 
 def decode_encoded(data: bytes, limits: DecodeLimits) -> torch.Tensor:

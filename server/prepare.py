@@ -18,23 +18,13 @@ import torch.nn.functional as F
 from . import codec
 from .errors import ImageLimitExceeded, InvalidImage
 from .heads import Head
-from .pooling import OutputSpec, average_views, concat_parts, finish
+from .pooling import average_views, concat_parts, finish
 from .preprocess import Geometry, Preprocessing, geometry, preprocess
 from .process import pin_torch_threads
+from .spec import Box, ImageInput, OutputSpec
 
 # Region boxes may poke this far (pixels) past the image's edge (rounding in the client's maths).
 BOX_TOLERANCE = 1.0
-Box = tuple[float, float, float, float]
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image as the client sent it: encoded bytes, or a raw tensor (dtype + shape + bytes)."""
-
-    encoded: bytes | None = None
-    dtype: str = ""
-    shape: tuple[int, ...] = ()
-    data: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from layertap.client import AsyncFeatureClient, FeatureClient, FeatureServiceError
 from layertap.client.cli import main
-from layertap.server.compare import (
-    VGG16_NODES,
-    gram,
-    layer_distance,
-    positions,
-    style_distance,
-)
+from layertap.server.distances import gram, layer_distance, positions, style_distance
+from layertap.server.requests import VGG16_NODES
 from layertap.server.settings import ModelConfig, Settings, load_settings, parse_model
 from layertap.v1 import layertap_pb2 as pb
 

@@ -29,8 +29,9 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from layertap.server.app import create_server
-from layertap.server.pooling import OutputSpec, pool_maps
+from layertap.server.pooling import pool_maps
 from layertap.server.settings import ConfigError, HeadConfig, ModelConfig, Settings, load_settings
+from layertap.server.spec import OutputSpec
 from layertap.server.worker import Item
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc

@@ -91,8 +91,9 @@ def test_gpu_decode_tensor_is_on_the_device_and_complete() -> None:
     from conftest import encode
 
     from layertap.server import codec
-    from layertap.server.prepare import ImageInput, init_decode_thread, prepare_image
+    from layertap.server.prepare import init_decode_thread, prepare_image
     from layertap.server.preprocess import Preprocessing
+    from layertap.server.spec import ImageInput
 
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     spec = Preprocessing(256, (224, 224), *imagenet)

@@ -12,20 +12,16 @@ import torch.nn.functional as F
 from layertap.server.errors import InvalidArgument
 from layertap.server.heads import Head
 from layertap.server.pooling import (
-    OutputSpec,
-    PostOp,
     average_views,
-    check_output,
-    check_pool,
     concat_parts,
     finish,
     finish_raw,
     pool,
     pool_maps,
-    pooled_dim,
     rmac_regions,
     roi_pool,
 )
+from layertap.server.spec import OutputSpec, PostOp, check_output, check_pool, pooled_dim
 
 torch.manual_seed(0)
 X = torch.randn(2, 5, 3, 4)  # NCHW

@@ -28,9 +28,9 @@ import pytest
 from conftest import RunningServer, photo, start_server
 from PIL import Image
 
-from layertap.server.catalog import NodeSpec
-from layertap.server.compare import layer_distance, pair_distances, positions, style_distance
+from layertap.server.distances import layer_distance, pair_distances, positions, style_distance
 from layertap.server.settings import HeadConfig, ModelConfig, Settings
+from layertap.server.spec import NodeSpec
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 

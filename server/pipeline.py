@@ -1,0 +1,191 @@
+"""The path every image takes, shared by Extract, ExtractStream and Compare: decode (decode
+pool) → batcher → worker → finish and encode (decode pool), with the stage metrics. The event
+loop only awaits here; everything proportional to pixels runs in a pool or on the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from .batcher import BatchInfo, BatchQueue
+from .errors import PerImageError
+from .heads import Head
+from .metrics import Metrics
+from .prepare import EncodedTensor, Prepared, encode_results, finish_results, prepare_image
+from .requests import ExtractJob, Label, response_size_ok
+from .settings import Settings
+from .spec import Box, DecodeLimits, ImageInput, OutputSpec
+from .worker import Item, ModelRuntime
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A request's images after the worker: prepared images, each image's worker outputs (one
+    per view), and every item's batch info."""
+
+    images: list[Prepared]
+    rows: list[list[dict[str, Any]]]
+    infos: list[BatchInfo]
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """One Extract's finished, encoded outputs (a row per image) and what it cost."""
+
+    rows: list[dict[str, EncodedTensor]]
+    ran: Ran
+    encode_s: float
+
+
+class Pipeline:
+    """Runs validated requests' images through the stages; one per server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        runtime: ModelRuntime,
+        batcher: BatchQueue,
+        decode_pool: Executor,
+        metrics: Metrics | None = None,
+        heads: Mapping[str, Head] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.batcher = batcher
+        self.decode_pool = decode_pool
+        self.metrics = metrics
+        self.heads: Mapping[str, Head] = dict(heads or {})  # loaded at start-up (app.load_heads)
+        self.limits = DecodeLimits(
+            max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
+        )
+
+    async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` on the decode pool (never on the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+
+    async def run_images(
+        self,
+        model: str,
+        inputs: Sequence[ImageInput],
+        spec: OutputSpec,
+        nodes: tuple[str, ...],
+        native: bool,
+        priority: int = 0,
+        regions: Sequence[Sequence[Box]] | None = None,
+        label: Label = PerImageError.at,
+        check: Callable[[Sequence[Prepared]], None] | None = None,
+    ) -> Ran:
+        """Decode (decode pool), then batch and run every image's views; the path Extract and
+        Compare share. Queue room is held from before decoding, so a full queue refuses at
+        once; `label` names a failed image (index → message); `check` sees the decoded images
+        before anything is submitted. Returns the prepared images, each image's worker
+        outputs (one per view) and every item's batch info. If anything fails or the caller
+        goes away, this request's other items are cancelled (dropped before compute)."""
+        preprocessing = self.runtime.model(model).weights.preprocessing
+        n_views = len(spec.scales) * (2 if spec.flip else 1)
+        boxes = regions or [()] * len(inputs)
+        # futures[i][v]: view v of image i (TTA views are items of their own)
+        futures: list[list[asyncio.Future[Any]]] = [[] for _ in inputs]
+        try:
+            with self.batcher.reserve(len(inputs) * n_views):
+                prepared = await asyncio.gather(
+                    *(
+                        self.in_pool(
+                            prepare_image,
+                            img,
+                            self.limits,
+                            preprocessing,
+                            native,
+                            image_boxes,
+                            spec.flip,
+                            spec.scales,
+                        )
+                        for img, image_boxes in zip(inputs, boxes, strict=True)
+                    ),
+                    return_exceptions=True,
+                )
+                for index, result in enumerate(prepared):
+                    if isinstance(result, PerImageError):
+                        raise label(result, index)
+                    if isinstance(result, BaseException):
+                        raise result
+                images: list[Prepared] = prepared  # type: ignore[assignment]
+                if check is not None:
+                    check(images)
+                # one batch key per input shape: a batch must stack (a flip view has its
+                # image's shape and batches with it; each scale with same-shaped views)
+                groups: dict[tuple[int, ...], list[tuple[int, Item]]] = {}
+                for index, image in enumerate(images):
+                    for view in image.inputs():
+                        item = Item(view.tensor, spec, nodes, view.boxes)
+                        groups.setdefault(tuple(view.tensor.shape), []).append((index, item))
+                for shape, entries in groups.items():
+                    # requests for other node sets of the same model share the forward
+                    submitted = self.batcher.submit_many(
+                        (model, shape),
+                        [item for _, item in entries],
+                        reserved=True,
+                        priority=priority,
+                    )
+                    for (i, _), fut in zip(entries, submitted, strict=True):
+                        futures[i].append(fut)
+            flat = [fut for per_image in futures for fut in per_image]
+            done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*flat)
+        except BaseException:  # client gone, queue full or a failed batch: drop our other items
+            for per_image in futures:
+                for fut in per_image:
+                    if not fut.done():
+                        fut.cancel()
+            raise
+        rows: list[list[dict[str, Any]]] = []
+        position = 0
+        for per_image in futures:  # back to per-image view lists
+            rows.append([r for r, _ in done[position : position + len(per_image)]])
+            position += len(per_image)
+        return Ran(images, rows, [info for _, info in done])
+
+    async def extract(self, job: ExtractJob) -> Extracted:
+        """Run a validated Extract: its images' views through the worker, then the finish stage
+        (TTA average, concat, post chain, dtype) and encoding in the decode pool."""
+        ran = await self.run_images(
+            job.model, job.inputs, job.spec, job.nodes, job.native, job.priority, job.regions
+        )
+        encode_started = time.perf_counter()
+        rows = await self.in_pool(
+            finish_results, ran.rows, job.nodes, job.spec, self.heads, job.concat_key
+        )
+        encode_s = time.perf_counter() - encode_started
+        size = sum(len(t.data) for row in rows for t in row.values())
+        response_size_ok(size, self.settings)
+        self.observe(job.model, ran, encode_s, size)
+        return Extracted(rows, ran, encode_s)
+
+    async def parameters(
+        self, model: str, names: Sequence[str], dtype: str
+    ) -> dict[str, EncodedTensor]:
+        """GetParameters' tensors, read on the worker and encoded in the decode pool."""
+        limit = self.settings.max_parameter_bytes
+        tensors = await self.runtime.parameters(model, names, dtype, limit)
+        (encoded,) = await self.in_pool(encode_results, [dict(tensors)])
+        return dict(encoded)
+
+    def observe(self, model: str, ran: Ran, finish_s: float, output_bytes: int | None) -> None:
+        """Stage metrics of one request: queue, decode, compute (once per batch), and the stage
+        after compute (Extract's finish and encode, Compare's distance math)."""
+        m = self.metrics
+        if m is None:
+            return
+        for info in ran.infos:
+            m.stage_seconds.labels("queue").observe(info.queue_s)
+        for image in ran.images:
+            m.stage_seconds.labels("decode").observe(image.decode_s)
+        for run_s in {i.batch_id: i.run_s for i in ran.infos}.values():
+            m.stage_seconds.labels("compute").observe(run_s)
+        m.stage_seconds.labels("encode").observe(finish_s)
+        m.images.labels(model).inc(len(ran.images))
+        if output_bytes is not None:
+            m.output_bytes.labels(model).inc(output_bytes)

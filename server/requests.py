@@ -1,0 +1,409 @@
+"""Protobuf requests -> validated domain objects, with every bound a request must respect. Each
+check runs before any compute and says what to change; the order of the checks is the order in
+which a client hears about its mistakes. Torch-free: unit-tested without a server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from layertap.common.options import FLOAT_DTYPES, PRIORITY_NAMES
+from layertap.v1 import layertap_pb2 as pb
+
+from .errors import InvalidArgument, InvalidImage, LimitExceeded, PerImageError
+from .output_options import descriptor_dims, output_spec
+from .spec import (
+    Box,
+    DecodeLimits,
+    ImageInput,
+    NodeSpec,
+    OutputSpec,
+    check_encoded_size,
+    check_pool,
+)
+
+if TYPE_CHECKING:
+    from .heads import Head
+    from .settings import Settings
+
+MAX_REGIONS = 256
+# roi_align samples regions x channels x roi_size^2 bins per image and node before pooling; above
+# this many (float32: 128 MiB) a request would hold the worker for seconds and gigabytes.
+MAX_ROI_BINS = 1 << 25
+MAX_REQUESTED_NODES = 10_000  # nodes + aliases of one Extract, checked before they are iterated
+# Nodes one Compare may name (resolved on the event loop; a message could carry millions).
+MAX_COMPARE_NODES = 128
+# Room left in a response for everything but the tensors' bytes.
+RESPONSE_HEADROOM = 64 * 1024
+DEFAULT_CONCAT_KEY = "descriptor"
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+# VGG16's relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (Johnson et al.; LPIPS's VGG taps).
+VGG16_NODES = ("features.3", "features.8", "features.15", "features.22", "features.29")
+DEFAULT_COMPARE_NODES = {"vgg16": VGG16_NODES}
+MAP_LAYOUTS = ("NCHW", "NHWC", "NLC")
+# Names a failed image in its error: (error, image index) -> the error to raise.
+Label = Callable[[PerImageError, int], PerImageError]
+
+
+class Catalogue(Protocol):
+    """What validation reads of a model's node catalogue (server/catalog.py)."""
+
+    def prefix_tokens(self, name: str, n_prefix: int) -> int: ...
+
+
+class Model(Protocol):
+    """What validation reads of a loaded model (server/loaded.py's LoadedModel)."""
+
+    @property
+    def config(self) -> Any: ...
+    @property
+    def catalog(self) -> Catalogue: ...
+    @property
+    def n_prefix_tokens(self) -> int: ...
+
+
+class Models(Protocol):
+    """The model runtime as validation sees it: lookup (NOT_FOUND / UNAVAILABLE) and resolving
+    requested names to catalogue nodes (INVALID_ARGUMENT with the closest names)."""
+
+    def model(self, name: str) -> Model: ...
+    def resolve(self, name: str, requested: Sequence[str]) -> list[NodeSpec]: ...
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """One Extract request, validated: what to run, on which images, and how to name answers."""
+
+    model: str
+    plan: list[tuple[str, str]]  # (output key, requested name), request order
+    specs: list[NodeSpec]  # the resolved node of each plan entry
+    nodes: tuple[str, ...]  # distinct resolved names: the worker's node set
+    spec: OutputSpec
+    concat_key: str  # "" unless concat
+    inputs: list[ImageInput]
+    regions: list[list[Box]]
+    native: bool
+    priority: int
+
+
+def plan_outputs(nodes: Sequence[str], aliases: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(output key, requested name) in request order; aliased nodes not in `nodes` come last."""
+    if len(nodes) + len(aliases) > MAX_REQUESTED_NODES:
+        raise InvalidArgument(
+            f"{len(nodes)} nodes and {len(aliases)} aliases, more than {MAX_REQUESTED_NODES} "
+            "names in one request; no model has that many nodes (see DescribeModel)"
+        )
+    listed = set(nodes)  # once: in the comprehension it was rebuilt per alias (quadratic)
+    requested = list(nodes) + sorted(n for n in aliases if n not in listed)
+    if not requested:
+        raise InvalidArgument("no nodes requested; name at least one (see DescribeModel)")
+    plan: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
+    for name in requested:
+        if not name:
+            raise InvalidArgument("empty node name in nodes")
+        key = aliases.get(name, name)
+        if not key:
+            raise InvalidArgument(f"alias for node {name!r} is empty")
+        if key in seen:
+            if seen[key] == name:
+                continue  # the same node twice: return it once
+            raise InvalidArgument(f"output key {key!r} is used for both {seen[key]!r} and {name!r}")
+        seen[key] = name
+        plan.append((key, name))
+    return plan
+
+
+def extract_job(
+    request: pb.ExtractRequest, settings: Settings, models: Models, heads: Mapping[str, Head]
+) -> ExtractJob:
+    """Every check of an Extract that needs no pixels, cheapest and most basic first."""
+    s = settings
+    loaded = models.model(request.model)  # NOT_FOUND / UNAVAILABLE first
+    count = len(request.images)
+    if count == 0:
+        raise InvalidArgument("no images in the request; send at least one")
+    if count > s.max_images_per_request:
+        raise LimitExceeded(
+            f"{count} images in one request exceed max_images_per_request="
+            f"{s.max_images_per_request}; split the request"
+        )
+    if len(request.nodes) + len(request.aliases) > MAX_REQUESTED_NODES:  # before copying
+        plan_outputs(request.nodes, request.aliases)  # raises with the counts
+    plan = plan_outputs(list(request.nodes), dict(request.aliases))
+    specs = models.resolve(request.model, [name for _, name in plan])
+    spec = output_spec(request.output, heads, request.model)
+    for node in specs:
+        check_pool(spec.pool, node.layout, node.name)
+        if (
+            spec.pool in ("cls", "cls_mean")
+            and loaded.catalog.prefix_tokens(node.name, loaded.n_prefix_tokens) == 0
+        ):
+            where = (
+                f"model {request.model!r} has no CLS token"
+                if loaded.n_prefix_tokens == 0
+                else f"node {node.name!r} comes before the CLS token is prepended"
+            )
+            raise InvalidArgument(f"{where}; use pool 'mean' (or a later token node)")
+    full_nodes = tuple(dict.fromkeys(n.name for n in specs))
+    unique_specs = [next(n for n in specs if n.name == name) for name in full_nodes]
+    concat_key = ""
+    if spec.concat:
+        concat_key = request.output.concat_key or DEFAULT_CONCAT_KEY
+    dims = descriptor_dims(unique_specs, spec, heads)
+
+    inputs = [image_input(img, i) for i, img in enumerate(request.images)]
+    regions = [regions_of(img, i) for i, img in enumerate(request.images)]
+    if any(regions):
+        for node in unique_specs:
+            if node.layout not in ("NCHW", "NHWC"):
+                raise InvalidArgument(
+                    f"regions need feature-map nodes (layout NCHW or NHWC); node "
+                    f"{node.name!r} is {node.layout or 'of unknown layout'}"
+                )
+    check_encoded_sizes(inputs, s.max_image_bytes)
+    # Inputs at the model's own size have known output sizes: refuse oversize answers
+    # before spending compute on them (raw float inputs of other sizes are checked after).
+    estimate = estimate_bytes(unique_specs, spec, dims, [len(r) for r in regions])
+    if estimate > s.max_message_bytes - RESPONSE_HEADROOM:
+        raise LimitExceeded(
+            f"the response would carry about {estimate} bytes of tensors, over "
+            f"max_message_bytes={s.max_message_bytes}; request pooled outputs, fewer nodes, "
+            "regions or images"
+        )
+    if any(regions):  # after the size check: for raw regions the message limit says more
+        check_roi_bins(unique_specs, spec.roi_size, regions)
+    priority = request.priority
+    if priority not in PRIORITY_NAMES:
+        raise InvalidArgument(
+            f"unknown priority {priority}; use PRIORITY_NORMAL (0) or PRIORITY_LOW (1)"
+        )
+    n_views = len(spec.scales) * (2 if spec.flip else 1)
+    if n_views > 1 and count * n_views > s.max_queue_images:  # the batcher would say "images"
+        raise LimitExceeded(
+            f"{count} images x {n_views} TTA views are {count * n_views} forward inputs, "
+            f"more than the whole batch queue (max_queue_images={s.max_queue_images}); send "
+            f"at most {max(1, s.max_queue_images // n_views)} images per request with this tta"
+        )
+    return ExtractJob(
+        request.model,
+        plan,
+        specs,
+        full_nodes,
+        spec,
+        concat_key,
+        inputs,
+        regions,
+        request.native_resolution,
+        int(priority),
+    )
+
+
+def response_size_ok(size: int, settings: Settings) -> None:
+    """Refuse an answer whose tensors would not fit the message limit (after compute: inputs of
+    other sizes than the model's have output sizes known only then)."""
+    if size > settings.max_message_bytes - RESPONSE_HEADROOM:
+        raise LimitExceeded(
+            f"the response would carry {size} bytes of tensors, over max_message_bytes="
+            f"{settings.max_message_bytes}; request pooled outputs, fewer nodes or fewer images"
+        )
+
+
+def parameter_request(request: pb.GetParametersRequest) -> tuple[list[str], str]:
+    """(names, dtype) of a GetParameters request, each name non-empty, the dtype served."""
+    names = list(request.names)
+    if not names:
+        raise InvalidArgument(
+            "no names; list parameter names ('features.0.weight') or module paths "
+            "('features.0'; see DescribeModel's modules)"
+        )
+    for index, name in enumerate(names):
+        if not name:
+            raise InvalidArgument(
+                f"names[{index}] is empty; the root module is not allowed, name a "
+                "parameter or a module path (see DescribeModel's modules)"
+            )
+    dtype = request.dtype or "float32"
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidArgument(f"dtype {dtype!r} is not supported; use {', '.join(FLOAT_DTYPES)}")
+    return names, dtype
+
+
+def check_encoded_sizes(
+    inputs: Sequence[ImageInput], max_bytes: int, label: Label = PerImageError.at
+) -> None:
+    """The cheap size check of encoded images, before any queue room is held; `label` names a
+    failed image (Extract: "image i", Compare: "a[i]" / "b[i]")."""
+    limits = DecodeLimits(max_encoded_bytes=max_bytes)
+    for index, given in enumerate(inputs):
+        if given.encoded is not None:
+            try:
+                check_encoded_size(len(given.encoded), limits)
+            except PerImageError as exc:
+                raise label(exc, index) from None
+
+
+def regions_of(image: pb.Image, index: int) -> list[Box]:
+    """An image's region boxes, checked for shape here (bounds need the decoded size)."""
+    if len(image.regions) > MAX_REGIONS:
+        raise InvalidArgument(
+            f"image {index}: {len(image.regions)} regions, more than {MAX_REGIONS} per image; "
+            "split them over several requests"
+        )
+    boxes: list[Box] = []
+    for j, r in enumerate(image.regions):
+        box = (float(r.x1), float(r.y1), float(r.x2), float(r.y2))
+        if not all(math.isfinite(v) for v in box) or not (box[0] < box[2] and box[1] < box[3]):
+            raise InvalidArgument(
+                f"image {index}: regions[{j}] = ({box[0]:g}, {box[1]:g}, {box[2]:g}, "
+                f"{box[3]:g}) is not a box; need finite x1 < x2 and y1 < y2 in pixels of the "
+                "image as sent"
+            )
+        boxes.append(box)
+    return boxes
+
+
+def check_roi_bins(nodes: Sequence[NodeSpec], roi_size: int, regions: Sequence[list[Box]]) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) region requests whose roi_align bins, per image and node,
+    exceed MAX_ROI_BINS: the worker would spend seconds and gigabytes on them."""
+    for node in nodes:
+        channels = node.channels or 1
+        for index, boxes in enumerate(regions):
+            bins = len(boxes) * channels * roi_size**2
+            if bins > MAX_ROI_BINS:
+                fit = max(1, MAX_ROI_BINS // (channels * roi_size**2))
+                raise LimitExceeded(
+                    f"image {index}: {len(boxes)} regions x {channels} channels of node "
+                    f"{node.name!r} x roi_size {roi_size}^2 are {bins} roi_align bins, over "
+                    f"the limit of {MAX_ROI_BINS}; send at most {fit} regions per image at this "
+                    "roi_size, or a smaller roi_size (0: 7)"
+                )
+
+
+def _source(image: pb.Image) -> ImageInput | None:
+    """The image as sent (None: neither source set), for Extract's and Compare's checks."""
+    which = image.WhichOneof("source")
+    if which == "encoded":
+        return ImageInput(encoded=image.encoded)
+    if which == "tensor":
+        t = image.tensor
+        return ImageInput(dtype=t.dtype, shape=tuple(t.shape), data=t.data)
+    return None
+
+
+def image_input(image: pb.Image, index: int) -> ImageInput:
+    """An Extract image as sent: encoded bytes or a raw tensor (decoded later, in the pool)."""
+    given = _source(image)
+    if given is None:
+        raise InvalidImage("neither 'encoded' bytes nor a 'tensor' is set", index)
+    return given
+
+
+def estimate_bytes(
+    nodes: Sequence[NodeSpec],
+    spec: OutputSpec,
+    dims: Sequence[int | None],
+    regions: Sequence[int],
+) -> int:
+    """Output bytes of a request at the model's input size: per image the outputs' elements
+    (pooled: the descriptor dims; raw: the catalogue's shapes, or C x roi x roi per region),
+    times the image's region count (1 without regions)."""
+    itemsize = ITEMSIZE[spec.dtype]
+    if spec.pool == "raw":
+        whole = sum(math.prod(n.shape[1:]) for n in nodes)
+        per_region = sum((n.channels or 1) * spec.roi_size**2 for n in nodes)
+    else:
+        whole = per_region = sum(d or 1 for d in dims)
+    return itemsize * sum(per_region * r if r else whole for r in regions)
+
+
+# --------------------------------------------------------------------------- Compare
+
+
+def compare_pairs(settings: Settings, request: pb.CompareRequest) -> int:
+    """Pairs in the request; refuses unequal sides, no pairs, or too many images."""
+    pairs = len(request.a)
+    if pairs != len(request.b):
+        raise InvalidArgument(
+            f"a has {pairs} images and b has {len(request.b)}; Compare takes pairs "
+            "(a[i], b[i]): send lists of the same length"
+        )
+    if pairs == 0:
+        raise InvalidArgument("no pairs in the request; send at least one image in a and in b")
+    limit = settings.max_images_per_request
+    if 2 * pairs > limit:
+        raise LimitExceeded(
+            f"{pairs} pairs are {2 * pairs} images, over max_images_per_request={limit} "
+            f"(both sides count); send at most {limit // 2} pairs per request"
+        )
+    return pairs
+
+
+def pair_image_input(image: pb.Image, side: str, index: int) -> ImageInput:
+    """A Compare image: whole images only (no regions); errors name the side and position."""
+    if image.regions:
+        raise InvalidImage(
+            f"{side}[{index}]: has {len(image.regions)} regions, but Compare compares whole "
+            "images; crop the regions client-side and send them as pairs, or leave regions empty"
+        )
+    given = _source(image)
+    if given is None:
+        raise InvalidImage(f"{side}[{index}]: neither 'encoded' bytes nor a 'tensor' is set")
+    return given
+
+
+def compare_nodes(models: Models, request: pb.CompareRequest) -> tuple[list[str], list[NodeSpec]]:
+    """(names, resolved nodes): the requested nodes, else the model's compare_nodes, else its
+    architecture's default; each must be a feature map (or tokens), each once."""
+    loaded = models.model(request.model)
+    cfg = loaded.config
+    names = list(request.nodes)
+    where = ""
+    if not names:
+        names = list(cfg.compare_nodes)
+        where = f"model {request.model!r}'s compare_nodes config: "
+    if not names and not cfg.submodule:
+        names = list(DEFAULT_COMPARE_NODES.get(cfg.arch or "", ()))
+    if not names:
+        raise InvalidArgument(
+            f"model {request.model!r} has no default compare nodes (only vgg16 does, or a "
+            "model's compare_nodes config); name feature-map nodes in nodes, e.g. "
+            "['features.3', 'features.6'] (see DescribeModel)"
+        )
+    if len(names) > MAX_COMPARE_NODES:
+        raise InvalidArgument(
+            f"{where}{len(names)} nodes, more than {MAX_COMPARE_NODES}; compare on a few layers "
+            "(LPIPS uses 5)"
+        )
+    given: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if not name:
+            raise InvalidArgument(f"{where}nodes[{index}] is empty; name a feature-map node")
+        if name in given:  # before resolving: cheap, and the message points at the repeat
+            raise InvalidArgument(
+                f"{where}nodes[{given[name]}] and nodes[{index}] are both {name[:80]!r}; list "
+                "each node once"
+            )
+        given[name] = index
+    try:
+        specs = models.resolve(request.model, names)
+    except InvalidArgument as exc:
+        raise InvalidArgument(where + str(exc)) from None
+    seen: dict[str, str] = {}
+    for name, node in zip(names, specs, strict=True):
+        if node.name in seen:
+            raise InvalidArgument(
+                f"{where}nodes {seen[node.name]!r} and {name!r} are the same node "
+                f"{node.name!r}; list each node once"
+            )
+        seen[node.name] = name
+        if node.layout not in MAP_LAYOUTS:
+            raise InvalidArgument(
+                f"{where}node {name!r} ({node.name}) has layout {node.layout or 'unknown'} "
+                f"(shape {list(node.shape)}); Compare needs feature maps (NCHW, NHWC) or "
+                "tokens (NLC): pick a convolutional or block output (see DescribeModel)"
+            )
+    return names, specs
