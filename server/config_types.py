@@ -1,4 +1,4 @@
-"""Config-file values checked against the settings' declared types, before anything is built.
+"""Each setting's declaration (default, help, range) and the checks of config values against it.
 
 TOML gives strings, integers, floats, booleans, arrays and tables; a value of the wrong kind used
 to pass straight into the frozen dataclasses, where `allow_random = "false"` (a string, so
@@ -6,12 +6,18 @@ truthy) silently served random weights and `max_batch_size = "8"` failed only de
 Here every key of a [server], [[models]] or [[heads]] table is checked against the field's type
 hint and refused with the key, the type expected and the value given; an unknown key is refused
 with the closest valid one. Strings from the environment and the command line are parsed by
-settings._coerce instead (there, "false" is the way to write a boolean).
+coerce instead (there, "false" is the way to write a boolean).
+
+A field is declared once, `port: int = setting(50051, "gRPC port", minimum=0, maximum=65535)`:
+the help, range and choices ride in the dataclass field's metadata, so the CLI flags, the
+LAYERTAP_* variables, --help and check_ranges all read the one declaration (plain dataclass
+metadata rather than pydantic-settings keeps the server's install small).
 """
 
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
 import types
 import typing
@@ -21,6 +27,82 @@ from typing import Any
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and what it accepts."""
+
+
+def about(
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] = (),
+    secret: bool = False,
+    table: bool = False,
+) -> dict[str, Any]:
+    """The metadata of one setting: its one-line help, its allowed range or words, whether
+    --print-config hides it (secret) and whether only a TOML table sets it (no flag, no env)."""
+    limits = {"minimum": minimum, "maximum": maximum, "choices": choices}
+    return {"help": help, **limits, "secret": secret, "table": table}
+
+
+def setting(default: Any, help: str, **limits: Any) -> Any:
+    """A dataclass field with its default and about(help, **limits); typed Any so that
+    `port: int = setting(...)` type-checks like a plain default."""
+    return dataclasses.field(default=default, metadata=about(help, **limits))
+
+
+def allowed(meta: Mapping[str, Any]) -> str:
+    """The range or words a field's metadata allows, in the words of an error message."""
+    low, high, choices = meta.get("minimum"), meta.get("maximum"), meta.get("choices")
+    if choices:
+        return f"one of {choices}"
+    if low is not None and high is not None:
+        return f"in {low}..{high}"
+    return f">= {low}" if low is not None else f"<= {high}" if high is not None else "anything"
+
+
+def check_ranges(key: str, obj: Any) -> None:
+    """Every set field of a settings dataclass inside its declared range or choices; a
+    ConfigError names the key (`key` formats its name: "setting {!r}"), what it allows and the
+    value given."""
+    for f in dataclasses.fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        low, high, choices = meta.get("minimum"), meta.get("maximum"), meta.get("choices")
+        if value is None or isinstance(value, bool | tuple | Mapping):  # unset, or no scalar
+            continue
+        if (
+            (choices and value not in choices)
+            or (low is not None and value < low)
+            or (high is not None and value > high)
+        ):
+            raise ConfigError(f"{key.format(f.name)} must be {allowed(meta)}, got {value!r}")
+
+
+def coerce(name: str, value: Any, default: Any) -> Any:
+    """A string (env/CLI) or TOML value as the type of the setting's default: "off", "no",
+    "false" and "0" are booleans, a comma-separated string or a list is a tuple of strings."""
+    kind = type(default) if default is not None else str
+    if kind is tuple:  # a TOML list, or a comma-separated string from env/CLI
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"setting {name!r}: expected a list of strings, got {value!r}")
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                word = value.strip().lower()
+                if word in ("1", "true", "yes", "on"):
+                    return True
+                if word in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(word)
+            return bool(value)
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot read {value!r} as {kind.__name__}") from exc
 
 
 def closest(name: str, known: Iterable[str]) -> str:

@@ -304,7 +304,7 @@ def test_concurrent_requests_with_different_node_sets(hooks_server: RunningServe
     ],
 )
 def test_bad_extraction_settings_are_refused(entry: dict[str, Any], message: str) -> None:
-    from layertap.server.settings import _validate_model
+    from layertap.server.model_config import validate_model
 
     with pytest.raises(ConfigError, match=message):
-        _validate_model(parse_model({"name": "m", "arch": "resnet18", **entry}))
+        validate_model(parse_model({"name": "m", "arch": "resnet18", **entry}))

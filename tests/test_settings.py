@@ -2,49 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from layertap.server.settings import FIELDS, ConfigError, Settings, build_arg_parser, load_settings
+from layertap.server.settings import (
+    FIELDS,
+    ConfigError,
+    HeadConfig,
+    ModelConfig,
+    Settings,
+    build_arg_parser,
+    load_settings,
+)
 
 
 def test_every_field_has_a_reason_a_flag_and_an_env_var() -> None:
+    """Each setting is declared once (config_types.setting): its help rides on the field, and
+    every [server] setting gets its flag and LAYERTAP_ variable from that declaration."""
     fields = set(Settings.__dataclass_fields__) - {"models", "heads"}  # TOML tables
     assert fields == set(FIELDS)
     help_text = build_arg_parser().format_help()
     for name in FIELDS:
         assert "--" + name.replace("_", "-") in help_text
         assert "LAYERTAP_" + name.upper() in help_text
-
-
-def test_precedence(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text("[server]\nport = 1111\nmax_batch_size = 3\nmax_wait_ms = 7\n")
-    s = load_settings(
-        ["--config", str(config), "--max-batch-size", "5"],
-        env={"LAYERTAP_PORT": "2222", "LAYERTAP_MAX_BATCH_SIZE": "4"},
-    )
-    assert (s.port, s.max_batch_size, s.max_wait_ms) == (2222, 5, 7.0)
-    assert s.models == ()
-
-
-def test_embedded_default_config_serves_the_three_models() -> None:
-    s = load_settings([], env={})
-    by_name = {m.name: m for m in s.models}
-    assert list(by_name) == ["mobilenet_v2", "resnet50", "vgg16"]
-    assert by_name["mobilenet_v2"].weights == "IMAGENET1K_V1"
-    assert not by_name["mobilenet_v2"].allow_random
-    assert by_name["resnet50"].allow_random and by_name["vgg16"].allow_random
-
-
-def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(
-        '[[models]]\nname = "m"\narch = "resnet18"\nweights = "w/model.safetensors"\n'
-    )
-    s = load_settings(["--config", str(config)], env={})
-    assert s.models[0].weights == str(tmp_path / "w/model.safetensors")
+    for cls in (Settings, ModelConfig, HeadConfig):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help", "").strip(), f"{cls.__name__}.{f.name} has no help"
+    flags = {action.dest: action.help or "" for action in build_arg_parser()._actions}
+    for name, why in FIELDS.items():
+        assert flags[name].startswith(why), name  # --help shows the declared help
 
 
 @pytest.mark.parametrize(
@@ -125,6 +113,79 @@ def test_config_values_of_the_right_type_are_kept(tmp_path: Path) -> None:
     assert m.allow_random is True and m.max_wait_ms == 4 and m.mean == (0, 0.5, 1)
     assert m.warmup_nodes == (("layer1",), ("layer2", "layer3"))
     assert dict(m.kwargs) == {"num_classes": 10}
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (["--port", "70000"], "setting 'port' must be in 0..65535, got 70000"),
+        (["--metrics-port", "-1"], "setting 'metrics_port' must be in 0..65535, got -1"),
+        (["--decode-threads", "0"], "setting 'decode_threads' must be >= 1, got 0"),
+        (["--max-wait-ms", "-2"], "setting 'max_wait_ms' must be >= 0, got -2.0"),
+        (["--gpu-decode", "yes"], "setting 'gpu_decode' must be one of ('auto', 'on', 'off')"),
+        (["--log-format", "xml"], "setting 'log_format' must be one of ('json', 'text')"),
+        (["--log-level", "verbose"], "setting 'log_level' must be DEBUG, INFO, WARNING"),
+        (
+            ["--max-connection-age-grace-s", "-1"],
+            "setting 'max_connection_age_grace_s' must be >= 0, got -1.0",
+        ),
+        ("[server]\nshutdown_delay_s = -1\n", "setting 'shutdown_delay_s' must be >= 0, got -1"),
+        ("[server]\nport = 65536\n", "setting 'port' must be in 0..65535, got 65536"),
+        (M + "max_batch_size = -1\n", "model 'a': max_batch_size must be >= 0, got -1"),
+        (M + "max_wait_ms = -1\n", "model 'a': max_wait_ms must be >= 0, got -1"),
+        (M + 'compile = "fast"\n', "model 'a': compile must be one of ('', 'default'"),
+        (M + 'autocast = "fp16"\n', "model 'a': autocast must be one of ('', 'float16'"),
+    ],
+)
+def test_out_of_range_values_name_the_key_the_range_and_the_value(
+    tmp_path: Path, source: list[str] | str, message: str
+) -> None:
+    """Refused at start-up, from a flag or the config file alike, with what to write instead."""
+    argv = source if isinstance(source, list) else []
+    if isinstance(source, str):
+        config = tmp_path / "c.toml"
+        config.write_text(source)
+        argv = ["--config", str(config)]
+    with pytest.raises(ConfigError) as info:
+        load_settings(argv, env={})
+    assert message in str(info.value)
+
+
+def test_in_range_edges_and_any_case_log_levels_are_kept() -> None:
+    s = load_settings(
+        ["--port", "0", "--metrics-port", "65535", "--log-level", "debug"],
+        env={"LAYERTAP_MAX_BATCH_SIZE": "0", "LAYERTAP_TORCH_THREADS": "0"},
+    )
+    assert (s.port, s.metrics_port, s.log_level, s.max_batch_size) == (0, 65535, "debug", 0)
+
+
+def test_precedence(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nport = 1111\nmax_batch_size = 3\nmax_wait_ms = 7\n")
+    s = load_settings(
+        ["--config", str(config), "--max-batch-size", "5"],
+        env={"LAYERTAP_PORT": "2222", "LAYERTAP_MAX_BATCH_SIZE": "4"},
+    )
+    assert (s.port, s.max_batch_size, s.max_wait_ms) == (2222, 5, 7.0)
+    assert s.models == ()
+
+
+def test_embedded_default_config_serves_the_three_models() -> None:
+    s = load_settings([], env={})
+    by_name = {m.name: m for m in s.models}
+    assert list(by_name) == ["mobilenet_v2", "resnet50", "vgg16"]
+    assert by_name["mobilenet_v2"].weights == "IMAGENET1K_V1"
+    assert not by_name["mobilenet_v2"].allow_random
+    assert by_name["resnet50"].allow_random and by_name["vgg16"].allow_random
+
+
+def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[models]]\nname = "m"\narch = "resnet18"\nweights = "w/model.safetensors"\n'
+    )
+    s = load_settings(["--config", str(config)], env={})
+    assert s.models[0].weights == str(tmp_path / "w/model.safetensors")
 
 
 def test_max_batch_size_zero_means_the_measured_default_of_the_device() -> None:
