@@ -35,6 +35,35 @@ def test_every_field_has_a_reason_a_flag_and_an_env_var() -> None:
         assert flags[name].startswith(why), name  # --help shows the declared help
 
 
+def test_precedence(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nport = 1111\nmax_batch_size = 3\nmax_wait_ms = 7\n")
+    s = load_settings(
+        ["--config", str(config), "--max-batch-size", "5"],
+        env={"LAYERTAP_PORT": "2222", "LAYERTAP_MAX_BATCH_SIZE": "4"},
+    )
+    assert (s.port, s.max_batch_size, s.max_wait_ms) == (2222, 5, 7.0)
+    assert s.models == ()
+
+
+def test_embedded_default_config_serves_the_three_models() -> None:
+    s = load_settings([], env={})
+    by_name = {m.name: m for m in s.models}
+    assert list(by_name) == ["mobilenet_v2", "resnet50", "vgg16"]
+    assert by_name["mobilenet_v2"].weights == "IMAGENET1K_V1"
+    assert not by_name["mobilenet_v2"].allow_random
+    assert by_name["resnet50"].allow_random and by_name["vgg16"].allow_random
+
+
+def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[models]]\nname = "m"\narch = "resnet18"\nweights = "w/model.safetensors"\n'
+    )
+    s = load_settings(["--config", str(config)], env={})
+    assert s.models[0].weights == str(tmp_path / "w/model.safetensors")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -157,35 +186,6 @@ def test_in_range_edges_and_any_case_log_levels_are_kept() -> None:
         env={"LAYERTAP_MAX_BATCH_SIZE": "0", "LAYERTAP_TORCH_THREADS": "0"},
     )
     assert (s.port, s.metrics_port, s.log_level, s.max_batch_size) == (0, 65535, "debug", 0)
-
-
-def test_precedence(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text("[server]\nport = 1111\nmax_batch_size = 3\nmax_wait_ms = 7\n")
-    s = load_settings(
-        ["--config", str(config), "--max-batch-size", "5"],
-        env={"LAYERTAP_PORT": "2222", "LAYERTAP_MAX_BATCH_SIZE": "4"},
-    )
-    assert (s.port, s.max_batch_size, s.max_wait_ms) == (2222, 5, 7.0)
-    assert s.models == ()
-
-
-def test_embedded_default_config_serves_the_three_models() -> None:
-    s = load_settings([], env={})
-    by_name = {m.name: m for m in s.models}
-    assert list(by_name) == ["mobilenet_v2", "resnet50", "vgg16"]
-    assert by_name["mobilenet_v2"].weights == "IMAGENET1K_V1"
-    assert not by_name["mobilenet_v2"].allow_random
-    assert by_name["resnet50"].allow_random and by_name["vgg16"].allow_random
-
-
-def test_relative_weight_paths_are_relative_to_the_config(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(
-        '[[models]]\nname = "m"\narch = "resnet18"\nweights = "w/model.safetensors"\n'
-    )
-    s = load_settings(["--config", str(config)], env={})
-    assert s.models[0].weights == str(tmp_path / "w/model.safetensors")
 
 
 def test_max_batch_size_zero_means_the_measured_default_of_the_device() -> None:
