@@ -35,7 +35,15 @@ from .settings import (
     build_arg_parser,
     load_settings,
 )
-from .worker import Item, ModelRuntime, SharedWeights, default_torch_threads, pick_device
+from .worker import (
+    Item,
+    ModelRuntime,
+    SharedWeights,
+    cuda_memory,
+    default_torch_threads,
+    pick_device,
+    torch_versions,
+)
 
 log = logging.getLogger("layertap.server")
 
@@ -161,7 +169,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     runtimes = _runtimes(settings, metrics)
     runtime = runtimes[0]
     if metrics is not None:
-        metrics.set_build_info(str(runtime.device))
+        metrics.set_build_info(str(runtime.device), torch_versions(), cuda_memory)
     batchers = [_batcher(settings, rt, metrics, name) for rt, name in _names(runtimes)]
     batcher: Batcher | Dispatcher = batchers[0] if len(batchers) == 1 else Dispatcher(batchers)
     if metrics is not None and len(batchers) > 1:  # one gauge: the total over devices

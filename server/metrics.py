@@ -40,15 +40,19 @@ def layertap_version() -> str:
         return "0+unknown"
 
 
+# device -> (bytes held by tensors, bytes reserved by the caching allocator); the runtime
+# supplies it (server/worker.py), so this module never imports torch.
+CudaMemory = Callable[[str], tuple[float, float]]
+
+
 class _CudaCollector(Collector):
     """CUDA memory per device, read at scrape time (cheap, thread-safe in torch)."""
 
-    def __init__(self, devices: Callable[[], list[str]]) -> None:
+    def __init__(self, devices: Callable[[], list[str]], read: CudaMemory) -> None:
         self._devices = devices
+        self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        import torch
-
         allocated = GaugeMetricFamily(
             "layertap_cuda_memory_allocated_bytes", "CUDA memory held by tensors", labels=["device"]
         )
@@ -58,8 +62,9 @@ class _CudaCollector(Collector):
             labels=["device"],
         )
         for device in self._devices():
-            allocated.add_metric([device], float(torch.cuda.memory_allocated(device)))
-            reserved.add_metric([device], float(torch.cuda.memory_reserved(device)))
+            held, kept = self._read(device)
+            allocated.add_metric([device], held)
+            reserved.add_metric([device], kept)
         yield allocated
         yield reserved
 
@@ -179,15 +184,14 @@ class Metrics:
         """One image dropped before compute; reason is "cancelled" or "deadline"."""
         self.dropped_images.labels(reason if reason in DROP_REASONS else UNKNOWN).inc()
 
-    def set_build_info(self, device: str) -> None:
-        import torch
-        import torchvision
-
-        self.build_info.labels(
-            layertap_version(), torch.__version__, torchvision.__version__, device
-        ).set(1)
-        if device.startswith("cuda"):
-            self.registry.register(_CudaCollector(lambda: [device]))
+    def set_build_info(
+        self, device: str, versions: tuple[str, str], cuda_memory: CudaMemory | None = None
+    ) -> None:
+        """Versions (torch, torchvision) and the serving device; on CUDA, memory gauges read
+        through `cuda_memory` at scrape time."""
+        self.build_info.labels(layertap_version(), *versions, device).set(1)
+        if device.startswith("cuda") and cuda_memory is not None:
+            self.registry.register(_CudaCollector(lambda: [device], cuda_memory))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server; returns the port bound (port 0 picks one)."""

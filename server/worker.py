@@ -95,6 +95,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def torch_versions() -> tuple[str, str]:
+    """(torch, torchvision) versions, for the build-info metric."""
+    import torchvision
+
+    return torch.__version__, torchvision.__version__
+
+
+def cuda_memory(device: str) -> tuple[float, float]:
+    """(allocated, reserved) CUDA bytes of one device, for the metrics scrape."""
+    return float(torch.cuda.memory_allocated(device)), float(torch.cuda.memory_reserved(device))
+
+
 def usable_cores() -> int:
     """Cores this process may run on (a container's CPU set, not the host's count)."""
     if hasattr(os, "sched_getaffinity"):
