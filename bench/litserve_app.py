@@ -8,22 +8,20 @@ Decoding and preprocessing are the same tensor ops as the in-process baseline (t
 JPEG decoder, antialiased resize on uint8, centre crop, normalise); the graph is truncated at
 the node with torchvision's `create_feature_extractor`, GeM-pooled on the batch.
 
-Run: `.venv/bin/python bench/litserve_app.py --arch resnet50 --node layer4 --port 8010
---max-batch-size 8 --batch-timeout 0.005`; `GET /health` answers `ok` once the model is ready.
+Run from the repository root: `.venv/bin/python -m bench.litserve_app --arch resnet50 --node
+layer4 --port 8010 --max-batch-size 8 --batch-timeout 0.005`; `GET /health` answers `ok` once the
+model is ready.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import os
-import sys
 
 import litserve as ls
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipeline import feature_extractor, gem, load_model, preprocess_jpeg
+from bench.pipeline import feature_extractor, gem, load_model, preprocess_jpeg
 
 
 class DescriptorAPI(ls.LitAPI):

@@ -9,7 +9,8 @@ It speaks layertap's own `layertap.v1.FeatureService/Extract` message shapes (on
 only what the benchmark sends: encoded images, one node, GeM pooling), so that the benchmark
 drives it with exactly the same client code as layertap and client cost is identical.
 
-Run: `.venv/bin/python bench/naive_server.py --arch resnet50 --node layer4 --port 50070`.
+Run from the repository root: `.venv/bin/python -m bench.naive_server --arch resnet50 --node
+layer4 --port 50070`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import os
 import signal
-import sys
 import threading
 from concurrent import futures
 
@@ -28,11 +27,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from bench.pipeline import load_model
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pipeline import load_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,6 +1,6 @@
 """Shared by the benchmark's peers: building the model, the tensor preprocessing, GeM.
 
-The in-process baseline (bench/compare.py) and the LitServe app (bench/litserve_app.py) use
+The in-process baseline (bench/systems.py) and the LitServe app (bench/litserve_app.py) use
 these exact functions, so both run the same decode + preprocess + truncated forward as layertap
 (torchvision's JPEG decoder, antialiased resize of the uint8 image to 256, centre crop 224,
 ImageNet normalisation; `create_feature_extractor` cut at the node; GeM p=3).

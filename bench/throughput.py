@@ -1,26 +1,31 @@
 """Images per second through layertap, for sizing replicas (docs/DEPLOY.md).
 
-Run: `.venv/bin/python bench/throughput.py [--seconds 15] [--device auto]`. Starts an in-process
-server on 127.0.0.1 with mobilenet_v2 and resnet50 (random init: timing does not depend on
-weights), then for each model sends real JPEG photos (8 per request, GeM of the last stage)
-from 4 concurrent clients for the given time, after a warm-up. Also times the in-process forward
-at the same batch size (no gRPC, no JPEG decode) as a ceiling. Prints a Markdown table with the
-machine it ran on. Client and server share the machine's cores.
+Run: `.venv/bin/python bench/throughput.py [--seconds 15] [--device auto]` (or `python -m
+bench.throughput`). Starts an in-process server on 127.0.0.1 with mobilenet_v2 and resnet50
+(random init: timing does not depend on weights), then for each model sends real JPEG photos
+(8 per request, GeM of the last stage) from 4 concurrent clients for the given time, after a
+warm-up. Also times the in-process forward at the same batch size (no gRPC, no JPEG decode) as
+a ceiling. Prints a Markdown table with the machine it ran on. Client and server share the
+machine's cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
+if not __package__:  # run as a file: import the bench package from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import torch
 
+from bench.inputs import photos
 from layertap.client import AsyncFeatureClient
 from layertap.server.app import create_server
 from layertap.server.settings import ModelConfig, Settings
@@ -30,20 +35,8 @@ IMAGES_PER_REQUEST = 8
 CONCURRENCY = 4
 
 
-def photos() -> list[bytes]:
-    import skimage.data
-    from PIL import Image
-
-    out = []
-    for name in ("astronaut", "chelsea", "coffee", "rocket"):
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(getattr(skimage.data, name)())).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
 async def drive(target: str, model: str, node: str, seconds: float) -> tuple[float, list[float]]:
-    jpegs = photos()
+    jpegs = [data for _, data in photos(("astronaut", "chelsea", "coffee", "rocket"))]
     images = [jpegs[i % len(jpegs)] for i in range(IMAGES_PER_REQUEST)]
     latencies: list[float] = []
     async with AsyncFeatureClient(target, timeout=120) as client:

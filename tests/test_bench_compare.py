@@ -1,28 +1,16 @@
-"""The side-by-side benchmark's harness (bench/compare.py): load generator, target verdicts and
-an end-to-end quick run of the pieces that need no extra packages (in-process, layertap, the
-naive gRPC server) on a small model, about 20 s. These check the harness, never the figures."""
+"""The side-by-side benchmark's harness (the bench package behind bench/compare.py): load
+generator, target verdicts and an end-to-end quick run of the pieces that need no extra packages
+(in-process, layertap, the naive gRPC server) on a small model, about 20 s. These check the
+harness, never the figures."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_compare():
-    spec = importlib.util.spec_from_file_location("bench_compare", ROOT / "bench" / "compare.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compare"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_compare()
+from bench import cli, loadgen, metrics, targets
+from bench.config import RunConfig
+from bench.inputs import ModelSpec
+from bench.results import Point, Report
 
 
 def test_closed_loop_counts_only_the_measured_window():
@@ -34,7 +22,7 @@ def test_closed_loop_counts_only_the_measured_window():
 
             return call
 
-        return await compare.closed_loop(make, 4, warmup=0.1, seconds=0.3)
+        return await loadgen.closed_loop(make, 4, warmup=0.1, seconds=0.3)
 
     result = asyncio.run(go())
     # 4 in flight, ~10 ms each: about 400/s; loose bounds (shared CI machine)
@@ -53,20 +41,38 @@ def test_closed_loop_counts_errors_and_keeps_going():
 
             return call
 
-        return await compare.closed_loop(make, 1, warmup=0.0, seconds=0.3)
+        return await loadgen.closed_loop(make, 1, warmup=0.0, seconds=0.3)
 
     result = asyncio.run(go())
     assert result.errors > 0 and "boom" in result.first_error
 
 
+def test_metrics_read_prometheus_text_by_sample_name_and_labels():
+    text = (
+        "# TYPE layertap_stage_duration_seconds histogram\n"
+        'layertap_stage_duration_seconds_bucket{stage="queue",le="0.1"} 2\n'
+        'layertap_stage_duration_seconds_count{stage="queue"} 4\n'
+        'layertap_stage_duration_seconds_sum{stage="queue"} 0.2\n'
+        "# TYPE layertap_batch_size histogram\n"
+        'layertap_batch_size_count{model="m",device="cpu"} 2\n'
+        'layertap_batch_size_sum{model="m",device="cpu"} 8\n'
+    )
+    after = metrics.parse(text)
+    assert metrics.metric(after, "layertap_stage_duration_seconds_count", stage="queue") == 4
+    # labels not asked for (device) do not hide a sample; a series not exposed reads 0
+    assert metrics.metric(after, "layertap_batch_size_sum", model="m") == 8
+    assert metrics.metric(after, "layertap_batch_size_sum", model="other") == 0
+    stages = metrics.stage_breakdown([], after, "m")
+    assert stages["queue_ms"] == 50 and stages["mean_batch"] == 4 and stages["forwards"] == 2
+
+
 def _point(system, model, c, rate, p50, p99, config=""):
-    return compare.Point(system, model, c, rate, p50, p99, p50, 100, 0, config=config)
+    return Point(system, model, c, rate, p50, p99, p50, 100, 0, config=config)
 
 
 def _report(layertap_rate: float) -> object:
-    args = argparse.Namespace(device="cpu")
-    report = compare.Report(args, "quick", "now", "0 0 0")
-    report.models = [compare.ModelSpec("m", "n", None)]
+    report = Report(RunConfig(device="cpu"), "quick", "now", "0 0 0")
+    report.models = [ModelSpec("m", "n", None)]
     report.inprocess["m"] = [_point("in-process", "m", 0, 100.0, 0, 0, "batch 8")]
     report.batch1["m"] = _point("in-process", "m", 1, 50.0, 20.0, 25.0)
     for c in (1, 4, 16):
@@ -79,9 +85,9 @@ def _report(layertap_rate: float) -> object:
 
 
 def test_targets_pass_and_fail_honestly():
-    passing = {t.what: t.verdict for t in compare.evaluate(_report(layertap_rate=96.0))}
+    passing = {t.what: t.verdict for t in targets.evaluate(_report(layertap_rate=96.0))}
     assert set(passing.values()) == {"PASS"}, passing
-    failing = {t.what: t.verdict for t in compare.evaluate(_report(layertap_rate=80.0))}
+    failing = {t.what: t.verdict for t in targets.evaluate(_report(layertap_rate=80.0))}
     assert failing["throughput c=4 ≥ LitServe"] == "FAIL"
     assert failing["throughput c=16 ≥ 0.95× in-process"] == "FAIL"
     assert failing["p50 c=1 ≤ LitServe"] == "PASS"
@@ -90,7 +96,7 @@ def test_targets_pass_and_fail_honestly():
 def test_unmeasured_targets_are_skipped():
     report = _report(96.0)
     report.points = [p for p in report.points if p.system != "LitServe"]
-    verdicts = {t.what: t.verdict for t in compare.evaluate(report)}
+    verdicts = {t.what: t.verdict for t in targets.evaluate(report)}
     assert verdicts["throughput c=4 ≥ LitServe"] == "SKIP"
     assert verdicts["p99 c=16 below naive and LitServe"] == "SKIP"
     assert verdicts["throughput c=4 ≥ 0.95× in-process"] == "PASS"
@@ -98,7 +104,7 @@ def test_unmeasured_targets_are_skipped():
 
 def test_quick_run_writes_the_expected_tables(tmp_path, capsys):
     out = tmp_path / "BENCH.md"
-    code = compare.main(
+    code = cli.main(
         [
             "--quick",
             "--models", "mobilenet_v3_small:features.12",

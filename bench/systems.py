@@ -1,0 +1,186 @@
+"""The systems side by side, one model at a time: the in-process loop (no server), layertap, the
+naive gRPC server and LitServe, each measured at every concurrency of the run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.inputs import ModelSpec
+from bench.loadgen import close_all, grpc_calls, http_calls, measure, server_warmup
+from bench.processes import layertap_server, litserve_server, naive_server
+from bench.results import Point, Report, log, percentile
+
+
+def run_inprocess(
+    spec: ModelSpec,
+    jpegs: list[bytes],
+    device: str,
+    batch_sizes: Sequence[int],
+    seconds: float,
+    fold: bool = False,
+) -> tuple[list[Point], Point]:
+    """decode + preprocess + forward + GeM in a plain loop, per batch size; then batch-1 latency.
+    With `fold`, the graph has its BatchNorms folded as layertap's extractors do (the same
+    forward as the server's, so the difference is what serving costs)."""
+    import torch
+
+    from bench.pipeline import feature_extractor, gem, load_model, preprocess_jpeg
+
+    extractor = feature_extractor(load_model(spec.arch, spec.weights, device), spec.node)
+    suffix = ""
+    if fold:
+        from layertap.server.fusion import fold_batchnorms
+
+        suffix = f", {fold_batchnorms(extractor, {})} BatchNorms folded"  # type: ignore[arg-type]
+    n = len(jpegs)
+
+    def step(start: int, batch: int) -> None:
+        x = torch.stack([preprocess_jpeg(jpegs[(start + k) % n]) for k in range(batch)])
+        with torch.inference_mode():
+            gem(extractor(x.to(device))["feat"]).float().cpu()
+
+    sweep = []
+    for batch in batch_sizes:
+        step(0, batch)  # warm-up (allocator, kernels for this batch shape)
+        step(batch, batch)
+        done, i = 0, 0
+        cpu0, started = time.process_time(), time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            step(i, batch)
+            i += batch
+            done += batch
+        elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu0
+        rate = done / elapsed
+        sweep.append(
+            Point(
+                "in-process", spec.arch, 0, rate, float("nan"), float("nan"), float("nan"),
+                done, 0, server_cpu_ms=1000 * cpu / done, config=f"batch {batch}{suffix}",
+            )
+        )  # fmt: skip
+        log(f"  in-process {spec.arch} batch {batch}: {rate:.1f} images/s")
+    latencies: list[float] = []
+    step(0, 1)
+    started = time.perf_counter()
+    i = 0
+    while time.perf_counter() - started < seconds or len(latencies) < 20:
+        t = time.perf_counter()
+        step(i, 1)
+        latencies.append(time.perf_counter() - t)
+        i += 1
+    ms = [1000 * v for v in latencies]
+    b1 = Point(
+        "in-process", spec.arch, 1, 1000 / statistics.mean(ms), percentile(ms, 50),
+        percentile(ms, 99), statistics.mean(ms), len(ms), 0,
+        config=f"batch 1, sequential{suffix}",
+    )  # fmt: skip
+    log(f"  in-process {spec.arch} batch-1 latency p50 {b1.p50_ms:.1f} ms")
+    return sweep, b1
+
+
+def phase_inprocess(report: Report, spec: ModelSpec, jpegs: list[bytes]) -> None:
+    """The plain loop, then the same with BatchNorms folded (the server's own forward)."""
+    cfg = report.config
+    half = cfg.timing.seconds / 2
+    sweep, b1 = run_inprocess(spec, jpegs, cfg.device, cfg.timing.batch_sizes, half)
+    report.inprocess[spec.arch], report.batch1[spec.arch] = sweep, b1
+    sweep, b1 = run_inprocess(spec, jpegs, cfg.device, cfg.timing.batch_sizes, half, fold=True)
+    report.inprocess_folded[spec.arch], report.batch1_folded[spec.arch] = sweep, b1
+
+
+async def _grpc_points(
+    report: Report,
+    spec: ModelSpec,
+    jpegs: list[bytes],
+    system: str,
+    pid: int,
+    target: str,
+    config: str = "",
+    metrics_url: str | None = None,
+) -> None:
+    """layertap and the naive server are driven alike: one shared client (same code, same
+    client cost), a warm-up, then a point at every concurrency."""
+    from layertap.client import AsyncFeatureClient
+
+    timing = report.config.timing
+    async with AsyncFeatureClient(target) as client:
+        make = grpc_calls(client, spec.arch, spec.node, jpegs)
+        await server_warmup(make, timing.warmup)
+        for c in timing.concurrency:
+            p = await measure(
+                system, spec.arch, pid, make, c, timing.warmup, timing.seconds, config=config,
+                metrics_url=metrics_url,
+            )  # fmt: skip
+            report.points.append(p)
+
+
+async def phase_layertap(report: Report, spec: ModelSpec, jpegs: list[bytes], logdir: Path) -> None:
+    cfg = report.config
+    with layertap_server([spec], cfg.device, logdir, cfg.layertap) as (proc, target, murl):
+        await _grpc_points(report, spec, jpegs, "layertap", proc.pid, target, metrics_url=murl)
+
+
+async def phase_naive(report: Report, spec: ModelSpec, jpegs: list[bytes], logdir: Path) -> None:
+    cfg = report.config
+    with naive_server(spec, cfg.device, logdir, cfg.naive_threads) as (proc, target):
+        label = f"{cfg.naive_threads} threads"
+        await _grpc_points(report, spec, jpegs, "naive gRPC", proc.pid, target, config=label)
+
+
+def _litserve_label(max_batch: int, timeout_s: float) -> str:
+    return f"max_batch_size={max_batch}, batch_timeout={timeout_s * 1000:g} ms"
+
+
+async def _litserve_points(
+    spec: ModelSpec,
+    jpegs: list[bytes],
+    logdir: Path,
+    report: Report,
+    setting: tuple[int, float],
+    concurrencies: Sequence[int],
+    warmup: float,
+    seconds: float,
+) -> list[Point]:
+    """One LitServe server with one batching setting, measured at each concurrency."""
+    device = report.config.device
+    with litserve_server(spec, device, logdir, *setting) as (proc, port):
+        make, conns = http_calls(port, jpegs)
+        await server_warmup(make, report.config.timing.warmup, conns)
+        points = []
+        for c in concurrencies:
+            make, conns = http_calls(port, jpegs)
+            p = await measure(
+                "LitServe", spec.arch, proc.pid, make, c, warmup, seconds,
+                config=_litserve_label(*setting),
+            )  # fmt: skip
+            close_all(conns)
+            points.append(p)
+    return points
+
+
+async def phase_litserve(report: Report, spec: ModelSpec, jpegs: list[bytes], logdir: Path) -> None:
+    """LitServe at its best batching setting: with more than one setting to try, a short sweep
+    at c=1 and at the largest concurrency up to 16 picks the fastest there."""
+    timing = report.config.timing
+    settings = list(timing.litserve_sweep)
+    sweep_c = max(c for c in timing.concurrency if c <= 16)
+    if len(settings) > 1:
+        sweep: list[Point] = []
+        for setting in settings:
+            sweep += await _litserve_points(
+                spec, jpegs, logdir, report, setting, sorted({1, sweep_c}),
+                timing.warmup / 2, timing.sweep_seconds,
+            )  # fmt: skip
+        report.litserve_sweep[spec.arch] = sweep
+        best = max((p for p in sweep if p.concurrency == sweep_c), key=lambda p: p.images_per_s)
+        chosen = next(s for s in settings if _litserve_label(*s) == best.config)
+        log(f"  LitServe best at c={sweep_c}: {best.config}")
+    else:
+        chosen = settings[0]
+    report.litserve_best[spec.arch] = _litserve_label(*chosen)
+    report.points += await _litserve_points(
+        spec, jpegs, logdir, report, chosen, timing.concurrency, timing.warmup, timing.seconds
+    )
