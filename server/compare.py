@@ -10,11 +10,12 @@ from collections.abc import Sequence
 
 from layertap.v1 import layertap_pb2 as pb
 
+from .budgets import check_encoded_sizes
 from .distances import Distances, pair_distances
 from .errors import InvalidArgument, PerImageError
 from .pipeline import Pipeline
 from .prepare import Prepared
-from .requests import check_encoded_sizes, compare_nodes, compare_pairs, pair_image_input
+from .requests import compare_nodes, compare_pairs, pair_image_input
 from .spec import OutputSpec
 
 _RAW = OutputSpec(pool="raw", dtype="float32")

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batcher import BatchInfo, BatchQueue
+from .budgets import Label, response_size_ok
 from .errors import PerImageError
 from .heads import Head
 from .metrics import Metrics
 from .prepare import EncodedTensor, Prepared, encode_results, finish_results, prepare_image
-from .requests import ExtractJob, Label, response_size_ok
+from .requests import ExtractJob
 from .settings import Settings
 from .spec import Box, DecodeLimits, ImageInput, OutputSpec
 from .worker import Item, ModelRuntime

@@ -6,22 +6,25 @@ which a client hears about its mistakes. Torch-free: unit-tested without a serve
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from layertap.common.options import FLOAT_DTYPES, PRIORITY_NAMES
 from layertap.v1 import layertap_pb2 as pb
 
-from .errors import InvalidArgument, InvalidImage, LimitExceeded, PerImageError
+from .budgets import (
+    check_encoded_sizes,
+    check_roi_bins,
+    estimate_fits,
+)
+from .errors import InvalidArgument, InvalidImage, LimitExceeded
 from .output_options import descriptor_dims, output_spec
 from .spec import (
     Box,
-    DecodeLimits,
     ImageInput,
     NodeSpec,
     OutputSpec,
-    check_encoded_size,
     check_pool,
 )
 
@@ -30,22 +33,14 @@ if TYPE_CHECKING:
     from .settings import Settings
 
 MAX_REGIONS = 256
-# roi_align samples regions x channels x roi_size^2 bins per image and node before pooling; above
-# this many (float32: 128 MiB) a request would hold the worker for seconds and gigabytes.
-MAX_ROI_BINS = 1 << 25
 MAX_REQUESTED_NODES = 10_000  # nodes + aliases of one Extract, checked before they are iterated
 # Nodes one Compare may name (resolved on the event loop; a message could carry millions).
 MAX_COMPARE_NODES = 128
-# Room left in a response for everything but the tensors' bytes.
-RESPONSE_HEADROOM = 64 * 1024
 DEFAULT_CONCAT_KEY = "descriptor"
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
 # VGG16's relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (Johnson et al.; LPIPS's VGG taps).
 VGG16_NODES = ("features.3", "features.8", "features.15", "features.22", "features.29")
 DEFAULT_COMPARE_NODES = {"vgg16": VGG16_NODES}
 MAP_LAYOUTS = ("NCHW", "NHWC", "NLC")
-# Names a failed image in its error: (error, image index) -> the error to raise.
-Label = Callable[[PerImageError, int], PerImageError]
 
 
 class Catalogue(Protocol):
@@ -165,15 +160,7 @@ def extract_job(
                     f"{node.name!r} is {node.layout or 'of unknown layout'}"
                 )
     check_encoded_sizes(inputs, s.max_image_bytes)
-    # Inputs at the model's own size have known output sizes: refuse oversize answers
-    # before spending compute on them (raw float inputs of other sizes are checked after).
-    estimate = estimate_bytes(unique_specs, spec, dims, [len(r) for r in regions])
-    if estimate > s.max_message_bytes - RESPONSE_HEADROOM:
-        raise LimitExceeded(
-            f"the response would carry about {estimate} bytes of tensors, over "
-            f"max_message_bytes={s.max_message_bytes}; request pooled outputs, fewer nodes, "
-            "regions or images"
-        )
+    estimate_fits(unique_specs, spec, dims, [len(r) for r in regions], s)
     if any(regions):  # after the size check: for raw regions the message limit says more
         check_roi_bins(unique_specs, spec.roi_size, regions)
     priority = request.priority
@@ -202,16 +189,6 @@ def extract_job(
     )
 
 
-def response_size_ok(size: int, settings: Settings) -> None:
-    """Refuse an answer whose tensors would not fit the message limit (after compute: inputs of
-    other sizes than the model's have output sizes known only then)."""
-    if size > settings.max_message_bytes - RESPONSE_HEADROOM:
-        raise LimitExceeded(
-            f"the response would carry {size} bytes of tensors, over max_message_bytes="
-            f"{settings.max_message_bytes}; request pooled outputs, fewer nodes or fewer images"
-        )
-
-
 def parameter_request(request: pb.GetParametersRequest) -> tuple[list[str], str]:
     """(names, dtype) of a GetParameters request, each name non-empty, the dtype served."""
     names = list(request.names)
@@ -230,20 +207,6 @@ def parameter_request(request: pb.GetParametersRequest) -> tuple[list[str], str]
     if dtype not in FLOAT_DTYPES:
         raise InvalidArgument(f"dtype {dtype!r} is not supported; use {', '.join(FLOAT_DTYPES)}")
     return names, dtype
-
-
-def check_encoded_sizes(
-    inputs: Sequence[ImageInput], max_bytes: int, label: Label = PerImageError.at
-) -> None:
-    """The cheap size check of encoded images, before any queue room is held; `label` names a
-    failed image (Extract: "image i", Compare: "a[i]" / "b[i]")."""
-    limits = DecodeLimits(max_encoded_bytes=max_bytes)
-    for index, given in enumerate(inputs):
-        if given.encoded is not None:
-            try:
-                check_encoded_size(len(given.encoded), limits)
-            except PerImageError as exc:
-                raise label(exc, index) from None
 
 
 def regions_of(image: pb.Image, index: int) -> list[Box]:
@@ -266,23 +229,6 @@ def regions_of(image: pb.Image, index: int) -> list[Box]:
     return boxes
 
 
-def check_roi_bins(nodes: Sequence[NodeSpec], roi_size: int, regions: Sequence[list[Box]]) -> None:
-    """Refuse (RESOURCE_EXHAUSTED) region requests whose roi_align bins, per image and node,
-    exceed MAX_ROI_BINS: the worker would spend seconds and gigabytes on them."""
-    for node in nodes:
-        channels = node.channels or 1
-        for index, boxes in enumerate(regions):
-            bins = len(boxes) * channels * roi_size**2
-            if bins > MAX_ROI_BINS:
-                fit = max(1, MAX_ROI_BINS // (channels * roi_size**2))
-                raise LimitExceeded(
-                    f"image {index}: {len(boxes)} regions x {channels} channels of node "
-                    f"{node.name!r} x roi_size {roi_size}^2 are {bins} roi_align bins, over "
-                    f"the limit of {MAX_ROI_BINS}; send at most {fit} regions per image at this "
-                    "roi_size, or a smaller roi_size (0: 7)"
-                )
-
-
 def _source(image: pb.Image) -> ImageInput | None:
     """The image as sent (None: neither source set), for Extract's and Compare's checks."""
     which = image.WhichOneof("source")
@@ -300,24 +246,6 @@ def image_input(image: pb.Image, index: int) -> ImageInput:
     if given is None:
         raise InvalidImage("neither 'encoded' bytes nor a 'tensor' is set", index)
     return given
-
-
-def estimate_bytes(
-    nodes: Sequence[NodeSpec],
-    spec: OutputSpec,
-    dims: Sequence[int | None],
-    regions: Sequence[int],
-) -> int:
-    """Output bytes of a request at the model's input size: per image the outputs' elements
-    (pooled: the descriptor dims; raw: the catalogue's shapes, or C x roi x roi per region),
-    times the image's region count (1 without regions)."""
-    itemsize = ITEMSIZE[spec.dtype]
-    if spec.pool == "raw":
-        whole = sum(math.prod(n.shape[1:]) for n in nodes)
-        per_region = sum((n.channels or 1) * spec.roi_size**2 for n in nodes)
-    else:
-        whole = per_region = sum(d or 1 for d in dims)
-    return itemsize * sum(per_region * r if r else whole for r in regions)
 
 
 # --------------------------------------------------------------------------- Compare

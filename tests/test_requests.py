@@ -1,4 +1,4 @@
-"""Request validation on its own (server/requests.py, server/output_options.py): protobuf in,
+"""Request validation on its own (server/requests.py, output_options.py, budgets.py): protobuf in,
 validated domain objects or a precise error out, with no server, no model and no torch. The
 end-to-end tests (test_server_info, reliability/test_bad_inputs) check the same rules over gRPC."""
 
@@ -10,6 +10,13 @@ from typing import Any
 
 import pytest
 
+from layertap.server.budgets import (
+    MAX_ROI_BINS,
+    RESPONSE_HEADROOM,
+    check_encoded_sizes,
+    estimate_bytes,
+    response_size_ok,
+)
 from layertap.server.errors import (
     ImageLimitExceeded,
     InvalidArgument,
@@ -22,16 +29,11 @@ from layertap.server.output_options import MAX_TTA_VIEWS, descriptor_dims, outpu
 from layertap.server.requests import (
     MAX_REGIONS,
     MAX_REQUESTED_NODES,
-    MAX_ROI_BINS,
-    RESPONSE_HEADROOM,
-    check_encoded_sizes,
     compare_nodes,
     compare_pairs,
-    estimate_bytes,
     extract_job,
     parameter_request,
     plan_outputs,
-    response_size_ok,
 )
 from layertap.server.settings import Settings
 from layertap.server.spec import ImageInput, NodeSpec, OutputSpec, PostOp
