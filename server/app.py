@@ -23,7 +23,8 @@ from grpc_reflection.v1alpha import reflection
 from layertap.v1 import layertap_pb2
 
 from . import logs, process, security
-from .batcher import Batcher, BatchPolicy
+from .batcher import Batcher
+from .batching import BatchPolicy
 from .dispatch import Dispatcher
 from .heads import Head, load_head
 from .metrics import Metrics

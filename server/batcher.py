@@ -31,13 +31,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
+from .batching import (
+    NORMAL,
+    REQUEST_DEADLINE,
+    BatchInfo,
+    BatchPolicy,
+    RunBatch,
+    clock,
+    is_deadline,
+)
 from .errors import LimitExceeded, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
@@ -45,99 +53,10 @@ log = logging.getLogger(__name__)
 P = TypeVar("P")
 R = TypeVar("R")
 
-RunBatch = Callable[[Hashable, list[Any]], Awaitable[Sequence[Any]]]
 
-NORMAL = 0
-LOW = 1
-# A cancel this close to the request's deadline is the deadline: the client's own timer fires
-# first and its cancel reaches us before our timer does, because the client started counting
-# before it sent the call and we count from when its headers arrived (and gRPC may round the
-# timeout it sends up). Measured on loopback under load: the cancel came 6-11 ms early for a
-# 1 s timeout. The larger of the two counts: a fixed 50 ms, or 2 % of the request's timeout.
-DEADLINE_SLACK_S = 0.05
-DEADLINE_SLACK_FRACTION = 0.02
 # The companion window is at most this share of the batch's run time: if the companions do
 # not come, the worker idles for no more than 30 % of one forward.
 COMPANION_WAIT_FRACTION = 0.3
-
-
-def is_deadline(now: float, deadline: float, since: float) -> bool:
-    """Whether a cancel at `now` of an item submitted at `since` is its request's deadline."""
-    slack = max(DEADLINE_SLACK_S, DEADLINE_SLACK_FRACTION * (deadline - since))
-    return now >= deadline - slack
-
-
-def clock() -> float:
-    """The batcher's clock: the running event loop's (module docstring)."""
-    return asyncio.get_running_loop().time()
-
-
-# When the client of the RPC this task serves stops waiting (clock()), if it said.
-_request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "request_deadline", default=None
-)
-
-
-def set_request_deadline(time_remaining: float | None) -> None:
-    """Record for the current task (one RPC) when its client stops waiting; `time_remaining`
-    is gRPC's `context.time_remaining()` (None: no deadline). Items the task submits carry it,
-    so a dropped item can be told apart: its deadline passed, or its client cancelled."""
-    deadline = None if time_remaining is None else clock() + time_remaining
-    _request_deadline.set(deadline)
-
-
-@dataclass(frozen=True)
-class BatchPolicy:
-    """How one key batches: at most `max_batch_size` items; stop waiting for more once
-    `preferred_batch_size` are queued (0: only a full batch stops the wait) or `max_wait_s`
-    after the head arrived."""
-
-    max_batch_size: int
-    preferred_batch_size: int = 0
-    max_wait_s: float = 0.002
-
-    @property
-    def target(self) -> int:
-        """The size at which a collecting batch stops waiting."""
-        preferred = self.preferred_batch_size
-        return min(preferred, self.max_batch_size) if preferred > 0 else self.max_batch_size
-
-
-@dataclass(frozen=True)
-class BatchInfo:
-    """How an item was served: time queued, the batch's run time, the batch size, and the
-    batcher (device) that ran it."""
-
-    queue_s: float
-    run_s: float
-    batch_size: int
-    batch_id: int = 0
-    device: str = ""
-
-
-class BatchQueue(Protocol):
-    """What the servicer needs of a batcher: one Batcher, or a Dispatcher over several."""
-
-    @property
-    def queued(self) -> int: ...
-
-    @property
-    def devices(self) -> list[str]:
-        """The names of the device workers behind it (what BatchInfo.device reports)."""
-        ...
-
-    def reserve(self, count: int) -> contextlib.AbstractContextManager[None]: ...
-
-    def submit_many(
-        self,
-        key: Hashable,
-        payloads: Sequence[Any],
-        reserved: bool = False,
-        priority: int = NORMAL,
-        deadline: float | None = None,
-    ) -> list[asyncio.Future[Any]]: ...
-
-    async def close(self, drain: bool = True) -> None: ...
 
 
 @dataclass(eq=False)
@@ -272,7 +191,7 @@ class Batcher:
         `deadline`: clock() at which the client stops waiting (tells a dropped item's deadline
         from its client's cancel); default: set_request_deadline's, if any."""
         if deadline is None:
-            deadline = _request_deadline.get()
+            deadline = REQUEST_DEADLINE.get()
         if not reserved:
             self._check_room(len(payloads))
         elif self._closed:

@@ -16,7 +16,8 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .batcher import NORMAL, Batcher, BatchInfo
+from .batcher import Batcher
+from .batching import NORMAL, BatchInfo
 
 _lane: contextvars.ContextVar[Batcher | None] = contextvars.ContextVar("lane", default=None)
 

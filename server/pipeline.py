@@ -11,7 +11,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from .batcher import BatchInfo, BatchQueue
+from .batching import BatchInfo, BatchQueue
 from .budgets import Label, response_size_ok
 from .errors import PerImageError
 from .heads import Head

@@ -15,7 +15,7 @@ from layertap.common.options import OUTPUT_DTYPES, POOL_NAMES
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
-from .batcher import set_request_deadline
+from .batching import set_request_deadline
 from .metrics import layertap_version
 from .requests import extract_job, parameter_request
 from .responses import describe_response, extract_response, model_info_pb

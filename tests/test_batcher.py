@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from layertap.server.batcher import Batcher, BatchPolicy, is_deadline
+from layertap.server.batcher import Batcher
+from layertap.server.batching import BatchPolicy, is_deadline
 from layertap.server.errors import LimitExceeded, QueueFull, Unavailable
 
 pytestmark = pytest.mark.looptime

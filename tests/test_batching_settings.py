@@ -24,7 +24,8 @@ import pytest
 import torch
 from conftest import RunningServer, start_server
 
-from layertap.server.batcher import Batcher, BatchPolicy
+from layertap.server.batcher import Batcher
+from layertap.server.batching import BatchPolicy
 from layertap.server.dispatch import Dispatcher
 from layertap.server.settings import ModelConfig, Settings, load_settings
 from layertap.server.worker import usable_cores
