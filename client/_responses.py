@@ -78,6 +78,7 @@ def preprocessing_from_proto(p: pb.Preprocessing) -> Preprocessing:
         interpolation=p.interpolation,
         antialias=bool(p.antialias),
         resize_kernel=p.resize_kernel,
+        resize_mode=p.resize_mode or "shorter",
     )
 
 

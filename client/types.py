@@ -29,6 +29,9 @@ class Preprocessing:
     resize_kernel: str = ""
     """"uint8" (torchvision v2's native kernel) or "float" (weights.transforms() on tensors);
     empty from servers that predate the choice."""
+    resize_mode: str = "shorter"
+    """"shorter" (the shorter side becomes resize_size) or "squash" (resize_size scaled to the
+    crop's shape, aspect not kept)."""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The model's input transform, torchvision's ImageClassification preset on tensors.
 
 Same steps and arithmetic as ``weights.transforms()``: resize the shorter side (antialiased),
-centre crop (zero-padding when too small), scale to [0, 1], normalise. The resize kernel is a
+centre crop (zero-padding when too small), scale to [0, 1], normalise. ``resize_mode = "squash"``
+resizes to a fixed height and width instead, ignoring the aspect ratio (Hugging Face image
+processors with a ``{height, width}`` size, timm's ``crop_mode = "squash"``). The resize kernel is a
 per-model choice (`Preprocessing.resize_kernel`):
 
 - ``"uint8"`` (default): torchvision v2's native uint8 kernel (a port of Pillow's resampling, the
@@ -43,6 +45,7 @@ _INTERPOLATIONS = {
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
 }
+RESIZE_MODES = ("shorter", "squash")
 # Kernel radius in input pixels at scale 1 (antialiased downscaling widens it by the scale).
 _KERNEL_RADIUS = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 1.0}
 
@@ -61,6 +64,9 @@ class Preprocessing:
     interpolation: str = "bilinear"  # "bilinear" | "bicubic" | "nearest"
     antialias: bool = True
     resize_kernel: str = "uint8"  # "uint8" (fast, Pillow-like) | "float" (v1 tensor-exact)
+    # "shorter": the shorter side becomes resize_size (aspect kept); "squash": the image becomes
+    # resize_size scaled to the crop's shape (square crop: resize_size x resize_size)
+    resize_mode: str = "shorter"
 
     def __post_init__(self) -> None:
         if self.resize_size == 0:
@@ -77,6 +83,10 @@ class Preprocessing:
             raise ValueError(
                 f"interpolation must be one of {sorted(_INTERPOLATIONS)}, "
                 f"got {self.interpolation!r}"
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"resize_mode must be one of {list(RESIZE_MODES)}, got {self.resize_mode!r}"
             )
         if self.resize_kernel not in RESIZE_KERNELS:
             raise ValueError(
@@ -118,13 +128,25 @@ class Preprocessing:
             antialias=bool(antialias),  # torchvision treats None as False for tensors
         )
 
+    def squash_size(self) -> tuple[int, int]:
+        """(H, W) a squash resize produces: resize_size scaled to the crop's aspect."""
+        assert self.resize_size is not None
+        ch, cw = self.crop_size
+        short = min(ch, cw)
+        return round(self.resize_size * ch / short), round(self.resize_size * cw / short)
+
     def describe(self) -> str:
         """One line for logs and DescribeModel."""
         if self.resize_size is None:
             resize = "no resize"
         else:
             aa = " antialias" if self.antialias and self.interpolation != "nearest" else ""
-            resize = f"resize {self.resize_size} {self.interpolation} ({self.resize_kernel}{aa})"
+            size = (
+                f"{self.resize_size}"
+                if self.resize_mode == "shorter"
+                else "{}x{} (squash)".format(*self.squash_size())
+            )
+            resize = f"resize {size} {self.interpolation} ({self.resize_kernel}{aa})"
         h, w = self.crop_size
         mean = ", ".join(f"{m:g}" for m in self.mean)
         std = ", ".join(f"{s:g}" for s in self.std)
@@ -236,7 +258,12 @@ def geometry(h: int, w: int, spec: Preprocessing, native: bool = False) -> Geome
     sub-pixel precision)."""
     if native:
         return Geometry((h, w), (h, w))
-    rh, rw = (h, w) if spec.resize_size is None else _resized_size(h, w, spec.resize_size)
+    if spec.resize_size is None:
+        rh, rw = h, w
+    elif spec.resize_mode == "squash":
+        rh, rw = spec.squash_size()
+    else:
+        rh, rw = _resized_size(h, w, spec.resize_size)
     ch, cw = spec.crop_size
 
     def crop_start(size: int, crop: int) -> int:
@@ -268,7 +295,15 @@ def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -
     img = image
     if native:
         return _to_input(img, spec)
-    if spec.resize_size is not None:
+    resize = F2.resize_image if spec.resize_kernel == "uint8" else F.resize
+    if spec.resize_size is not None and spec.resize_mode == "squash":
+        img = resize(
+            img,
+            list(spec.squash_size()),
+            interpolation=_INTERPOLATIONS[spec.interpolation],
+            antialias=spec.antialias,
+        )
+    elif spec.resize_size is not None:
         out_hw = _resized_size(h, w, spec.resize_size)
         long_idx = 0 if out_hw[0] > out_hw[1] else 1
         if (
@@ -277,7 +312,6 @@ def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -
         ):
             img = _resize_center_strip(img, out_hw, spec)
         else:
-            resize = F2.resize_image if spec.resize_kernel == "uint8" else F.resize
             img = resize(
                 img,
                 [spec.resize_size],

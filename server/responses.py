@@ -30,6 +30,7 @@ def preprocessing_pb(p: Preprocessing | None) -> pb.Preprocessing:
         interpolation=p.interpolation,
         antialias=p.antialias,
         resize_kernel=p.resize_kernel,
+        resize_mode=p.resize_mode,
     )
 
 

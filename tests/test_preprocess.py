@@ -296,3 +296,48 @@ def test_rejects_bad_input_and_specs() -> None:
         Preprocessing(256, (224, 224), (0, 0, 0), (1, 0, 1))
     with pytest.raises(ValueError, match="resize_kernel"):
         Preprocessing(256, (224, 224), (0, 0, 0), (1, 1, 1), resize_kernel="pil")
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+@pytest.mark.parametrize("interp", ["bilinear", "bicubic"])
+def test_squash_resizes_to_the_crop_shape_like_pil(name: str, interp: str) -> None:
+    """resize_mode "squash" (Hugging Face {height, width} sizes, timm's squash crop mode): the
+    float kernel equals torchvision's resize to (H, W) on the tensor, the uint8 kernel is within
+    one level of Pillow's resize of the same photo (how HF and timm resize PIL images) but for
+    one value."""
+    img = photo(name)
+    spec = Preprocessing(
+        240, (224, 224), (0.5,) * 3, (0.25,) * 3, interp, True, "float", resize_mode="squash"
+    )
+    resized = F.resize(img, [240, 240], interpolation=InterpolationMode(interp), antialias=True)
+    ref = F.normalize(F.convert_image_dtype(F.center_crop(resized, [224, 224]), torch.float),
+                      [0.5] * 3, [0.25] * 3)
+    assert torch.equal(preprocess(img, spec), ref)
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interp]
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((240, 240), resample)
+    pil_t = torch.from_numpy(np.asarray(pil)).permute(2, 0, 1)
+    pil_ref = F.normalize(
+        F.convert_image_dtype(F.center_crop(pil_t, [224, 224]), torch.float), [0.5] * 3, [0.25] * 3
+    )
+    fast = preprocess(img, dataclasses.replace(spec, resize_kernel="uint8"))
+    levels = ((fast - pil_ref).abs() * 255 * 0.25).round()
+    # v2's uint8 kernel is a port of Pillow's; their rounding differs by one level, and on
+    # chelsea (300 x 451, one axis upscaled) by two at 1 value of 150,528
+    assert levels.max() <= 2
+    assert (levels > 1).sum() <= 1
+
+
+def test_squash_geometry_and_describe() -> None:
+    """A squash keeps no aspect: each axis has its own scale, and a non-square crop scales the
+    size to its shape; describe() says so."""
+    spec = Preprocessing(200, (100, 200), (0.0,) * 3, (1.0,) * 3, resize_mode="squash")
+    assert spec.squash_size() == (200, 400)
+    geo = preprocess_module.geometry(50, 1000, spec)
+    assert geo.input_hw == (100, 200)
+    assert geo.scale == (200 / 50, 400 / 1000)
+    assert geo.offset == (50.0, 100.0)
+    out = preprocess(torch.zeros(3, 50, 1000, dtype=torch.uint8), spec)
+    assert out.shape == (3, 100, 200)
+    assert "resize 200x400 (squash)" in spec.describe()
+    with pytest.raises(ValueError, match="resize_mode must be one of"):
+        Preprocessing(256, (224, 224), (0, 0, 0), (1, 1, 1), resize_mode="longer")
