@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import io
 import logging
+import operator
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ class Catalog:
     reason: str = ""  # why this mode (DescribeModel's extraction_reason)
     # hooks mode: modules that ran but are not nodes, with why ("outputs a tuple, not a tensor")
     skipped: dict[str, str] = field(default_factory=dict, repr=False)
+    # tensors the trace made graph constants (`_tensor_constant0`: a tensor computed outside
+    # the graph, such as MaxViT's relative position index .view(-1)); the trace attached them
+    # to the model, which _state_restored put back as it was, so extractors take them here
+    constants: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     by_name: dict[str, NodeSpec] = field(init=False, repr=False)
     order: dict[str, int] = field(init=False, repr=False)  # execution position of each node
     token_counts: frozenset[int] = field(init=False, repr=False)  # L of every NLC node
@@ -273,6 +278,20 @@ def _state_restored(model: nn.Module) -> Iterator[None]:
                         store[key] = value
 
 
+def _attr_targets(graph: fx.Graph, modules: bool = False) -> set[str]:
+    """The attributes the graph reads (get_attr), and with `modules` the modules it calls."""
+    ops = ("get_attr", "call_module") if modules else ("get_attr",)
+    return {str(n.target) for n in graph.nodes if n.op in ops}
+
+
+def _has_attr(root: nn.Module, target: str) -> bool:
+    try:
+        operator.attrgetter(target)(root)
+    except AttributeError:
+        return False
+    return True
+
+
 def build_catalog(
     model: nn.Module,
     input_size: tuple[int, int],
@@ -294,6 +313,8 @@ def build_catalog(
         with contextlib.redirect_stderr(io.StringIO()):
             probe = _propagate(gm, (2, 3, h + 64, w + 64))
         base = _propagate(gm, (2, 3, h, w))
+        attached = {t: operator.attrgetter(t)(model) for t in _attr_targets(graph)}
+    constants = {t: v for t, v in attached.items() if not _has_attr(model, t)}
     if base is None:
         raise RuntimeError(f"shape propagation failed at input {h}x{w}")
 
@@ -340,6 +361,7 @@ def build_catalog(
         nodes=nodes,
         all_names=list(tracer.node_to_qualname.values()),
         fx_nodes=fx_nodes,
+        constants=constants,
         input_name=next(
             (tracer.node_to_qualname.get(n, n.name) for n in graph.nodes if n.op == "placeholder"),
             "x",
@@ -367,7 +389,12 @@ def build_extractor(catalog: Catalog, names: Sequence[str]) -> fx.GraphModule:
         with graph.inserting_after(produced):
             outputs[name] = graph.call_method("clone", (produced,))
     graph.output(outputs)
-    gm = fx.GraphModule(catalog.root, graph, class_name="LayertapExtractor")
+    # from a dict, not the model: the model no longer holds the trace's constants
+    root = {
+        t: catalog.constants[t] if t in catalog.constants else operator.attrgetter(t)(catalog.root)
+        for t in _attr_targets(graph, modules=True)
+    }
+    gm = fx.GraphModule(root, graph, class_name="LayertapExtractor")
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
