@@ -18,7 +18,6 @@ import difflib
 import io
 import logging
 import operator
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from torchvision.models.feature_extraction import NodePathTracer, _set_default_t
 
 from .errors import UnknownNode
 from .spec import NodeSpec
+from .trace_gate import tracing
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 # traces: two traces overlapping in two worker threads (several devices loading at once)
 # fail, or restore each other's wrappers and leave the class patched for the life of the
 # process, breaking every later forward; shape propagation on fake tensors fails when run in
-# two threads at once too. One catalogue build at a time, process-wide.
-_TRACE_LOCK = threading.Lock()
+# two threads at once too; and a forward on another thread meanwhile enters the tracer's
+# wrappers. One catalogue build at a time, process-wide, and no forward during it
+# (server/trace_gate.py).
 
 WIRE_DTYPES = {
     torch.float32: "float32",
@@ -301,9 +302,10 @@ def build_catalog(
     """Trace the eval graph and find its batch-dependent tensor nodes with their shapes."""
     model.eval()
     h, w = input_size
-    # one trace and shape propagation at a time (_TRACE_LOCK); a failed trace must not leave
+    # one trace and shape propagation at a time, and no forward anywhere meanwhile
+    # (trace_gate); a failed trace must not leave
     # Proxies behind (hooks fallback)
-    with _TRACE_LOCK, _state_restored(model):
+    with tracing(), _state_restored(model):
         tracer = _tracer(leaf_modules, autowrap_functions)
         graph = tracer.trace(model)
         gm = fx.GraphModule(tracer.root, graph)

@@ -20,6 +20,7 @@ from .fusion import fold_batchnorms
 from .hooks import build_hook_extractor
 from .loaded import LoadedModel
 from .metrics import Metrics
+from .trace_gate import forwarding
 
 
 def cached_extractor(
@@ -90,5 +91,5 @@ def run_extractor(
         batch = batch.contiguous(memory_format=torch.channels_last)
     loaded.weights.module.eval()  # nothing may have flipped it, but BatchNorm must be eval
     extractor.eval()
-    with compute_mode(loaded, device):
+    with forwarding(), compute_mode(loaded, device):
         return extractor(batch)  # type: ignore[no-any-return]

@@ -25,6 +25,7 @@ from torch import nn
 
 from .catalog import WIRE_DTYPES, Catalog, NodeSpec
 from .errors import InvalidArgument
+from .trace_gate import forwarding
 
 __all__ = ["HookExtractor", "build_hook_catalog", "build_hook_extractor"]
 
@@ -157,7 +158,7 @@ def build_hook_catalog(
         handles.append(mod.register_forward_hook(post(name)))
     h, w = input_size
     try:
-        with torch.inference_mode():
+        with forwarding(), torch.inference_mode():
             model(torch.zeros(batch, 3, h, w, device=device))
     finally:
         for handle in handles:
