@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from layertap.server.models import build_model
+from layertap.server.sources import build_model
 from layertap.server.settings import ModelConfig
 
 

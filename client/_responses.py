@@ -97,6 +97,7 @@ def model_info_from_proto(m: pb.ModelInfo) -> ModelInfo:
         compute_dtype=m.compute_dtype,
         prefix_tokens=int(m.prefix_tokens),
         extraction_mode=m.extraction_mode,
+        source=m.source,
     )
 
 

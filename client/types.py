@@ -55,6 +55,8 @@ class ModelInfo:
     """Leading non-patch tokens (CLS, registers) of the model's NLC outputs."""
     extraction_mode: str = ""
     """"fx" (graph nodes) or "hooks" (module outputs only); "" from an older server."""
+    source: str = ""
+    """"torchvision", "factory", "timm", "huggingface" or "export"; "" from an older server."""
 
 
 @dataclass(frozen=True)

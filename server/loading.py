@@ -26,6 +26,8 @@ from .loaded import LoadedModel
 from .metrics import Metrics
 from .pooling import DTYPES
 from .settings import ModelConfig, Settings, batch_limit
+from .sources import build_model
+from .trace_gate import forwarding
 
 # Logged under the worker's name, as before loading had a module of its own: log filters and
 # the JSON lines' "logger" field stay the same.
@@ -41,7 +43,8 @@ def _forward_ms(module: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> floa
     times = []
     for i in range(runs + 1):
         started = time.perf_counter()
-        module(x)
+        with forwarding():
+            module(x)
         if i:
             times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
@@ -76,7 +79,7 @@ class SharedWeights:
         key = model_loading.base_key(cfg)
         with self._lock:
             if key not in self._built:
-                self._built[key] = model_loading.build_model(cfg)
+                self._built[key] = build_model(cfg)
             built = self._built[key]
         return dataclasses.replace(built, module=copy.deepcopy(built.module)).for_entry(cfg)
 
@@ -130,7 +133,7 @@ class ModelLoader:
             if self.shared is not None:
                 loaded = self.shared.copy_of(cfg)
             else:
-                loaded = model_loading.build_model(cfg)
+                loaded = build_model(cfg)
             module = loaded.module.to(self.device)
             if cfg.channels_last:
                 module = module.to(memory_format=torch.channels_last)
@@ -139,7 +142,7 @@ class ModelLoader:
         if cfg.submodule:  # the base (whole model) stays shared; this entry serves a part
             loaded = dataclasses.replace(loaded, module=_submodule(cfg, loaded.module))
         module = loaded.module
-        catalog = self._catalog(cfg, module, loaded.preprocessing.crop_size)
+        catalog = self._catalog(cfg, module, loaded.preprocessing.crop_size, loaded)
         module.eval()
         n_prefix = cfg.prefix_tokens if cfg.prefix_tokens >= 0 else default_prefix_tokens(module)
         result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix, autocast=autocast)
@@ -208,10 +211,16 @@ class ModelLoader:
         return chosen
 
     def _catalog(
-        self, cfg: ModelConfig, module: torch.nn.Module, input_size: tuple[int, int]
+        self,
+        cfg: ModelConfig,
+        module: torch.nn.Module,
+        input_size: tuple[int, int],
+        built: model_loading.LoadedWeights,
     ) -> Catalog:
         """The node catalogue in the entry's extraction mode: fx ("fx"; "auto" first) or forward
-        hooks ("hooks"; "auto" when tracing fails, with the trace error as the reason)."""
+        hooks ("hooks"; "auto" when tracing fails, with the trace error as the reason). The
+        tracer keeps the model library's own leaves and wrapped functions (`built`), then the
+        entry's."""
         if cfg.extraction == "hooks":
             reason = "configured: extraction = 'hooks'"
         else:
@@ -219,8 +228,11 @@ class ModelLoader:
                 catalog = build_catalog(
                     module,
                     input_size,
-                    leaf_modules=_import_all(cfg.leaf_modules),
-                    autowrap_functions=_import_all(cfg.autowrap_functions),
+                    leaf_modules=[*built.leaf_modules, *_import_all(cfg.leaf_modules)],
+                    autowrap_functions=[
+                        *built.autowrap_functions,
+                        *_import_all(cfg.autowrap_functions),
+                    ],
                 )
             except model_loading.ModelLoadError:
                 raise  # a bad leaf_modules / autowrap_functions import path

@@ -6,6 +6,7 @@ range or words (config_types.setting), so the docs and the checks read the same 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,18 @@ from .config_types import ConfigError, about, check_ranges, check_table, setting
 AUTOCAST_DTYPES = ("", "float16", "bfloat16")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune")
 EXTRACTION_MODES = ("auto", "fx", "hooks")
+# Where a model comes from (server/sources/, one module each) and the config key naming it.
+SOURCES = ("torchvision", "factory", "timm", "huggingface", "export")
+SOURCE_KEY = {
+    "torchvision": "arch",
+    "factory": "factory",
+    "timm": "arch",
+    "huggingface": "path",
+    "export": "path",
+}
+# The optional package each source needs, and the extra that installs it.
+SOURCE_PACKAGES = {"timm": ("timm", "timm"), "huggingface": ("transformers", "hf")}
+RESIZE_MODES = ("", "shorter", "squash")  # preprocess.Preprocessing.resize_mode
 RESIZE_KERNELS = ("uint8", "float")  # preprocess.Preprocessing.resize_kernel
 
 
@@ -24,11 +37,24 @@ class ModelConfig:
     """One servable model. Only names listed here are reachable by clients."""
 
     name: str = field(metadata=about("what clients send (only configured names are reachable)"))
+    source: str = setting(
+        "",
+        'where the model comes from: "torchvision" (arch), "factory", "timm" (arch), '
+        '"huggingface" (path) or "export" (path); unset: torchvision, or factory with factory',
+        choices=("", *SOURCES),
+    )
     arch: str | None = setting(
-        None, "a torchvision classification architecture (torchvision.models.list_models())"
+        None,
+        "a torchvision classification architecture (torchvision.models.list_models()), or "
+        "with source = timm a timm.list_models() name",
     )
     factory: str | None = setting(
         None, 'or "package.module:callable" returning an nn.Module (custom, timm, face models)'
+    )
+    path: str | None = setting(
+        None,
+        "huggingface: a save_pretrained() directory; export: a .pt2 file from torch.export.save "
+        "(relative: to the config file)",
     )
     kwargs: Mapping[str, Any] = field(
         default_factory=dict, metadata=about("keyword arguments of arch or factory")
@@ -45,6 +71,12 @@ class ModelConfig:
         None, "model input (H, W); default: the weights' own transforms"
     )
     resize_size: int | None = setting(None, "shorter side resized to this before the crop")
+    resize_mode: str = setting(
+        "",
+        '"shorter" (resize the shorter side, keep the aspect) or "squash" (resize to the '
+        "crop's shape); unset: the model's own",
+        choices=RESIZE_MODES,
+    )
     mean: tuple[float, float, float] | None = setting(None, "per-channel normalisation mean")
     std: tuple[float, float, float] | None = setting(None, "per-channel normalisation std")
     interpolation: str | None = setting(None, '"bilinear", "bicubic" or "nearest"')
@@ -124,6 +156,12 @@ class ModelConfig:
     )
 
 
+    def __post_init__(self) -> None:
+        # unset: as the keys say (entries built in code, like parsed ones)
+        if not self.source:
+            object.__setattr__(self, "source", "factory" if self.factory else "torchvision")
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """A named post-processing head (centering / PCA / whitening) that requests pick by name."""
@@ -172,14 +210,49 @@ def parse_head(entry: Mapping[str, Any], base_dir: Path | None = None) -> HeadCo
     return HeadConfig(name=str(entry["name"]), file=str(path), model=str(entry.get("model", "")))
 
 
+def _source(values: Mapping[str, Any]) -> str:
+    """The entry's source, checked against the keys it gives: each source needs its own key
+    (SOURCE_KEY) and no other source's, and an optional package that is installed."""
+    name = values["name"]
+    given = [k for k in ("arch", "factory", "path") if values.get(k)]
+    if not values.get("source") and given not in (["arch"], ["factory"]):
+        raise ConfigError(
+            f"model {name!r}: give exactly one of 'arch' or 'factory' (or source = "
+            "'huggingface' or 'export' with a 'path'; source = 'timm' with a timm 'arch')"
+        )
+    source = str(values.get("source") or ("factory" if values.get("factory") else "torchvision"))
+    if source not in SOURCES:
+        raise ConfigError(
+            f"model {name!r}: source must be one of {', '.join(SOURCES)}, got {source!r}"
+        )
+    needed = SOURCE_KEY[source]
+    if not values.get(needed):
+        raise ConfigError(f"model {name!r}: source {source!r} needs '{needed}'")
+    extra = sorted(set(given) - {needed})
+    if extra:
+        raise ConfigError(
+            f"model {name!r}: source {source!r} takes '{needed}', not {', '.join(extra)}; "
+            "give exactly one of arch (torchvision, timm), factory, or path (huggingface, export)"
+        )
+    if source in SOURCE_PACKAGES:
+        package, extra_name = SOURCE_PACKAGES[source]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"model {name!r}: source {source!r} needs the {package} package, which is not "
+                f"installed; pip install 'layertap[{extra_name}]'"
+            )
+    return source
+
+
 def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> ModelConfig:
     """One [[models]] table → ModelConfig, with relative weight paths made absolute."""
     check_table(f"model entry {entry.get('name', '?')!r}", entry, _MODEL_TYPES)
     if not entry.get("name"):
         raise ConfigError("every [[models]] entry needs a 'name'")
     values = dict(entry)
-    if bool(values.get("arch")) == bool(values.get("factory")):
-        raise ConfigError(f"model {values['name']!r}: give exactly one of 'arch' or 'factory'")
+    values["source"] = _source(values)
+    if isinstance(values.get("path"), str):
+        values["path"] = _beside(values["path"], base_dir)
     for key in ("input_size", "mean", "std", "leaf_modules", "autowrap_functions"):
         if key in values and values[key] is not None:
             values[key] = tuple(values[key])
@@ -199,10 +272,16 @@ def parse_model(entry: Mapping[str, Any], base_dir: Path | None = None) -> Model
     if base_dir is not None and isinstance(factory, str) and ".py:" in factory:
         # a factory in a Python file next to the config ("model.py:build"): made absolute
         file, _, attr = factory.rpartition(":")
-        path = Path(file).expanduser()
-        values["factory"] = f"{path if path.is_absolute() else (base_dir / path).resolve()}:{attr}"
+        values["factory"] = f"{_beside(file, base_dir)}:{attr}"
     weights = str(values.get("weights", "DEFAULT"))
-    if base_dir is not None and weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
-        path = Path(weights).expanduser()
-        values["weights"] = str(path if path.is_absolute() else (base_dir / path).resolve())
+    if weights.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        values["weights"] = _beside(weights, base_dir)
     return ModelConfig(**values)
+
+
+def _beside(file: str, base_dir: Path | None) -> str:
+    """A path from the config file: relative ones are relative to the config's directory."""
+    path = Path(file).expanduser()
+    if base_dir is None or path.is_absolute():
+        return str(path) if base_dir is not None else file
+    return str((base_dir / path).resolve())

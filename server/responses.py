@@ -50,6 +50,7 @@ def model_info_pb(s: ModelStatus) -> pb.ModelInfo:
         compute_dtype=s.compute_dtype,
         prefix_tokens=s.prefix_tokens,
         extraction_mode=s.extraction_mode,
+        source=s.source,
     )
 
 

@@ -57,6 +57,7 @@ class ModelStatus:
     compute_dtype: str = "float32"
     prefix_tokens: int = 0
     extraction_mode: str = ""  # "fx" | "hooks" once loaded
+    source: str = ""  # ModelConfig.source
 
 
 @dataclass
@@ -205,12 +206,13 @@ class ModelRuntime:
         cfg = self._configs.get(name)
         if cfg is None:
             raise ModelNotFound(self._not_found(name))
-        arch = cfg.arch or cfg.factory or ""
+        arch = cfg.arch or cfg.factory or cfg.path or ""
         loaded = self._models.get(name)
         if loaded is None:
             message = self._errors.get(name, "loading")
             return ModelStatus(
-                name, arch, cfg.weights, "", False, (0, 0), None, str(self.device), False, message
+                name, arch, cfg.weights, "", False, (0, 0), None, str(self.device), False, message,
+                source=cfg.source,
             )
         w = loaded.weights
         return ModelStatus(
@@ -227,6 +229,7 @@ class ModelRuntime:
             compute_dtype=loaded.config.autocast or "float32",
             prefix_tokens=loaded.n_prefix_tokens,
             extraction_mode=loaded.catalog.mode,
+            source=cfg.source,
         )
 
     def _not_found(self, name: str) -> str:

@@ -73,6 +73,7 @@ def server(resnet18_weights: Path) -> Iterator[RunningServer]:
             _input_probe("nearest", interpolation="nearest"),
             _input_probe("bicubic-float", interpolation="bicubic", resize_kernel="float"),
             _input_probe("normalised", mean=MEAN, std=STD),
+            _input_probe("squash", resize_mode="squash", resize_kernel="float"),
             _factory(
                 "gate",
                 "factories:autowrap_net",
@@ -165,6 +166,22 @@ def test_interpolation_with_the_float_kernel_is_weights_transforms_bit_for_bit(
     )
     want = preset(torch.from_numpy(image).permute(2, 0, 1)).numpy()
     np.testing.assert_array_equal(_served_input(server, "bicubic-float", image), want)
+
+
+def test_resize_mode_squash_resizes_to_the_crop_shape(server: RunningServer) -> None:
+    """resize_mode = "squash": the whole photo (210 x 150, not square) resized to 37 x 37, aspect
+    not kept, then the 32 x 32 centre crop; reported as such by ListModels."""
+    image = _photo()
+    x = torch.from_numpy(image).permute(2, 0, 1)
+    x = F2.resize(x.float(), [RESIZE, RESIZE], antialias=True).round().clamp(0, 255)
+    x = F2.center_crop(x / 255, [SIZE, SIZE])
+    expected = F2.normalize(x, list(IMAGENET_MEAN), list(IMAGENET_STD)).numpy()
+    served = _served_input(server, "squash", image)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    _assert_different(served, _served_input(server, "default", image))
+    info = {m.name: m for m in server.stub().ListModels(pb.ListModelsRequest()).models}
+    assert info["squash"].preprocessing.resize_mode == "squash"
+    assert info["default"].preprocessing.resize_mode == "shorter"
 
 
 def test_mean_and_std_override(server: RunningServer) -> None:

@@ -104,7 +104,7 @@ def test_every_torch_load_is_weights_only() -> None:
     assert loads, "expected the local-weights loader to call torch.load"
     assert all(ok for _, _, ok in loads), [x for x in loads if not x[2]]
     # torchvision's own loader (enum weights) is forced to weights_only by the environment
-    models_src = (ROOT / "server" / "models.py").read_text()
+    models_src = (ROOT / "server" / "sources" / "torchvision_models.py").read_text()
     assert 'os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"' in models_src
 
 
@@ -166,7 +166,9 @@ IMPORT_SITES = {
     ("server/models.py", "import_object", "importlib.import_module(module_name)"),
     # a factory given as a config-relative .py file (import_object's only other branch)
     ("server/models.py", "_import_file", "spec.loader.exec_module(module)"),
-    ("server/models.py", "build_model", "import_object(cfg.factory)"),
+    ("server/sources/factory.py", "build", "import_object(cfg.factory)"),
+    # whether a source's optional package is installed (a fixed name, never imported here)
+    ("server/model_config.py", "_source", "importlib.util.find_spec(package)"),
     ("server/loading.py", "_import_all", "model_loading.import_object(s)"),
     ("server/loading.py", "_catalog", "_import_all(cfg.leaf_modules)"),
     ("server/loading.py", "_catalog", "_import_all(cfg.autowrap_functions)"),
@@ -192,7 +194,8 @@ def test_imports_by_name_come_from_config_only() -> None:
     assert sites == IMPORT_SITES
     # the functions around them take a ModelConfig, which only settings build
     for path, fn, arg in [
-        ("server/models.py", "build_model", "cfg"),
+        ("server/sources/factory.py", "build", "cfg"),
+        ("server/sources/__init__.py", "build_model", "cfg"),
         ("server/loading.py", "load", "cfg"),
         ("server/loading.py", "_catalog", "cfg"),
     ]:

@@ -72,7 +72,7 @@ class Preprocessing(_message.Message):
     def __init__(self, resize_size: _Optional[int] = ..., crop_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., interpolation: _Optional[str] = ..., antialias: _Optional[bool] = ..., resize_kernel: _Optional[str] = ..., resize_mode: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "architecture", "weights", "weights_sha256", "input_size", "preprocessing", "device", "ready", "status_message", "random_weights", "compute_dtype", "prefix_tokens", "extraction_mode")
+    __slots__ = ("name", "architecture", "weights", "weights_sha256", "input_size", "preprocessing", "device", "ready", "status_message", "random_weights", "compute_dtype", "prefix_tokens", "extraction_mode", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +86,7 @@ class ModelInfo(_message.Message):
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXTRACTION_MODE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     architecture: str
     weights: str
@@ -99,7 +100,8 @@ class ModelInfo(_message.Message):
     compute_dtype: str
     prefix_tokens: int
     extraction_mode: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., status_message: _Optional[str] = ..., random_weights: _Optional[bool] = ..., compute_dtype: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., extraction_mode: _Optional[str] = ...) -> None: ...
+    source: str
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., status_message: _Optional[str] = ..., random_weights: _Optional[bool] = ..., compute_dtype: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., extraction_mode: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
