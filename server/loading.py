@@ -144,7 +144,11 @@ class ModelLoader:
         module = loaded.module
         catalog = self._catalog(cfg, module, loaded.preprocessing.crop_size, loaded)
         module.eval()
-        n_prefix = cfg.prefix_tokens if cfg.prefix_tokens >= 0 else default_prefix_tokens(module)
+        n_prefix = cfg.prefix_tokens
+        if n_prefix < 0:
+            n_prefix = loaded.prefix_tokens
+        if n_prefix is None or n_prefix < 0:
+            n_prefix = default_prefix_tokens(module)
         result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix, autocast=autocast)
         if key not in self._layouts:  # decided once per base model
             self._layouts[key] = self._pick_channels_last(result)

@@ -61,6 +61,9 @@ class LoadedWeights:
     # torch.fx rules of the model's library: module classes kept as leaves, functions wrapped
     leaf_modules: tuple[type, ...] = ()
     autowrap_functions: tuple[Any, ...] = ()
+    # leading CLS/register tokens as the library describes the model (None: read the module,
+    # catalog.default_prefix_tokens); an entry's prefix_tokens >= 0 overrides both
+    prefix_tokens: int | None = None
 
     def for_entry(self, cfg: ModelConfig) -> LoadedWeights:
         """The same module and weights under another entry's preprocessing (shared weights)."""
@@ -76,6 +79,7 @@ def built(
     preprocess_for: Callable[[ModelConfig], Preprocessing],
     leaf_modules: tuple[type, ...] = (),
     autowrap_functions: tuple[Any, ...] = (),
+    prefix_tokens: int | None = None,
 ) -> LoadedWeights:
     """What a source returns: the module in eval mode, (weights id, sha256), and the entry's
     preprocessing."""
@@ -90,6 +94,7 @@ def built(
         preprocess_for=preprocess_for,
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
+        prefix_tokens=prefix_tokens,
     )
 
 

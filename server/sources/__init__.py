@@ -19,4 +19,16 @@ def build_model(cfg: ModelConfig) -> LoadedWeights:
         from . import factory
 
         return factory.build(cfg)
-    raise ModelLoadError(f"model {cfg.name!r}: source {cfg.source!r} is not available yet")
+    if cfg.source == "timm":
+        from . import timm_models
+
+        return timm_models.build(cfg)
+    if cfg.source == "huggingface":
+        from . import hf_models
+
+        return hf_models.build(cfg)
+    if cfg.source == "export":
+        from . import exported
+
+        return exported.build(cfg)
+    raise ModelLoadError(f"model {cfg.name!r}: unknown source {cfg.source!r}")
