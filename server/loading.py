@@ -144,10 +144,12 @@ class ModelLoader:
         module = loaded.module
         catalog = self._catalog(cfg, module, loaded.preprocessing.crop_size, loaded)
         module.eval()
-        n_prefix = cfg.prefix_tokens
-        if n_prefix < 0:
-            n_prefix = loaded.prefix_tokens
-        if n_prefix is None or n_prefix < 0:
+        described = loaded.prefix_tokens
+        if cfg.prefix_tokens >= 0:
+            n_prefix = cfg.prefix_tokens
+        elif described is not None and described >= 0:
+            n_prefix = described
+        else:
             n_prefix = default_prefix_tokens(module)
         result = LoadedModel(cfg, loaded, catalog, module_tree(module), n_prefix, autocast=autocast)
         if key not in self._layouts:  # decided once per base model
