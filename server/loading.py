@@ -251,7 +251,11 @@ class ModelLoader:
                         "or set extraction = 'hooks' (or 'auto') to serve module outputs "
                         "through forward hooks"
                     ) from exc
-                reason = f"torch.fx cannot trace it ({error}); serving module outputs through hooks"
+                note = f"{built.trace_note}; " if built.trace_note else ""
+                reason = (
+                    f"{note}torch.fx cannot trace it ({error}); serving module outputs through "
+                    "hooks"
+                )
                 log.warning("model %s: %s", cfg.name, reason)
             else:
                 catalog.reason = (

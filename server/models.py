@@ -64,6 +64,9 @@ class LoadedWeights:
     # leading CLS/register tokens as the library describes the model (None: read the module,
     # catalog.default_prefix_tokens); an entry's prefix_tokens >= 0 overrides both
     prefix_tokens: int | None = None
+    # what the source knows about tracing its models (a library without an fx tracer), said
+    # before torch.fx's own error when the catalogue falls back to hooks
+    trace_note: str = ""
 
     def for_entry(self, cfg: ModelConfig) -> LoadedWeights:
         """The same module and weights under another entry's preprocessing (shared weights)."""
@@ -80,6 +83,7 @@ def built(
     leaf_modules: tuple[type, ...] = (),
     autowrap_functions: tuple[Any, ...] = (),
     prefix_tokens: int | None = None,
+    trace_note: str = "",
 ) -> LoadedWeights:
     """What a source returns: the module in eval mode, (weights id, sha256), and the entry's
     preprocessing."""
@@ -95,6 +99,7 @@ def built(
         leaf_modules=leaf_modules,
         autowrap_functions=autowrap_functions,
         prefix_tokens=prefix_tokens,
+        trace_note=trace_note,
     )
 
 
@@ -198,6 +203,7 @@ def apply_overrides(cfg: ModelConfig, base: Preprocessing, resize_ratio: float) 
         antialias=base.antialias,
         resize_kernel=cfg.resize_kernel,
         resize_mode=cfg.resize_mode or base.resize_mode,
+        crop_offset=base.crop_offset,
     )
 
 

@@ -46,6 +46,9 @@ _INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
 }
 RESIZE_MODES = ("shorter", "squash")
+# Where an odd margin puts the centre crop: torchvision's round((size - crop) / 2) ("round") or
+# Hugging Face image processors' (size - crop) // 2 ("floor"), one pixel apart in some sizes.
+CROP_OFFSETS = ("round", "floor")
 # Kernel radius in input pixels at scale 1 (antialiased downscaling widens it by the scale).
 _KERNEL_RADIUS = {"bilinear": 1.0, "bicubic": 2.0, "nearest": 1.0}
 
@@ -67,6 +70,7 @@ class Preprocessing:
     # "shorter": the shorter side becomes resize_size (aspect kept); "squash": the image becomes
     # resize_size scaled to the crop's shape (square crop: resize_size x resize_size)
     resize_mode: str = "shorter"
+    crop_offset: str = "round"  # CROP_OFFSETS
 
     def __post_init__(self) -> None:
         if self.resize_size == 0:
@@ -87,6 +91,10 @@ class Preprocessing:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(
                 f"resize_mode must be one of {list(RESIZE_MODES)}, got {self.resize_mode!r}"
+            )
+        if self.crop_offset not in CROP_OFFSETS:
+            raise ValueError(
+                f"crop_offset must be one of {list(CROP_OFFSETS)}, got {self.crop_offset!r}"
             )
         if self.resize_kernel not in RESIZE_KERNELS:
             raise ValueError(
@@ -150,7 +158,8 @@ class Preprocessing:
         h, w = self.crop_size
         mean = ", ".join(f"{m:g}" for m in self.mean)
         std = ", ".join(f"{s:g}" for s in self.std)
-        return f"{resize}, center-crop {h}x{w}, normalize mean=({mean}) std=({std})"
+        offset = "" if self.crop_offset == "round" else f" (offset {self.crop_offset})"
+        return f"{resize}, center-crop {h}x{w}{offset}, normalize mean=({mean}) std=({std})"
 
 
 def _resized_size(h: int, w: int, size: int) -> tuple[int, int]:
@@ -196,7 +205,7 @@ def _resize_center_strip(
     in_len = int(image.shape[axis - 1])
     out_len, out_short = (out_hw[0], out_hw[1]) if axis == 2 else (out_hw[1], out_hw[0])
     crop_len = spec.crop_size[axis - 2]
-    c0 = round((out_len - crop_len) / 2.0)  # torchvision center_crop offset
+    c0 = _crop_start(out_len, crop_len, spec.crop_offset)
     scale = in_len / out_len  # input pixels per output pixel
     margin = _KERNEL_RADIUS[spec.interpolation] * max(1.0, scale) + 2.0
     a_max = max(0, math.floor(c0 * scale - margin))
@@ -266,14 +275,29 @@ def geometry(h: int, w: int, spec: Preprocessing, native: bool = False) -> Geome
         rh, rw = _resized_size(h, w, spec.resize_size)
     ch, cw = spec.crop_size
 
-    def crop_start(size: int, crop: int) -> int:
-        if crop > size:  # torchvision pads (crop - size) // 2 before, then crops at 0
-            return -((crop - size) // 2)
-        return round((size - crop) / 2.0)
+    top, left = (_crop_start(rh, ch, spec.crop_offset), _crop_start(rw, cw, spec.crop_offset))
+    return Geometry((h, w), (ch, cw), (rh / h, rw / w), (float(top), float(left)))
 
-    return Geometry(
-        (h, w), (ch, cw), (rh / h, rw / w), (float(crop_start(rh, ch)), float(crop_start(rw, cw)))
-    )
+
+def _crop_start(size: int, crop: int, offset: str) -> int:
+    """The centre crop's first pixel along one axis (negative: zero padding before it)."""
+    if crop > size:  # torchvision pads (crop - size) // 2 before, then crops at 0
+        return -((crop - size) // 2)
+    return (size - crop) // 2 if offset == "floor" else round((size - crop) / 2.0)
+
+
+def _center_crop(img: torch.Tensor, spec: Preprocessing) -> torch.Tensor:
+    """torchvision's center_crop, or with crop_offset "floor" the same padding and a floored
+    offset (Hugging Face image processors)."""
+    if spec.crop_offset == "round":
+        return F.center_crop(img, list(spec.crop_size))
+    ch, cw = spec.crop_size
+    h, w = int(img.shape[-2]), int(img.shape[-1])
+    if ch > h or cw > w:  # pad only, as torchvision splits it (no cropping at this size)
+        img = F.center_crop(img, [max(ch, h), max(cw, w)])
+        h, w = int(img.shape[-2]), int(img.shape[-1])
+    top, left = _crop_start(h, ch, "floor"), _crop_start(w, cw, "floor")
+    return img[..., top : top + ch, left : left + cw]
 
 
 def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -> torch.Tensor:
@@ -318,7 +342,7 @@ def preprocess(image: torch.Tensor, spec: Preprocessing, native: bool = False) -
                 interpolation=_INTERPOLATIONS[spec.interpolation],
                 antialias=spec.antialias,
             )
-    return _to_input(F.center_crop(img, list(spec.crop_size)), spec)
+    return _to_input(_center_crop(img, spec), spec)
 
 
 def _to_input(img: torch.Tensor, spec: Preprocessing) -> torch.Tensor:

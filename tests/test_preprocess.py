@@ -341,3 +341,30 @@ def test_squash_geometry_and_describe() -> None:
     assert "resize 200x400 (squash)" in spec.describe()
     with pytest.raises(ValueError, match="resize_mode must be one of"):
         Preprocessing(256, (224, 224), (0, 0, 0), (1, 1, 1), resize_mode="longer")
+
+
+@pytest.mark.parametrize("size", [(335, 224), (224, 333), (230, 231), (200, 100)])
+def test_floor_crop_offset_is_hugging_faces(size: tuple[int, int]) -> None:
+    """crop_offset "floor" puts the crop at (size - crop) // 2, as Hugging Face image processors
+    do (torchvision rounds: 55.5 -> 56 where HF takes 55), pads like torchvision when the image
+    is smaller, and the geometry agrees with where the pixels went."""
+    h, w = size
+    img = torch.arange(3 * h * w, dtype=torch.int64).remainder(251).to(torch.uint8).view(3, h, w)
+    spec = Preprocessing(None, (224, 224), (0.0,) * 3, (1.0,) * 3, crop_offset="floor")
+    out = (preprocess(img, spec) * 255).round().to(torch.uint8)
+    geo = preprocess_module.geometry(h, w, spec)
+    top, left = int(geo.offset[0]), int(geo.offset[1])
+    pads = [max(0, -left), max(0, -top), max(0, 224 - w + left), max(0, 224 - h + top)]
+    padded = F.pad(img, pads)
+    want = padded[:, max(0, top) : max(0, top) + 224, max(0, left) : max(0, left) + 224]
+    assert torch.equal(out, want)
+    assert (top, left) == tuple(
+        (s - 224) // 2 if s >= 224 else -((224 - s) // 2) for s in (h, w)
+    )
+    rounded = preprocess_module.geometry(h, w, dataclasses.replace(spec, crop_offset="round"))
+    assert rounded.offset == tuple(
+        float(round((s - 224) / 2)) if s >= 224 else geo.offset[i] for i, s in enumerate((h, w))
+    )
+    assert "(offset floor)" in spec.describe()
+    with pytest.raises(ValueError, match="crop_offset must be one of"):
+        dataclasses.replace(spec, crop_offset="ceil")
