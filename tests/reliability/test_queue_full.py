@@ -71,8 +71,10 @@ def test_a_full_queue_refuses_before_decoding_and_recovers() -> None:
         batcher = running.server.batcher
         computing = stub.Extract.future(_tensor_request(1.0), timeout=60)
         _until(lambda: any(1.0 in e["max"] for e in factories.probe_log(TAG)), "the first forward")
-        queued = [stub.Extract.future(_tensor_request(v), timeout=60) for v in (2.0, 3.0)]
-        _until(lambda: batcher.queued == 2, "two queued images")
+        queued = []
+        for count, value in enumerate((2.0, 3.0), start=1):  # one at a time: the order is pinned
+            queued.append(stub.Extract.future(_tensor_request(value), timeout=60))
+            _until(lambda count=count: batcher.queued == count, f"{count} queued images")
 
         # the queue is full: an undecodable image is refused for room, not for its bytes
         with pytest.raises(grpc.RpcError) as info:
