@@ -72,11 +72,12 @@ class InplaceNet(nn.Module):
             nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=inplace)
         )
         self.block = Block(16, inplace)
+        self.gain = torch.linspace(0.5, 2.0, 16).reshape(16, 1, 1)  # a plain tensor: a constant
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.block(self.stem(x))), 1))
+        return self.fc(torch.flatten(self.pool(self.block(self.stem(x)) * self.gain), 1))
 
 
 @dataclass(frozen=True)
@@ -403,6 +404,19 @@ def test_each_device_gets_a_copy_that_computes_the_same(programs: dict[str, Path
     with torch.inference_mode():
         torch.testing.assert_close(twin(x), built.module(x), rtol=0, atol=0)
         torch.testing.assert_close(built.module(x), reference(PROGRAMS["resnet18"])(x))
+
+
+def test_tensor_constants_move_with_the_module(programs: dict[str, Path]) -> None:
+    """A tensor the program holds as a constant (InplaceNet.gain) follows .to() like the
+    weights: the loader moves models to their device (and channels-last) that way."""
+    built = build_model(ModelConfig(name="m", source="export", path=str(programs["inplace"])))
+    assert "gain" in dict(built.module.named_buffers())
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    with torch.inference_mode():
+        got = built.module.to(torch.float64)(x)
+        want = reference(PROGRAMS["inplace"]).to(torch.float64)(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
 
 
 # --- archives users get wrong --------------------------------------------------------------

@@ -116,6 +116,12 @@ def served_module(ep: torch.export.ExportedProgram) -> ExportedModule:
         elif type(sub) is InterpreterModule:
             base = ExportedLeaf if _is_leaf(original) else InterpreterModule
             sub.__class__ = _named_class(base, original)
+        for attr, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                # a tensor constant the program lifted (unflatten sets it as a plain
+                # attribute): a buffer, so .to(device) and channels-last move it with the rest
+                delattr(sub, attr)
+                sub.register_buffer(attr, value, persistent=False)
         if isinstance(sub, (InterpreterModule, UnflattenedModule)):
             # generated code instead of an fx.Interpreter per call; regenerated because
             # unflatten's deduplication renamed calls (`relu@1` -> `relu`) after the first one
