@@ -13,6 +13,7 @@ model whose leaf modules cannot run on fake tensors (_propagate).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import difflib
 import io
@@ -22,6 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
@@ -41,6 +43,19 @@ log = logging.getLogger(__name__)
 # wrappers. One catalogue build at a time, process-wide, and no forward during it
 # (server/trace_gate.py).
 
+# modules whose 4-D output is channels-first by construction
+CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+)
+_CHANNELS_FIRST_FUNCTIONS = (torch.conv2d, F.conv2d, F.batch_norm, F.max_pool2d, F.avg_pool2d)
+
 WIRE_DTYPES = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -51,6 +66,19 @@ WIRE_DTYPES = {
     torch.bool: "bool",
     torch.float64: "float64",
 }
+
+
+# "closest names" corrects each part of an unknown name among at most this many siblings, then
+# compares the name with this many sorted neighbours on each side of the name and of its
+# correction (Catalog.closest): bounded work on the event loop per unknown name.
+SUGGEST_PARTS = 64
+SUGGEST_WINDOW = 8
+
+
+def _around(names: list[str], name: str, window: int) -> list[str]:
+    """The `window` sorted names on each side of where `name` would sort."""
+    at = bisect.bisect_left(names, name)
+    return names[max(0, at - window) : at + window]
 
 
 @dataclass
@@ -78,6 +106,13 @@ class Catalog:
     by_name: dict[str, NodeSpec] = field(init=False, repr=False)
     order: dict[str, int] = field(init=False, repr=False)  # execution position of each node
     token_counts: frozenset[int] = field(init=False, repr=False)  # L of every NLC node
+    # every dotted prefix of a node name -> the last node under it (a truncated name's node)
+    last_under: dict[str, str] = field(init=False, repr=False)
+    # what "closest names" suggests from, sorted: node names and their 1- and 2-part prefixes
+    suggestable: list[str] = field(init=False, repr=False)
+    # each dotted prefix ("" for none) -> the next parts of the node names under it, sorted
+    children: dict[str, list[str]] = field(init=False, repr=False)
+    longest: int = field(init=False, repr=False)  # characters of the longest suggestable name
 
     def __post_init__(self) -> None:
         self.by_name = {n.name: n for n in self.nodes}
@@ -85,6 +120,21 @@ class Catalog:
         self.token_counts = frozenset(
             n.shape[1] for n in self.nodes if n.layout == "NLC" and len(n.shape) == 3
         )
+        self.last_under = {}
+        for node in self.nodes:  # execution order: the last node under a prefix wins
+            parts = node.name.split(".")
+            for depth in range(1, len(parts) + 1):
+                self.last_under[".".join(parts[:depth])] = node.name
+        names = {n.name for n in self.nodes}
+        prefixes = {".".join(n.split(".")[:k]) for n in names for k in (1, 2)}
+        self.suggestable = sorted(names | prefixes)
+        kids: dict[str, set[str]] = {}
+        for name in names:
+            parts = name.split(".")
+            for depth, part in enumerate(parts):
+                kids.setdefault(".".join(parts[:depth]), set()).add(part)
+        self.children = {prefix: sorted(parts) for prefix, parts in kids.items()}
+        self.longest = max(map(len, self.suggestable), default=0)
 
     def prefix_tokens(self, name: str, model_prefix: int) -> int:
         """The leading CLS/register tokens of node `name` when the model has `model_prefix` of
@@ -111,18 +161,40 @@ class Catalog:
         if requested in self.by_name:
             return requested
         if requested and requested not in self.skipped:  # hooks: a module's own output or none
-            depth = requested.count(".") + 1
-            for spec in reversed(self.nodes):
-                if ".".join(spec.name.split(".")[:depth]) == requested:
-                    return spec.name
+            last = self.last_under.get(requested)  # one lookup, not a walk over the graph
+            if last is not None:
+                return last
         raise UnknownNode(self._unknown_message(requested))
 
+    def closest(self, requested: str, n: int = 5) -> list[str]:
+        """Up to n suggestable names close to `requested` (difflib ratio >= 0.5), in bounded
+        time whatever the name and the catalogue: the name is corrected part by part (each
+        part against at most SUGGEST_PARTS siblings), and difflib then compares it with the
+        2 x SUGGEST_WINDOW sorted neighbours of the name and of its correction, never the whole
+        catalogue (maxvit_t's 921 names took ~100 ms). A name over 3x the longest candidate,
+        which no candidate can match at 0.5, is not compared at all."""
+        if not requested or len(requested) > 3 * self.longest:
+            return []
+        prefix, corrected = "", []
+        for part in requested.split("."):
+            siblings = self.children.get(prefix)
+            if not siblings:
+                break
+            if part not in siblings:
+                near = _around(siblings, part, SUGGEST_PARTS // 2)
+                best = difflib.get_close_matches(part, near, n=1, cutoff=0.3)
+                if not best:
+                    break
+                part = best[0]
+            corrected.append(part)
+            prefix = ".".join(corrected)
+        pool: set[str] = set()
+        for variant in (requested, prefix):
+            pool.update(_around(self.suggestable, variant, SUGGEST_WINDOW))
+        return difflib.get_close_matches(requested, sorted(pool), n=n, cutoff=0.5)
+
     def _unknown_message(self, requested: str) -> str:
-        names = [n.name for n in self.nodes]
-        prefixes = sorted({".".join(n.split(".")[:k]) for n in names for k in (1, 2)})
-        close = difflib.get_close_matches(
-            requested, sorted(set(names) | set(prefixes)), n=5, cutoff=0.5
-        )
+        close = self.closest(requested)
         shown = repr(requested[:80]) + ("…" if len(requested) > 80 else "")
         hint = f"; closest valid names: {', '.join(close)}" if close else ""
         if requested == self.input_name:
@@ -203,6 +275,13 @@ def _layout(base: tuple[int, ...], probe: tuple[int, ...] | None) -> str:
             return "NHWC"
         return "" if spatial[1] else "NCHW"
     return ""
+
+
+def _channels_first(node: fx.Node, root: nn.Module) -> bool:
+    """Whether the node is the output of a layer that writes channels first (conv, BN, pool)."""
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(str(node.target)), CHANNELS_FIRST)
+    return node.op == "call_function" and node.target in _CHANNELS_FIRST_FUNCTIONS
 
 
 def _flattens_a_map(
@@ -298,8 +377,13 @@ def build_catalog(
     input_size: tuple[int, int],
     leaf_modules: Sequence[type] = (),
     autowrap_functions: Sequence[object] = (),
+    map_layout: str = "",
 ) -> Catalog:
-    """Trace the eval graph and find its batch-dependent tensor nodes with their shapes."""
+    """Trace the eval graph and find its batch-dependent tensor nodes with their shapes.
+    `map_layout`: "NHWC" when the model's library says its feature maps are channels-last
+    (timm's output_fmt); used for 4-D nodes only where no probe could tell (a model that fixes
+    its input size), except the outputs of channels-first layers (convolutions, BatchNorm,
+    pooling), which stay NCHW."""
     model.eval()
     h, w = input_size
     # one trace and shape propagation at a time, and no forward anywhere meanwhile
@@ -342,6 +426,8 @@ def build_catalog(
         if not probe_shape or len(probe_shape) != len(shape):
             probe_shape = None
         layout = _layout(shape, probe_shape)
+        if probe_shape is None and layout == "NCHW" and map_layout == "NHWC":
+            layout = "NCHW" if _channels_first(node, tracer.root) else "NHWC"
         if probe_shape is None and layout == "NLC" and _flattens_a_map(node, base, layouts):
             layout = ""  # [N, C, H*W] (ViT's reshape before its permute): not tokens
         layouts[node] = layout

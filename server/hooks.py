@@ -23,23 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .catalog import WIRE_DTYPES, Catalog, NodeSpec
+from .catalog import CHANNELS_FIRST, WIRE_DTYPES, Catalog, NodeSpec
 from .errors import InvalidArgument
 from .trace_gate import forwarding
 
 __all__ = ["HookExtractor", "build_hook_catalog", "build_hook_extractor"]
 
-# modules whose 4-D output is channels-first by construction
-_CHANNELS_FIRST = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
 
 
 class _Enough(BaseException):
@@ -69,7 +58,7 @@ def _own_layout(module: nn.Module, shape: tuple[int, ...]) -> str | None:
     of a channels-first module (Conv1d, BatchNorm1d ...) is [N, C, L]: no layout the pools
     know ("", raw only), never NLC."""
     rank = len(shape)
-    if isinstance(module, _CHANNELS_FIRST):
+    if isinstance(module, CHANNELS_FIRST):
         return "NCHW" if rank == 4 else ""
     channels_last = "NHWC" if rank == 4 else "NLC"
     last = shape[-1]

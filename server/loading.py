@@ -239,6 +239,7 @@ class ModelLoader:
                         *built.autowrap_functions,
                         *_import_all(cfg.autowrap_functions),
                     ],
+                    map_layout=built.map_layout,
                 )
             except model_loading.ModelLoadError:
                 raise  # a bad leaf_modules / autowrap_functions import path

@@ -67,6 +67,9 @@ class LoadedWeights:
     # what the source knows about tracing its models (a library without an fx tracer), said
     # before torch.fx's own error when the catalogue falls back to hooks
     trace_note: str = ""
+    # "NHWC" when the library says the model's 4-D maps are channels-last (timm's output_fmt):
+    # the catalogue's fallback where no probe can tell (catalog.build_catalog)
+    map_layout: str = ""
 
     def for_entry(self, cfg: ModelConfig) -> LoadedWeights:
         """The same module and weights under another entry's preprocessing (shared weights)."""
@@ -84,6 +87,7 @@ def built(
     autowrap_functions: tuple[Any, ...] = (),
     prefix_tokens: int | None = None,
     trace_note: str = "",
+    map_layout: str = "",
 ) -> LoadedWeights:
     """What a source returns: the module in eval mode, (weights id, sha256), and the entry's
     preprocessing."""
@@ -100,6 +104,7 @@ def built(
         autowrap_functions=autowrap_functions,
         prefix_tokens=prefix_tokens,
         trace_note=trace_note,
+        map_layout=map_layout,
     )
 
 

@@ -356,6 +356,24 @@ def test_token_pools_skip_the_prefix_tokens(
     np.testing.assert_allclose(avg, raw.mean((1, 2)), rtol=1e-4, atol=1e-5)
 
 
+def test_swin_maps_are_described_nhwc(server: RunningServer) -> None:
+    """timm's Swin fixes its input size, so no probe can tell its map layout; timm's output_fmt
+    says NHWC: the stage outputs are NHWC (and avg pools over H and W), the patch embedding's
+    convolution stays NCHW."""
+    arch = "swin_tiny_patch4_window7_224"
+    described = server.stub().DescribeModel(pb.DescribeModelRequest(model=arch))
+    layouts = {n.name: (n.layout, tuple(n.shape)) for n in described.nodes}
+    stage = [n for n in layouts if n.startswith("layers.1.")][-1]  # what "layers.1" resolves to
+    assert layouts["patch_embed.proj"] == ("NCHW", (1, 96, 32, 32))
+    assert layouts[stage] == ("NHWC", (1, 16, 16, 192)), stage
+    assert layouts["norm"] == ("NHWC", (1, 4, 4, 768))
+    photos = [photo(n) for n in PHOTOS]
+    with FeatureClient(server.target) as client:
+        raw = client.extract(photos, model=arch, nodes="layers.1")["layers.1"]
+        avg = client.extract(photos, model=arch, nodes="layers.1", pool="avg")["layers.1"]
+    np.testing.assert_allclose(avg, raw.mean((1, 2)), rtol=1e-4, atol=1e-5)
+
+
 def test_default_weights_come_from_the_local_cache(
     server: RunningServer, infos: dict[str, pb.ModelInfo], hub_cache: Path
 ) -> None:

@@ -288,4 +288,6 @@ def build(cfg: ModelConfig) -> LoadedWeights:
         leaf_modules=tuple(get_notrace_modules()),
         autowrap_functions=tuple(get_notrace_functions()),
         prefix_tokens=prefix if isinstance(prefix, int) and not isinstance(prefix, bool) else None,
+        # Swin & co. fix their input size, so the catalogue cannot probe which dims are spatial
+        map_layout="NHWC" if str(getattr(module, "output_fmt", "")).endswith("NHWC") else "",
     )
