@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from layertap.v1 import layertap_pb2
 
-from . import logs, process, security
+from . import admission, logs, process, security
+from .admission import Admission
 from .batcher import Batcher
 from .batching import BatchPolicy
 from .dispatch import Dispatcher
@@ -68,6 +69,9 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     options = channel_options(settings)
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection's calls beyond it wait in the
+    # client's gRPC, so one connection cannot open unbounded calls (slow unary uploads included)
+    options.append(("grpc.max_concurrent_streams", settings.max_streams_per_connection))
     if settings.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
@@ -90,6 +94,7 @@ class Server:
     metrics_port: int | None = None
     _load_task: asyncio.Task[None] | None = None
     runtimes: list[ModelRuntime] = field(default_factory=list)
+    admission: Admission | None = None  # the calls counted in, by kind
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -164,7 +169,9 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     # settings problems (bad PEM files, unreadable token file, bad head files) surface before
     # any thread starts
     credentials = security.server_credentials(settings)
-    interceptors = security.interceptors(settings)
+    # the token check first: refused calls are never counted by admission
+    gate = admission.interceptor(settings)
+    interceptors = [*security.interceptors(settings), gate]
     heads = load_heads(settings)
     metrics = Metrics(m.name for m in settings.models) if settings.metrics else None
     runtimes = _runtimes(settings, metrics)
@@ -184,11 +191,9 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         initializer=init_decode_thread,
         initargs=(gpu_decode,),
     )
-    grpc_server = grpc.aio.server(
-        options=server_options(settings),
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-    )
+    # no maximum_concurrent_rpcs here: gRPC's bound counts streams and probes alike, so idle
+    # Health.Watch streams could take every slot; admission counts each kind apart
+    grpc_server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     # imported here: the servicer module pulls in protobuf stubs and codec
     from . import codec
     from .compare import compare
@@ -228,7 +233,15 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     if port == 0:
         raise ConfigError(f"cannot bind {address}")
     server = Server(
-        grpc_server, runtime, batcher, decode_pool, settings, health, metrics, runtimes=runtimes
+        grpc_server,
+        runtime,
+        batcher,
+        decode_pool,
+        settings,
+        health,
+        metrics,
+        runtimes=runtimes,
+        admission=gate,
     )
     return server, port
 

@@ -151,9 +151,32 @@ class Settings:
     )
     max_concurrent_rpcs: int = setting(
         1024,
-        "RPCs served at once; more get RESOURCE_EXHAUSTED from gRPC (bounds memory when clients "
-        "do not wait)",
+        "unary RPCs served at once (Health.Check is never refused; streaming RPCs have "
+        "max_streaming_rpcs); more get RESOURCE_EXHAUSTED (bounds memory when clients do not wait)",
         minimum=1,
+    )
+    max_streaming_rpcs: int = setting(
+        256,
+        "streaming RPCs open at once (ExtractStream, Health.Watch, reflection); more get "
+        "RESOURCE_EXHAUSTED; they never take the unary calls' max_concurrent_rpcs",
+        minimum=1,
+    )
+    max_streaming_rpcs_per_connection: int = setting(
+        32,
+        "streaming RPCs one client connection may hold open; more on it get RESOURCE_EXHAUSTED",
+        minimum=1,
+    )
+    max_streams_per_connection: int = setting(
+        256,
+        "calls of any kind one connection may have in progress (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS); the client's gRPC holds back its further calls",
+        minimum=1,
+    )
+    stream_idle_timeout_s: float = setting(
+        600.0,
+        "a streaming RPC with no message in or out for this long is ended with UNAVAILABLE "
+        "(retryable) to free its slot; Health.Watch included; 0: never",
+        minimum=0,
     )
     max_stream_in_flight: int = setting(
         64,
