@@ -17,7 +17,15 @@ from layertap.common.options import (
 from layertap.v1 import layertap_pb2 as pb
 
 from .errors import InvalidArgument
-from .spec import NodeSpec, OutputSpec, PostOp, check_output, is_unit_output, pooled_dim
+from .spec import (
+    NodeSpec,
+    OutputSpec,
+    PostOp,
+    check_name_length,
+    check_output,
+    is_unit_output,
+    pooled_dim,
+)
 
 if TYPE_CHECKING:
     from .heads import Head
@@ -54,6 +62,7 @@ def post_op(index: int, step: pb.PostStep, heads: Mapping[str, Head], model: str
     known = ", ".join(sorted(heads)) or "none; add [[heads]] to the server config"
     if not step.head:
         raise InvalidArgument(f"{where} needs a head name; registered heads: {known}")
+    check_name_length(step.head, f"{where}: head", f"registered heads: {known}")
     head = heads.get(step.head)
     if head is None:
         raise InvalidArgument(
@@ -113,7 +122,7 @@ def output_spec(
     dtype = options.dtype or "float32"
     if dtype not in OUTPUT_DTYPES:
         raise InvalidArgument(
-            f"output dtype {dtype!r} is not supported; use {', '.join(OUTPUT_DTYPES)}"
+            f"output dtype {dtype[:40]!r} is not supported; use {', '.join(OUTPUT_DTYPES)}"
         )
     if len(options.post) > MAX_POST_STEPS:
         raise InvalidArgument(
@@ -155,6 +164,7 @@ def output_spec(
                 f"{' and '.join(extras)}: only for pooled outputs, but pool is POOLING_RAW; pick "
                 "a pool (e.g. POOLING_GEM)"
             )
+    check_name_length(options.concat_key, "concat_key", "it names the concatenated output")
     if options.concat_key and not options.concat:
         raise InvalidArgument("concat_key is set but concat is not; set concat=true or drop it")
     spec = OutputSpec(

@@ -21,10 +21,12 @@ from .budgets import (
 from .errors import InvalidArgument, InvalidImage, LimitExceeded
 from .output_options import descriptor_dims, output_spec
 from .spec import (
+    MAX_NAME_CHARS,
     Box,
     ImageInput,
     NodeSpec,
     OutputSpec,
+    check_name_length,
     check_pool,
 )
 
@@ -34,6 +36,13 @@ if TYPE_CHECKING:
 
 MAX_REGIONS = 256
 MAX_REQUESTED_NODES = 10_000  # nodes + aliases of one Extract, checked before they are iterated
+# All the names of one request together (Extract's nodes, alias keys and values; Compare's nodes;
+# GetParameters' names), each also at most MAX_NAME_CHARS: every node of the largest catalogue
+# (a few thousand names of < 100 characters) fits, and the event loop's work on names stays small.
+MAX_NAMES_CHARS = 1 << 18
+MAX_PARAMETER_NAMES = 10_000  # names of one GetParameters, checked before they are iterated
+MAX_TENSOR_DIMS = 4  # a raw image is [H, W, 3] or [1, 3, H, W] / [3, H, W]
+NODE_HINT = "node names are dotted paths such as 'layer4.1.relu' (see DescribeModel)"
 # Nodes one Compare may name (resolved on the event loop; a message could carry millions).
 MAX_COMPARE_NODES = 128
 DEFAULT_CONCAT_KEY = "descriptor"
@@ -84,15 +93,38 @@ class ExtractJob:
     priority: int
 
 
-def plan_outputs(nodes: Sequence[str], aliases: Mapping[str, str]) -> list[tuple[str, str]]:
-    """(output key, requested name) in request order; aliased nodes not in `nodes` come last."""
+def check_names(names: Sequence[str], what: str, hint: str, total: int = 0) -> int:
+    """Each name at most MAX_NAME_CHARS and all of them (with `total` counted before) at most
+    MAX_NAMES_CHARS, checked before any name is hashed, resolved or quoted; returns the total."""
+    for index, name in enumerate(names):
+        check_name_length(name, f"{what}[{index}]", hint)
+        total += len(name)
+        if total > MAX_NAMES_CHARS:
+            raise InvalidArgument(
+                f"the names of this request reach {total} characters at {what}[{index}], more "
+                f"than the {MAX_NAMES_CHARS} one request may carry; {hint}"
+            )
+    return total
+
+
+def plan_outputs(
+    nodes: Sequence[str], aliases: Mapping[str, str] | Sequence[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """(output key, requested name) in request order; aliased nodes not in `nodes` come last.
+    `aliases`: a mapping or its (node, key) pairs. Counts and name lengths are checked before
+    any name is hashed."""
     if len(nodes) + len(aliases) > MAX_REQUESTED_NODES:
         raise InvalidArgument(
             f"{len(nodes)} nodes and {len(aliases)} aliases, more than {MAX_REQUESTED_NODES} "
             "names in one request; no model has that many nodes (see DescribeModel)"
         )
+    pairs = list(aliases.items()) if isinstance(aliases, Mapping) else list(aliases)
+    total = check_names(nodes, "nodes", NODE_HINT)
+    total = check_names([n for n, _ in pairs], "aliases (node)", NODE_HINT, total)
+    check_names([k for _, k in pairs], "aliases (key)", "an alias is an output key", total)
+    key_of = dict(pairs)
     listed = set(nodes)  # once: in the comprehension it was rebuilt per alias (quadratic)
-    requested = list(nodes) + sorted(n for n in aliases if n not in listed)
+    requested = list(nodes) + sorted(n for n in key_of if n not in listed)
     if not requested:
         raise InvalidArgument("no nodes requested; name at least one (see DescribeModel)")
     plan: list[tuple[str, str]] = []
@@ -100,7 +132,7 @@ def plan_outputs(nodes: Sequence[str], aliases: Mapping[str, str]) -> list[tuple
     for name in requested:
         if not name:
             raise InvalidArgument("empty node name in nodes")
-        key = aliases.get(name, name)
+        key = key_of.get(name, name)
         if not key:
             raise InvalidArgument(f"alias for node {name!r} is empty")
         if key in seen:
@@ -128,7 +160,8 @@ def extract_job(
         )
     if len(request.nodes) + len(request.aliases) > MAX_REQUESTED_NODES:  # before copying
         plan_outputs(request.nodes, request.aliases)  # raises with the counts
-    plan = plan_outputs(list(request.nodes), dict(request.aliases))
+    # copied, not hashed: plan_outputs bounds every name first
+    plan = plan_outputs(list(request.nodes), list(request.aliases.items()))
     specs = models.resolve(request.model, [name for _, name in plan])
     spec = output_spec(request.output, heads, request.model)
     for node in specs:
@@ -143,8 +176,9 @@ def extract_job(
                 else f"node {node.name!r} comes before the CLS token is prepended"
             )
             raise InvalidArgument(f"{where}; use pool 'mean' (or a later token node)")
+    first = {n.name: n for n in reversed(specs)}  # each node's first spec
     full_nodes = tuple(dict.fromkeys(n.name for n in specs))
-    unique_specs = [next(n for n in specs if n.name == name) for name in full_nodes]
+    unique_specs = [first[name] for name in full_nodes]
     concat_key = ""
     if spec.concat:
         concat_key = request.output.concat_key or DEFAULT_CONCAT_KEY
@@ -190,8 +224,15 @@ def extract_job(
 
 
 def parameter_request(request: pb.GetParametersRequest) -> tuple[list[str], str]:
-    """(names, dtype) of a GetParameters request, each name non-empty, the dtype served."""
+    """(names, dtype) of a GetParameters request, each name non-empty and bounded, the dtype
+    served."""
+    if len(request.names) > MAX_PARAMETER_NAMES:  # before copying them
+        raise InvalidArgument(
+            f"{len(request.names)} names, more than {MAX_PARAMETER_NAMES} in one request; a "
+            "module path ('features.0') returns all of its parameters at once"
+        )
     names = list(request.names)
+    check_names(names, "names", "parameter names are dotted paths such as 'features.0.weight'")
     if not names:
         raise InvalidArgument(
             "no names; list parameter names ('features.0.weight') or module paths "
@@ -205,7 +246,9 @@ def parameter_request(request: pb.GetParametersRequest) -> tuple[list[str], str]
             )
     dtype = request.dtype or "float32"
     if dtype not in FLOAT_DTYPES:
-        raise InvalidArgument(f"dtype {dtype!r} is not supported; use {', '.join(FLOAT_DTYPES)}")
+        raise InvalidArgument(
+            f"dtype {dtype[:40]!r} is not supported; use {', '.join(FLOAT_DTYPES)}"
+        )
     return names, dtype
 
 
@@ -230,19 +273,32 @@ def regions_of(image: pb.Image, index: int) -> list[Box]:
 
 
 def _source(image: pb.Image) -> ImageInput | None:
-    """The image as sent (None: neither source set), for Extract's and Compare's checks."""
+    """The image as sent (None: neither source set), for Extract's and Compare's checks; a raw
+    tensor's dtype and rank are bounded before they are copied (InvalidImage)."""
     which = image.WhichOneof("source")
     if which == "encoded":
         return ImageInput(encoded=image.encoded)
     if which == "tensor":
         t = image.tensor
+        if len(t.shape) > MAX_TENSOR_DIMS:
+            raise InvalidImage(
+                f"tensor.shape has {len(t.shape)} dimensions; a raw image is uint8 [H, W, 3] "
+                "or float32 [1, 3, H, W] / [3, H, W]"
+            )
+        if len(t.dtype) > MAX_NAME_CHARS:
+            raise InvalidImage(
+                f"tensor.dtype is {len(t.dtype)} characters long; use 'uint8' or 'float32'"
+            )
         return ImageInput(dtype=t.dtype, shape=tuple(t.shape), data=t.data)
     return None
 
 
 def image_input(image: pb.Image, index: int) -> ImageInput:
     """An Extract image as sent: encoded bytes or a raw tensor (decoded later, in the pool)."""
-    given = _source(image)
+    try:
+        given = _source(image)
+    except InvalidImage as exc:
+        raise exc.at(index) from None
     if given is None:
         raise InvalidImage("neither 'encoded' bytes nor a 'tensor' is set", index)
     return given
@@ -277,7 +333,10 @@ def pair_image_input(image: pb.Image, side: str, index: int) -> ImageInput:
             f"{side}[{index}]: has {len(image.regions)} regions, but Compare compares whole "
             "images; crop the regions client-side and send them as pairs, or leave regions empty"
         )
-    given = _source(image)
+    try:
+        given = _source(image)
+    except InvalidImage as exc:
+        raise InvalidImage(f"{side}[{index}]: {exc.reason}") from None
     if given is None:
         raise InvalidImage(f"{side}[{index}]: neither 'encoded' bytes nor a 'tensor' is set")
     return given
@@ -288,7 +347,13 @@ def compare_nodes(models: Models, request: pb.CompareRequest) -> tuple[list[str]
     architecture's default; each must be a feature map (or tokens), each once."""
     loaded = models.model(request.model)
     cfg = loaded.config
+    if len(request.nodes) > MAX_COMPARE_NODES:  # before copying them
+        raise InvalidArgument(
+            f"{len(request.nodes)} nodes, more than {MAX_COMPARE_NODES}; compare on a few "
+            "layers (LPIPS uses 5)"
+        )
     names = list(request.nodes)
+    check_names(names, "nodes", NODE_HINT)
     where = ""
     if not names:
         names = list(cfg.compare_nodes)

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from .heads import Head
 
 POST_OPS = tuple(_POST_OP_NAMES.values())
+# Longest model, node, alias, head or parameter name a request may carry, checked before the
+# name is hashed, compared or quoted: the longest served names are ~70 characters (torchvision,
+# timm and Hugging Face catalogues), and a 64 MiB message could hold one of 60 million.
+MAX_NAME_CHARS = 512
 ROI_POOLS = SPATIAL_POOLS  # every spatial pool also pools roi_align bins
 Box = tuple[float, float, float, float]
 """A region of an image as sent: (x1, y1, x2, y2) in its pixels."""
@@ -57,6 +61,15 @@ class DecodeLimits:
     def __post_init__(self) -> None:
         if self.max_encoded_bytes <= 0 or self.max_pixels <= 0:
             raise ValueError(f"DecodeLimits must be positive, got {self}")
+
+
+def check_name_length(name: str, what: str, hint: str) -> None:
+    """Refuse (INVALID_ARGUMENT) a name over MAX_NAME_CHARS, quoting only its start."""
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(
+            f"{what} ({name[:40]!r}...) is {len(name)} characters long, more than the "
+            f"{MAX_NAME_CHARS} a name may have; {hint}"
+        )
 
 
 def check_encoded_size(size: int, limits: DecodeLimits) -> None:

@@ -35,6 +35,7 @@ from .pooling import DTYPES, OutputSpec, finish_raw, pool_maps, roi_pool
 from .preprocess import Preprocessing
 from .process import pin_torch_threads
 from .settings import Settings
+from .spec import check_name_length
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -240,6 +241,7 @@ class ModelRuntime:
         """The loaded model, or ModelNotFound / Unavailable (still loading or failed)."""
         if not name:
             raise InvalidArgument("model is empty; call ListModels for the served names")
+        check_name_length(name, "model", "call ListModels for the served names")  # before hashing
         if name not in self._configs:
             raise ModelNotFound(self._not_found(name))
         loaded = self._models.get(name)

@@ -27,6 +27,9 @@ from layertap.server.errors import (
 )
 from layertap.server.output_options import MAX_TTA_VIEWS, descriptor_dims, output_spec
 from layertap.server.requests import (
+    MAX_COMPARE_NODES,
+    MAX_NAMES_CHARS,
+    MAX_PARAMETER_NAMES,
     MAX_REGIONS,
     MAX_REQUESTED_NODES,
     compare_nodes,
@@ -36,7 +39,7 @@ from layertap.server.requests import (
     plan_outputs,
 )
 from layertap.server.settings import Settings
-from layertap.server.spec import ImageInput, NodeSpec, OutputSpec, PostOp
+from layertap.server.spec import MAX_NAME_CHARS, ImageInput, NodeSpec, OutputSpec, PostOp
 from layertap.v1 import layertap_pb2 as pb
 
 MAP = NodeSpec("layer4", (1, 512, 7, 7), "float32", "NCHW", "call_module", "layer4")
@@ -325,3 +328,60 @@ def test_an_image_without_a_source() -> None:
     request.images[1].Clear()
     with pytest.raises(InvalidImage, match="image 1: neither 'encoded' bytes nor a 'tensor'"):
         _job(request)
+
+
+# --------------------------------------------------------------------------- name lengths
+
+
+def test_names_are_bounded_before_any_lookup() -> None:
+    """Every name is length-checked before it is hashed, resolved or quoted: a 60 MB node
+    name once spent ~8 s in 'closest names' on the event loop."""
+    long = "x" * (MAX_NAME_CHARS + 1)
+    with pytest.raises(InvalidArgument, match=f"nodes\\[1\\] .* is {MAX_NAME_CHARS + 1} char"):
+        _job(_request(["layer4", long]))
+    request = _request(["layer4"])
+    request.aliases[long] = "k"
+    with pytest.raises(InvalidArgument, match=r"aliases \(node\)\[0\]"):
+        _job(request)
+    request = _request(["layer4"])
+    request.aliases["layer4"] = long
+    with pytest.raises(InvalidArgument, match=r"aliases \(key\)\[0\]"):
+        _job(request)
+    many = [
+        f"n{i:04d}" + "y" * (MAX_NAME_CHARS - 5)
+        for i in range(MAX_NAMES_CHARS // MAX_NAME_CHARS + 1)
+    ]
+    with pytest.raises(InvalidArgument, match=f"more than the {MAX_NAMES_CHARS} one request"):
+        plan_outputs(many, {})
+    with pytest.raises(InvalidArgument, match=r"concat_key .* characters long"):
+        _job(_request(pool=pb.POOLING_GEM, concat=True, concat_key=long))
+    step = pb.PostStep(op=pb.PostStep.OP_PCA, head=long)
+    with pytest.raises(InvalidArgument, match=r"post\[0\] \(OP_PCA\): head .* characters long"):
+        output_spec(pb.OutputOptions(pool=pb.POOLING_GEM, post=[step]))
+    with pytest.raises(InvalidArgument, match=r"output dtype 'x{40}' is not supported"):
+        _job(_request(dtype=long))
+    request = _request()
+    request.images[0].tensor.dtype = long
+    with pytest.raises(InvalidImage, match=r"image 0: tensor\.dtype is 513 characters long"):
+        _job(request)
+    request.images[0].tensor.dtype = "float32"
+    request.images[0].tensor.shape[:] = [1] * 5
+    with pytest.raises(InvalidImage, match=r"image 0: tensor\.shape has 5 dimensions"):
+        _job(request)
+
+
+def test_compare_and_parameter_names_are_bounded() -> None:
+    long = "x" * (MAX_NAME_CHARS + 1)
+    request = pb.CompareRequest(model="m", nodes=["layer4", long])
+    with pytest.raises(InvalidArgument, match=r"nodes\[1\] .* characters long"):
+        compare_nodes(FakeModels(), request)
+    request.nodes[:] = ["layer4"] * (MAX_COMPARE_NODES + 1)
+    with pytest.raises(InvalidArgument, match=f"{MAX_COMPARE_NODES + 1} nodes, more than"):
+        compare_nodes(FakeModels(), request)
+    with pytest.raises(InvalidArgument, match=r"names\[0\] .* characters long"):
+        parameter_request(pb.GetParametersRequest(names=[long]))
+    names = ["fc.weight"] * (MAX_PARAMETER_NAMES + 1)
+    with pytest.raises(InvalidArgument, match=f"{MAX_PARAMETER_NAMES + 1} names, more than"):
+        parameter_request(pb.GetParametersRequest(names=names))
+    with pytest.raises(InvalidArgument, match=r"dtype 'x{40}' is not supported"):
+        parameter_request(pb.GetParametersRequest(names=["fc.weight"], dtype=long))
