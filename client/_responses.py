@@ -79,6 +79,7 @@ def preprocessing_from_proto(p: pb.Preprocessing) -> Preprocessing:
         antialias=bool(p.antialias),
         resize_kernel=p.resize_kernel,
         resize_mode=p.resize_mode or "shorter",
+        crop_offset=p.crop_offset or "round",
     )
 
 

@@ -32,6 +32,8 @@ class Preprocessing:
     resize_mode: str = "shorter"
     """"shorter" (the shorter side becomes resize_size) or "squash" (resize_size scaled to the
     crop's shape, aspect not kept)."""
+    crop_offset: str = "round"
+    """Where an odd-margin centre crop starts: "round" (torchvision) or "floor" (Hugging Face)."""
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """Domain results -> response messages: model facts, Extract's named tensors and metadata,
-Compare's distances. Torch-free: encoded tensors are bytes + dtype + shape already."""
+Compare's distances, and the exact size of what will be sent. Torch-free: encoded tensors are
+bytes + dtype + shape already."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from layertap.v1 import layertap_pb2 as pb
 
+from .errors import LimitExceeded
 from .requests import ExtractJob
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ def preprocessing_pb(p: Preprocessing | None) -> pb.Preprocessing:
         antialias=p.antialias,
         resize_kernel=p.resize_kernel,
         resize_mode=p.resize_mode,
+        crop_offset=p.crop_offset,
     )
 
 
@@ -54,6 +57,89 @@ def model_info_pb(s: ModelStatus) -> pb.ModelInfo:
     )
 
 
+# --------------------------------------------------------------------------- exact sizes
+# The serialised size of an answer, computed from its fields' lengths: ByteSize() would encode
+# the whole message (every tensor's bytes copied, on the event loop) just to measure it.
+def _number(message: Any, field: str) -> int:
+    return int(message.DESCRIPTOR.fields_by_name[field].number)
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7) if value >= 0 else 10
+
+
+def field_size(number: int, length: int) -> int:
+    """Bytes of one length-delimited field (string, bytes, packed, message) of `length`."""
+    return _varint_size(number << 3) + _varint_size(length) + length
+
+
+def _text_size(number: int, text: str) -> int:
+    """A proto3 string field: absent when empty."""
+    length = len(text.encode("utf-8"))
+    return field_size(number, length) if length else 0
+
+
+_TENSOR = {f: _number(pb.Tensor, f) for f in ("dtype", "shape", "data", "layout")}
+_NAMED = {f: _number(pb.NamedTensor, f) for f in ("key", "node", "tensor")}
+_OUTPUTS = _number(pb.ImageResult, "outputs")
+_RESULTS = _number(pb.ExtractResponse, "results")
+_METADATA = _number(pb.ExtractResponse, "metadata")
+_ITEM_ID = _number(pb.ExtractStreamResponse, "id")
+_ITEM_RESPONSE = _number(pb.ExtractStreamResponse, "response")
+
+
+def tensor_size(dtype: str, shape: Iterable[int], data_bytes: int, layout: str) -> int:
+    """Serialised bytes of a Tensor message whose data is `data_bytes` long."""
+    packed = sum(_varint_size(d) for d in shape)
+    return (
+        _text_size(_TENSOR["dtype"], dtype)
+        + (field_size(_TENSOR["shape"], packed) if packed else 0)
+        + (field_size(_TENSOR["data"], data_bytes) if data_bytes else 0)
+        + _text_size(_TENSOR["layout"], layout)
+    )
+
+
+def named_tensor_size(key: str, node: str, tensor_bytes: int) -> int:
+    """Serialised bytes of a NamedTensor holding a (set) Tensor of `tensor_bytes`."""
+    return (
+        _text_size(_NAMED["key"], key)
+        + _text_size(_NAMED["node"], node)
+        + field_size(_NAMED["tensor"], tensor_bytes)
+    )
+
+
+def extract_response_size(images: Sequence[Sequence[int]], metadata_bytes: int) -> int:
+    """Serialised bytes of an ExtractResponse: per image, its NamedTensors' sizes; and the
+    (set) metadata's size."""
+    results = sum(
+        field_size(_RESULTS, sum(field_size(_OUTPUTS, n) for n in outputs)) for outputs in images
+    )
+    return results + field_size(_METADATA, metadata_bytes)
+
+
+def stream_item_size(item_id: str, response_bytes: int) -> int:
+    """Serialised bytes of the ExtractStreamResponse that carries an answer to item `item_id`."""
+    return _text_size(_ITEM_ID, item_id) + field_size(_ITEM_RESPONSE, response_bytes)
+
+
+def check_message_size(size: int, max_bytes: int) -> None:
+    """Refuse (RESOURCE_EXHAUSTED) an answer whose message would not fit max_message_bytes;
+    gRPC would otherwise fail the call, or end a whole ExtractStream, when sending it."""
+    if size > max_bytes:
+        raise LimitExceeded(
+            f"the answer would be a {size}-byte message, over max_message_bytes={max_bytes} "
+            "(tensors, and every image's output keys and node names); request pooled outputs, "
+            "fewer nodes, fewer images, or shorter aliases / concat_key"
+        )
+
+
+class SizedResponse(NamedTuple):
+    """An ExtractResponse and its exact serialised size."""
+
+    message: pb.ExtractResponse
+    size: int
+
+
 def extract_response(
     job: ExtractJob,
     done: Extracted,
@@ -61,14 +147,16 @@ def extract_response(
     preprocessing: Preprocessing | None,
     received: float,
     default_device: str,
-) -> pb.ExtractResponse:
+) -> SizedResponse:
     """One named tensor per requested output (or the one concatenation) for each image, and the
-    metadata: resolved nodes, preprocessing, stage timings, batch size and serving device."""
+    metadata: resolved nodes, preprocessing, stage timings, batch size and serving device;
+    with the message's exact size (computed, not serialised)."""
     spec, plan, full_nodes, concat_key = job.spec, job.plan, job.nodes, job.concat_key
     infos, images = done.ran.infos, done.ran.images
     node_of = {name: n.name for (_, name), n in zip(plan, job.specs, strict=True)}
     layout_of = {n.name: n.layout for n in job.specs}
     results = []
+    sizes: list[list[int]] = []
     for index, row in enumerate(done.rows):
         has_regions = bool(job.regions[index])
         if concat_key:
@@ -76,6 +164,7 @@ def extract_response(
         else:
             out_plan = [(key, node_of[name], node_of[name]) for key, name in plan]
         outputs = []
+        image_sizes = []
         for out_key, node_field, row_key in out_plan:
             t = row[row_key]
             if spec.pool != "raw":
@@ -91,7 +180,10 @@ def extract_response(
                     tensor=pb.Tensor(dtype=t.dtype, shape=t.shape, data=t.data, layout=layout),
                 )
             )
+            tensor_bytes = tensor_size(t.dtype, t.shape, len(t.data), layout)
+            image_sizes.append(named_tensor_size(out_key, node_field, tensor_bytes))
         results.append(pb.ImageResult(outputs=outputs))
+        sizes.append(image_sizes)
     metadata = pb.ExtractMetadata(
         model=job.model,
         weights_sha256=weights_sha256,
@@ -106,7 +198,8 @@ def extract_response(
         batch_size=max(i.batch_size for i in infos),
         device=infos[0].device or default_device,  # the one that served
     )
-    return pb.ExtractResponse(results=results, metadata=metadata)
+    size = extract_response_size(sizes, metadata.ByteSize())
+    return SizedResponse(pb.ExtractResponse(results=results, metadata=metadata), size)
 
 
 def describe_response(

@@ -299,6 +299,9 @@ def test_models_load_with_their_digest_prefix_and_preprocessing(
         "bicubic",
     )
     assert models["lanczos_overridden"].preprocessing.interpolation == "bicubic"
+    # HF image processors crop at (size - crop) // 2; clients are told
+    assert convnext.crop_offset == "floor"
+    assert {m.name: m.preprocessing.crop_offset for m in models.values()}["clip_vision"] == "floor"
 
 
 @pytest.mark.parametrize("name", ["vit", "convnext"])

@@ -52,7 +52,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
-    __slots__ = ("resize_size", "crop_size", "mean", "std", "interpolation", "antialias", "resize_kernel", "resize_mode")
+    __slots__ = ("resize_size", "crop_size", "mean", "std", "interpolation", "antialias", "resize_kernel", "resize_mode", "crop_offset")
     RESIZE_SIZE_FIELD_NUMBER: _ClassVar[int]
     CROP_SIZE_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class Preprocessing(_message.Message):
     ANTIALIAS_FIELD_NUMBER: _ClassVar[int]
     RESIZE_KERNEL_FIELD_NUMBER: _ClassVar[int]
     RESIZE_MODE_FIELD_NUMBER: _ClassVar[int]
+    CROP_OFFSET_FIELD_NUMBER: _ClassVar[int]
     resize_size: int
     crop_size: _containers.RepeatedScalarFieldContainer[int]
     mean: _containers.RepeatedScalarFieldContainer[float]
@@ -69,7 +70,8 @@ class Preprocessing(_message.Message):
     antialias: bool
     resize_kernel: str
     resize_mode: str
-    def __init__(self, resize_size: _Optional[int] = ..., crop_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., interpolation: _Optional[str] = ..., antialias: _Optional[bool] = ..., resize_kernel: _Optional[str] = ..., resize_mode: _Optional[str] = ...) -> None: ...
+    crop_offset: str
+    def __init__(self, resize_size: _Optional[int] = ..., crop_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., interpolation: _Optional[str] = ..., antialias: _Optional[bool] = ..., resize_kernel: _Optional[str] = ..., resize_mode: _Optional[str] = ..., crop_offset: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "architecture", "weights", "weights_sha256", "input_size", "preprocessing", "device", "ready", "status_message", "random_weights", "compute_dtype", "prefix_tokens", "extraction_mode", "source")
