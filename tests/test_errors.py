@@ -243,7 +243,8 @@ def test_server_keeps_serving_after_garbage(
 def test_concurrent_rpcs_beyond_the_bound_are_resource_exhausted(
     resnet18_weights: Path, jpegs: dict[str, bytes]
 ) -> None:
-    """max_concurrent_rpcs: gRPC refuses the excess at once, the rest are served."""
+    """max_concurrent_rpcs: the excess unary calls are refused at once (server/admission.py),
+    the rest are served."""
     settings = Settings(
         port=0,
         metrics=False,
