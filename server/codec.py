@@ -27,6 +27,7 @@ All functions are pure and hold no shared state, so they are safe in a thread po
 from __future__ import annotations
 
 import io
+import logging
 import math
 import re
 import sys
@@ -49,6 +50,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from .errors import ImageLimitExceeded, InvalidArgument, InvalidImage
 from .spec import DecodeLimits, check_encoded_size
+
+log = logging.getLogger(__name__)
 
 # torchvision 0.29 warns on every decode call that its decoders are deprecated (in favour of
 # torchcodec). Known and deliberate here; silence exactly that message so `-W error` or dev mode
@@ -254,8 +257,10 @@ def decode_jpeg_cuda(
 ) -> torch.Tensor | None:
     """A plain RGB or gray JPEG decoded by nvJPEG on `device` (uint8 [3, H, W] there), after the
     same byte and header-pixel checks as decode_encoded. None for anything nvJPEG would get wrong
-    or not handle — other formats, CMYK, and EXIF-rotated JPEGs (the CUDA decoder ignores the
-    orientation) — which the caller decodes on the CPU instead."""
+    or not handle — other formats, CMYK, EXIF-rotated JPEGs (the CUDA decoder ignores the
+    orientation), an EXIF block Pillow cannot read, and any JPEG nvJPEG fails on — which the
+    caller decodes on the CPU instead (decode_encoded: it decodes what libjpeg can, and names
+    what is wrong with the rest)."""
     if not isinstance(data, bytes):
         data = bytes(data)
     if len(data) == 0:
@@ -267,17 +272,19 @@ def decode_jpeg_cuda(
     try:
         if im.mode not in ("RGB", "L") or im.getexif().get(0x0112, 1) != 1:
             return None
+    except Exception:  # a malformed EXIF block (SyntaxError, struct.error, ...): the CPU's turn
+        log.debug("EXIF unreadable before a GPU decode; decoding on the CPU", exc_info=True)
+        return None
     finally:
         im.close()
     buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         img = decode_jpeg(buf, mode=ImageReadMode.RGB, device=device)
-    except Exception as e:
-        raise InvalidImage(
-            f"cannot decode JPEG image: {_clean(e)} (corrupt or truncated data?)"
-        ) from None
+    except Exception as e:  # nvJPEG refuses some JPEGs libjpeg decodes (and the CPU names bad ones)
+        log.debug("nvJPEG could not decode a JPEG (%s); decoding on the CPU", _clean(e))
+        return None
     if img.ndim != 3 or img.shape[0] != 3:
-        raise InvalidImage(f"JPEG image decoded to an unusable shape {list(img.shape)}")
+        return None
     return img
 
 

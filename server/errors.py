@@ -63,5 +63,9 @@ class Unavailable(LayertapError):
     """The model is loading or failed to load, or the server is shutting down (→ UNAVAILABLE)."""
 
 
+class Disabled(LayertapError):
+    """A method this server's settings turn off (→ UNIMPLEMENTED)."""
+
+
 class Cancelled(LayertapError):
     """The request was cancelled before it ran (→ CANCELLED)."""

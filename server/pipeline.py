@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import BatchInfo, BatchQueue
-from .budgets import Label, response_size_ok
-from .errors import PerImageError
+from .budgets import Label
+from .errors import LimitExceeded, PerImageError
 from .heads import Head
 from .metrics import Metrics
 from .prepare import EncodedTensor, Prepared, encode_results, finish_results, prepare_image
@@ -21,6 +21,16 @@ from .requests import ExtractJob
 from .settings import Settings
 from .spec import Box, DecodeLimits, ImageInput, OutputSpec
 from .worker import Item, ModelRuntime
+
+
+def tensors_fit(size: int, max_bytes: int) -> None:
+    """The tensors' bytes alone are a lower bound of the answer's message: over the limit, refuse
+    before the message is built (responses.check_message_size then checks its exact size)."""
+    if size > max_bytes:
+        raise LimitExceeded(
+            f"the answer's tensors alone are {size} bytes, over max_message_bytes={max_bytes}; "
+            "request pooled outputs, fewer nodes or fewer images"
+        )
 
 
 @dataclass(frozen=True)
@@ -161,7 +171,7 @@ class Pipeline:
         )
         encode_s = time.perf_counter() - encode_started
         size = sum(len(t.data) for row in rows for t in row.values())
-        response_size_ok(size, self.settings)
+        tensors_fit(size, self.settings.max_message_bytes)
         self.observe(job.model, ran, encode_s, size)
         return Extracted(rows, ran, encode_s)
 

@@ -5,6 +5,7 @@ never spends time on JPEG decoding or serialisation.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -23,6 +24,7 @@ from .preprocess import Geometry, Preprocessing, geometry, preprocess
 from .process import pin_torch_threads
 from .spec import Box, ImageInput, OutputSpec
 
+log = logging.getLogger(__name__)
 # Region boxes may poke this far (pixels) past the image's edge (rounding in the client's maths).
 BOX_TOLERANCE = 1.0
 
@@ -83,6 +85,24 @@ def _decode_on_gpu(
     return tensor, (int(pixels.shape[-2]), int(pixels.shape[-1]))
 
 
+def _try_gpu_decode(
+    data: bytes, limits: codec.DecodeLimits, spec: Preprocessing, native: bool
+) -> tuple[torch.Tensor | None, tuple[int, int] | None]:
+    """_decode_on_gpu, or (None, None) when it fails for any reason but a limit (which the CPU
+    path would refuse the same way): that image is then decoded on the CPU, so a JPEG the GPU
+    path cannot handle (nvJPEG's own failures, a CUDA error) costs a CPU decode, never the
+    request; the CPU decoder names what is wrong with a really bad image."""
+    try:
+        return _decode_on_gpu(data, limits, spec, native)
+    except ImageLimitExceeded:
+        raise
+    except InvalidImage as exc:
+        log.debug("GPU decode refused an image (%s); decoding it on the CPU", exc)
+    except Exception:
+        log.warning("GPU decode failed; decoding this image on the CPU", exc_info=True)
+    return None, None
+
+
 def prepare_image(
     image: ImageInput,
     limits: codec.DecodeLimits,
@@ -101,7 +121,7 @@ def prepare_image(
     tensor: torch.Tensor | None = None
     size: tuple[int, int] | None = None
     if image.encoded is not None and _thread.device is not None:
-        tensor, size = _decode_on_gpu(image.encoded, limits, spec, native)
+        tensor, size = _try_gpu_decode(image.encoded, limits, spec, native)
     if tensor is None:
         if image.encoded is not None:
             pixels = codec.decode_encoded(image.encoded, limits)

@@ -4,6 +4,7 @@ bytes + dtype + shape already."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -65,7 +66,9 @@ def _number(message: Any, field: str) -> int:
 
 
 def _varint_size(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7) if value >= 0 else 10
+    if 0 <= value < 128:
+        return 1
+    return (value.bit_length() + 6) // 7 if value > 0 else 10
 
 
 def field_size(number: int, length: int) -> int:
@@ -73,14 +76,18 @@ def field_size(number: int, length: int) -> int:
     return _varint_size(number << 3) + _varint_size(length) + length
 
 
+@functools.lru_cache(maxsize=1024)  # keys, node names, dtypes and layouts repeat per image
 def _text_size(number: int, text: str) -> int:
     """A proto3 string field: absent when empty."""
     length = len(text.encode("utf-8"))
     return field_size(number, length) if length else 0
 
 
-_TENSOR = {f: _number(pb.Tensor, f) for f in ("dtype", "shape", "data", "layout")}
-_NAMED = {f: _number(pb.NamedTensor, f) for f in ("key", "node", "tensor")}
+_DTYPE, _SHAPE, _DATA, _LAYOUT = (
+    _number(pb.Tensor, f) for f in ("dtype", "shape", "data", "layout")
+)
+_SHAPE_TAG, _DATA_TAG = _varint_size(_SHAPE << 3), _varint_size(_DATA << 3)
+_KEY, _NODE, _TENSOR = (_number(pb.NamedTensor, f) for f in ("key", "node", "tensor"))
 _OUTPUTS = _number(pb.ImageResult, "outputs")
 _RESULTS = _number(pb.ExtractResponse, "results")
 _METADATA = _number(pb.ExtractResponse, "metadata")
@@ -90,22 +97,20 @@ _ITEM_RESPONSE = _number(pb.ExtractStreamResponse, "response")
 
 def tensor_size(dtype: str, shape: Iterable[int], data_bytes: int, layout: str) -> int:
     """Serialised bytes of a Tensor message whose data is `data_bytes` long."""
-    packed = sum(_varint_size(d) for d in shape)
-    return (
-        _text_size(_TENSOR["dtype"], dtype)
-        + (field_size(_TENSOR["shape"], packed) if packed else 0)
-        + (field_size(_TENSOR["data"], data_bytes) if data_bytes else 0)
-        + _text_size(_TENSOR["layout"], layout)
-    )
+    size = _text_size(_DTYPE, dtype) + _text_size(_LAYOUT, layout)
+    packed = 0
+    for dim in shape:
+        packed += _varint_size(dim)
+    if packed:
+        size += _SHAPE_TAG + _varint_size(packed) + packed
+    if data_bytes:
+        size += _DATA_TAG + _varint_size(data_bytes) + data_bytes
+    return size
 
 
 def named_tensor_size(key: str, node: str, tensor_bytes: int) -> int:
     """Serialised bytes of a NamedTensor holding a (set) Tensor of `tensor_bytes`."""
-    return (
-        _text_size(_NAMED["key"], key)
-        + _text_size(_NAMED["node"], node)
-        + field_size(_NAMED["tensor"], tensor_bytes)
-    )
+    return _text_size(_KEY, key) + _text_size(_NODE, node) + field_size(_TENSOR, tensor_bytes)
 
 
 def extract_response_size(images: Sequence[Sequence[int]], metadata_bytes: int) -> int:

@@ -20,6 +20,7 @@ from layertap.v1 import layertap_pb2 as pb
 
 from .errors import (
     Cancelled,
+    Disabled,
     InvalidArgument,
     LayertapError,
     LimitExceeded,
@@ -39,6 +40,7 @@ STATUS: list[tuple[type[LayertapError], grpc.StatusCode]] = [
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
+    (Disabled, grpc.StatusCode.UNIMPLEMENTED),
 ]
 MAX_DETAILS = 2000
 # Trailing metadata on failures worth retrying as is (full queue, model loading, shutting

@@ -4,7 +4,8 @@
 TLS with tls_client_ca), checking the PEM files up front so a wrong path or a key that does
 not match its certificate is a clear ConfigError at start-up rather than a failed bind or a
 handshake error on the first connection. `interceptors` returns the token check to pass to
-`grpc.aio.server(interceptors=...)`.
+`grpc.aio.server(interceptors=...)`; `model_access` which models each token may use (the
+service filters by it).
 """
 
 from __future__ import annotations
@@ -109,6 +110,62 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the one `authorization: Bearer <token>` header, or None (no header, several,
+    another scheme, or an empty token)."""
+    values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
+    if len(values) != 1:
+        return None
+    value = values[0]
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+class ModelAccess:
+    """Which models each bearer token may use: auth_tokens entries may name them (Settings.
+    token_models). `visible(metadata)` is None where every model is open (no auth, or the
+    caller's token names no models), else the names this caller may use and see. The
+    interceptor has already accepted the token when a FeatureService method runs."""
+
+    def __init__(self, scopes: dict[str, frozenset[str] | None]) -> None:
+        self._scopes = {_digest(t): models for t, models in scopes.items()}
+        self.restricted = any(models is not None for models in scopes.values())
+
+    def visible(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> frozenset[str] | None:
+        if not self.restricted:
+            return None
+        token = bearer_token(metadata)
+        if token is None:
+            return frozenset()  # unreachable behind the interceptor; nothing, to be safe
+        return self._scopes.get(_digest(token), frozenset())
+
+
+def model_access(settings: Settings) -> ModelAccess:
+    """The settings' token -> models table, each named model checked against [[models]]
+    (ConfigError naming the entry's models, never the token)."""
+    try:
+        scopes = settings.token_models()
+    except OSError as exc:
+        raise ConfigError(
+            f"auth_tokens_file: cannot read {settings.auth_tokens_file}: {exc.strerror or exc}"
+        ) from exc
+    configured = {m.name for m in settings.models}
+    for models in scopes.values():
+        unknown = sorted((models or frozenset()) - configured)
+        if unknown:
+            raise ConfigError(
+                f"a bearer token is given models that are not configured: {', '.join(unknown)} "
+                f"(models: {', '.join(sorted(configured)) or 'none'}); fix auth_tokens / "
+                "auth_tokens_file"
+            )
+    return ModelAccess(scopes)
+
+
 def _rejecting_handler(
     handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler:
@@ -154,15 +211,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self, metadata: Iterable[tuple[str, str | bytes]] | None
     ) -> tuple[grpc.StatusCode, str] | None:
         """None when the metadata carries an accepted token, else the status to fail with."""
-        values = [v for k, v in (metadata or ()) if k.lower() == "authorization"]
-        if len(values) != 1:
-            return grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN
-        value = values[0]
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        scheme, _, token = value.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(metadata)
+        if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, MISSING_TOKEN
         given = _digest(token)
         accepted = False

@@ -190,6 +190,11 @@ class Settings:
         "(default: 32 MiB, or that bound when it is lower)",
         minimum=1,
     )
+    get_parameters: bool = setting(
+        True,
+        "serve GetParameters (a model's weights and buffers over the wire); off: it answers "
+        "UNIMPLEMENTED, for servers whose weights must not leave them",
+    )
     keep_freed_memory: bool = setting(
         True,
         "glibc malloc keeps freed activation memory for the next forward instead of returning it "
@@ -244,10 +249,15 @@ class Settings:
         "", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"
     )
     auth_tokens: str = setting(
-        "", "comma-separated bearer tokens clients must send (secret; empty: no auth)", secret=True
+        "",
+        "comma-separated bearer tokens clients must send, each optionally followed by the only "
+        "models it may use, space-separated ('tok-a resnet50 vit, tok-b'; secret; empty: no auth)",
+        secret=True,
     )
     auth_tokens_file: str = setting(
-        "", "file with one bearer token per line (secret), added to auth_tokens"
+        "",
+        "file with one bearer token per line, optionally followed by its models like "
+        "auth_tokens (secret; '#' starts a comment), added to auth_tokens",
     )
     auth_open_health: bool = setting(
         True, "leave health and reflection open without a token (for probes)"
@@ -262,11 +272,39 @@ class Settings:
 
     def tokens(self) -> frozenset[str]:
         """Every accepted bearer token (from auth_tokens and auth_tokens_file)."""
-        tokens = {t.strip() for t in self.auth_tokens.split(",")}
+        return frozenset(self.token_models())
+
+    def token_models(self) -> dict[str, frozenset[str] | None]:
+        """Every accepted bearer token and the models it may use (None: every model). An entry
+        (of auth_tokens, comma-separated, or a line of auth_tokens_file) is the token, then
+        optionally model names, all separated by spaces; a word starting with '#' starts a
+        comment. Tokens never contain spaces, so entries of the older one-token form read the
+        same. A token listed twice must name the same models both times (ConfigError, which
+        does not quote the token)."""
+        entries = [
+            (f"auth_tokens entry {n}", e) for n, e in enumerate(self.auth_tokens.split(","), 1)
+        ]
         if self.auth_tokens_file:
             text = Path(self.auth_tokens_file).expanduser().read_text()
-            tokens |= {line.strip() for line in text.splitlines()}
-        return frozenset(t for t in tokens if t and not t.startswith("#"))
+            entries += [
+                (f"auth_tokens_file line {n}", e) for n, e in enumerate(text.splitlines(), 1)
+            ]
+        scopes: dict[str, frozenset[str] | None] = {}
+        where: dict[str, str] = {}
+        for here, entry in entries:
+            words = entry.split()
+            comment = next((i for i, w in enumerate(words) if w.startswith("#")), len(words))
+            if comment == 0:
+                continue
+            token, models = words[0], frozenset(words[1:comment]) or None
+            if token in scopes and scopes[token] != models:
+                raise ConfigError(
+                    f"{here} repeats the token of {where[token]} with other models; give each "
+                    "token one entry (its models, or none for every model)"
+                )
+            scopes[token] = models
+            where.setdefault(token, here)
+        return scopes
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets replaced (for --print-config)."""

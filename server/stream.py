@@ -5,8 +5,11 @@ unary traffic) in its own task; answers are written in completion order by one w
 session reads a request message only while it holds fewer than `limit` unanswered items, so
 a client that sends faster than the server answers is held back by gRPC/HTTP2 flow control
 instead of by server memory. One item's failure becomes that item's ItemError; the stream goes
-on. When the RPC is cancelled (client gone, deadline), every unfinished item is cancelled, which
-cancels its batcher futures so they are dropped before compute.
+on. That includes an answer too large for max_message_bytes: its size is checked (exactly, with
+this stream's envelope) before it is queued for the writer, so gRPC never has to refuse a send,
+which would end the whole stream. When the RPC is cancelled (client gone, deadline), every
+unfinished item is cancelled, which cancels its batcher futures so they are dropped before
+compute.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ log = logging.getLogger(__name__)
 MAX_ID_CHARS = 1024
 METHOD = "ExtractStream"
 
-Extract = Callable[[pb.ExtractRequest], Awaitable[pb.ExtractResponse]]
+# (request, item id) -> the answer; an answer too large to send in a message with that id
+# raises LimitExceeded, so it becomes that item's error instead of failing the whole stream
+Extract = Callable[[pb.ExtractRequest, str], Awaitable[pb.ExtractResponse]]
 Write = Callable[[pb.ExtractStreamResponse], Awaitable[None]]
 Classify = Callable[[LayertapError], grpc.StatusCode]
 
@@ -203,7 +208,7 @@ class StreamSession:
     ) -> None:
         code = grpc.StatusCode.OK
         try:
-            response = await self._extract(request)
+            response = await self._extract(request, item_id)
             answer = pb.ExtractStreamResponse(id=item_id, response=response)
         except LayertapError as exc:
             code = self._classify(exc)

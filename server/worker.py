@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Container, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -82,10 +82,62 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
+# A filesystem path in a message: absolute (/..., C:\...), home (~/...) or ./ ../ relative,
+# not preceded by a word character, a dot or a slash (so URLs, "and/or" and 1/2 stay).
+_PATH = re.compile(
+    r"(?<![\w.~/\\:-])(?:~|\.{1,2}|[A-Za-z]:)?"  # the start: nothing path-like before it
+    r"(?:[/\\][^\s/\\'\"`<>|;,()\[\]{}]+)+[/\\]?"  # one or more /segments
+)
+
+
+def _base_name(path: str) -> str:
+    parts = [p for p in re.split(r"[/\\]", path) if p]
+    return parts[-1] if parts else path
+
+
+def without_paths(message: str) -> str:
+    """A message for clients: every server filesystem path in it (weights files, cache
+    folders) cut to its base name. The server log keeps the whole message."""
+    return _PATH.sub(lambda m: _base_name(m.group()), message)
+
+
 def _first_line(exc: BaseException) -> str:
     """The error's first line, without fx's trace-time placeholders (`Proxy(getitem_2)`)."""
     line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return re.sub(r"Proxy\([^)]*\)", "another size", line)[:200]
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device` ("cuda" without an index: the current CUDA device)."""
+    if tensor.device.type != device.type:
+        return False
+    if device.index is None and device.type == "cuda":
+        return tensor.device.index == torch.cuda.current_device()
+    return device.index is None or tensor.device.index == device.index
+
+
+def stack_batch(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A batch's images as one tensor on `device`, wherever each image is: on CUDA a batch can
+    mix nvJPEG-decoded images (already on the device) with CPU-decoded ones (PNG, CMYK,
+    EXIF-rotated JPEGs, raw tensors, or a GPU decode that fell back), and torch.stack refuses
+    tensors on different devices. All from the CPU: stacked straight into pinned host memory,
+    then one asynchronous copy (ordered before the forward on the same stream; the results'
+    .cpu() at the end waits for both). Otherwise each image not on the device is copied there;
+    the ones already there are marked as used by this stream, so the decode stream that made
+    them cannot reuse their memory early."""
+    on_device = [_on(t, device) for t in tensors]
+    if device.type == "cuda" and all(t.device.type == "cpu" for t in tensors):
+        pinned = torch.empty((len(tensors), *tensors[0].shape), pin_memory=True)
+        torch.stack(list(tensors), out=pinned)
+        return pinned.to(device, non_blocking=True)
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        for t, there in zip(tensors, on_device, strict=True):
+            if there:
+                t.record_stream(stream)
+    return torch.stack(
+        [t if there else t.to(device) for t, there in zip(tensors, on_device, strict=True)]
+    )
 
 
 def pick_device(name: str) -> torch.device:
@@ -210,9 +262,10 @@ class ModelRuntime:
         arch = cfg.arch or cfg.factory or cfg.path or ""
         loaded = self._models.get(name)
         if loaded is None:
-            message = self._errors.get(name, "loading")
+            message = without_paths(self._errors.get(name, "loading"))
+            weights = without_paths(cfg.weights)
             return ModelStatus(
-                name, arch, cfg.weights, "", False, (0, 0), None, str(self.device), False, message,
+                name, arch, weights, "", False, (0, 0), None, str(self.device), False, message,
                 source=cfg.source,
             )
         w = loaded.weights
@@ -226,16 +279,21 @@ class ModelRuntime:
             preprocessing=w.preprocessing,
             device=str(self.device),
             ready=True,
-            message=w.note,
+            message=without_paths(w.note),
             compute_dtype=loaded.config.autocast or "float32",
             prefix_tokens=loaded.n_prefix_tokens,
             extraction_mode=loaded.catalog.mode,
             source=cfg.source,
         )
 
-    def _not_found(self, name: str) -> str:
-        shown = repr(name[:80])
-        return f"model {shown} is not served here; available: {', '.join(self._configs) or 'none'}"
+    def _not_found(self, name: str, visible: Container[str] | None = None) -> str:
+        """The NOT_FOUND message; `visible`: the names this caller may see (a token's models),
+        so a model outside them reads exactly like one that is not configured."""
+        names = self._configs if visible is None else [n for n in self._configs if n in visible]
+        return f"model {name[:80]!r} is not served here; available: {', '.join(names) or 'none'}"
+
+    def not_found(self, name: str, visible: Container[str] | None = None) -> ModelNotFound:
+        return ModelNotFound(self._not_found(name, visible))
 
     def model(self, name: str) -> LoadedModel:
         """The loaded model, or ModelNotFound / Unavailable (still loading or failed)."""
@@ -247,7 +305,8 @@ class ModelRuntime:
         loaded = self._models.get(name)
         if loaded is None:
             if name in self._errors:
-                raise Unavailable(f"model {name!r} failed to load: {self._errors[name]}")
+                reason = without_paths(self._errors[name])
+                raise Unavailable(f"model {name!r} failed to load: {reason}")
             raise Unavailable(f"model {name!r} is still loading; retry shortly")
         return loaded
 
@@ -292,22 +351,7 @@ class ModelRuntime:
             return self._forward(key, items[:half]) + self._forward(key, items[half:])
 
     def _stack(self, items: list[Item]) -> torch.Tensor:
-        """The batch on the device. For CUDA from the CPU: stacked straight into pinned host
-        memory, then one asynchronous copy (ordered before the forward on the same stream; the
-        results' .cpu() at the end waits for both). GPU-decoded images are already there: their
-        memory is marked as used by this stream, so the decode stream cannot reuse it early."""
-        tensors = [i.tensor for i in items]
-        if self.device.type != "cuda":
-            return torch.stack(tensors)
-        if tensors[0].is_cuda:
-            stream = torch.cuda.current_stream(self.device)
-            for t in tensors:
-                if t.device == self.device:
-                    t.record_stream(stream)
-            return torch.stack([t.to(self.device) for t in tensors])
-        pinned = torch.empty((len(tensors), *tensors[0].shape), pin_memory=True)
-        torch.stack(tensors, out=pinned)
-        return pinned.to(self.device, non_blocking=True)
+        return stack_batch([i.tensor for i in items], self.device)
 
     def _forward_once(self, key: Hashable, items: list[Item]) -> list[dict[str, torch.Tensor]]:
         # the batch key is (model, input shape[, node set]): see Batcher.group_key
