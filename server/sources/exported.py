@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import os
-import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -214,12 +213,13 @@ def _load(cfg: ModelConfig, path: str) -> torch.export.ExportedProgram:
     try:
         with tracing():  # fake tensors while deserialising: not beside a trace or a forward
             return torch.export.load(path)
-    except pickle.UnpicklingError as exc:
-        raise ModelLoadError(
-            f"model {cfg.name!r}: torch.export.load cannot read {path}: it holds pickled objects "
-            f"that are not tensors, which are never unpickled here ({_torch_reason(exc)})"
-        ) from exc
     except Exception as exc:  # torch raises many types for a damaged or foreign archive
+        if type(exc).__name__ == "UnpicklingError":  # weights_only refused a non-tensor
+            raise ModelLoadError(
+                f"model {cfg.name!r}: torch.export.load cannot read {path}: it holds pickled "
+                f"objects that are not tensors, which are never unpickled here "
+                f"({_torch_reason(exc)})"
+            ) from exc
         raise ModelLoadError(
             f"model {cfg.name!r}: torch.export.load cannot read {path}: {_torch_reason(exc)}"
         ) from exc

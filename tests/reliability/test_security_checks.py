@@ -169,6 +169,12 @@ IMPORT_SITES = {
     ("server/sources/factory.py", "build", "import_object(cfg.factory)"),
     # whether a source's optional package is installed (a fixed name, never imported here)
     ("server/model_config.py", "_source", "importlib.util.find_spec(package)"),
+    # whether this transformers has its fx tracer (a fixed name, never imported here)
+    (
+        "server/sources/hf_models.py",
+        "<module>",
+        "importlib.util.find_spec('transformers.utils.fx')",
+    ),
     ("server/loading.py", "_import_all", "model_loading.import_object(s)"),
     ("server/loading.py", "_catalog", "_import_all(cfg.leaf_modules)"),
     ("server/loading.py", "_catalog", "_import_all(cfg.autowrap_functions)"),
