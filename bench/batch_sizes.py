@@ -37,8 +37,8 @@ import time
 
 import torch
 
-from layertap.server.sources import build_model
 from layertap.server.settings import ModelConfig
+from layertap.server.sources import build_model
 
 
 def build(model: str) -> torch.nn.Module:

@@ -18,8 +18,8 @@ import torch
 import torchvision
 
 from layertap.server.catalog import build_catalog
-from layertap.server.sources import build_model
 from layertap.server.settings import ModelConfig
+from layertap.server.sources import build_model
 
 DEFAULT = ["vit_h_14", "resnet50", "swin_t", "convnext_large", "regnet_y_128gf"]
 

@@ -31,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from layertap.server.app import SERVICE_NAME, model_health_name
 from layertap.server.metrics import Metrics
-from layertap.server.sources.torchvision_models import classification_models
 from layertap.server.settings import Settings, load_settings
+from layertap.server.sources.torchvision_models import classification_models
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

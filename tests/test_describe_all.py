@@ -23,8 +23,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from layertap.server.catalog import Catalog, build_catalog, build_extractor
 from layertap.server.errors import UnknownNode
-from layertap.server.sources import build_model
 from layertap.server.settings import ModelConfig, Settings
+from layertap.server.sources import build_model
 from layertap.v1 import layertap_pb2 as pb
 
 ALL_MODELS = sorted(torchvision.models.list_models(module=torchvision.models))

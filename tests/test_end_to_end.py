@@ -215,8 +215,8 @@ def test_layertap_serve_command_with_config_file(tmp_path: Path, resnet18_weight
 def test_embedded_default_config_serves_real_and_marked_random_models() -> None:
     from conftest import start_server
 
-    from layertap.server.sources.torchvision_models import cached_weights_path
     from layertap.server.settings import load_settings
+    from layertap.server.sources.torchvision_models import cached_weights_path
 
     settings = load_settings(["--port", "0"], env={})
     running = start_server(settings)
