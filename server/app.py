@@ -26,6 +26,7 @@ from . import admission, logs, process, security
 from .admission import Admission
 from .batcher import Batcher
 from .batching import BatchPolicy
+from .devices import cuda_memory, default_torch_threads, pick_device, torch_versions
 from .dispatch import Dispatcher
 from .heads import Head, load_head
 from .metrics import Metrics
@@ -37,15 +38,7 @@ from .settings import (
     build_arg_parser,
     load_settings,
 )
-from .worker import (
-    Item,
-    ModelRuntime,
-    SharedWeights,
-    cuda_memory,
-    default_torch_threads,
-    pick_device,
-    torch_versions,
-)
+from .worker import Item, ModelRuntime, SharedWeights
 
 log = logging.getLogger("layertap.server")
 

@@ -13,9 +13,7 @@ model whose leaf modules cannot run on fake tensors (_propagate).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import difflib
 import io
 import logging
 import operator
@@ -23,13 +21,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.feature_extraction import NodePathTracer, _set_default_tracer_kwargs
 
 from .errors import UnknownNode
+from .layouts import channels_first, flattens_a_map, layout_of
+from .node_names import NodeNames
 from .spec import NodeSpec
 from .trace_gate import tracing
 
@@ -43,19 +42,6 @@ log = logging.getLogger(__name__)
 # wrappers. One catalogue build at a time, process-wide, and no forward during it
 # (server/trace_gate.py).
 
-# modules whose 4-D output is channels-first by construction
-CHANNELS_FIRST = (
-    nn.modules.conv._ConvNd,
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.pooling._MaxPoolNd,
-    nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm,
-)
-_CHANNELS_FIRST_FUNCTIONS = (torch.conv2d, F.conv2d, F.batch_norm, F.max_pool2d, F.avg_pool2d)
-
 WIRE_DTYPES = {
     torch.float32: "float32",
     torch.float16: "float16",
@@ -66,19 +52,6 @@ WIRE_DTYPES = {
     torch.bool: "bool",
     torch.float64: "float64",
 }
-
-
-# "closest names" corrects each part of an unknown name among at most this many siblings, then
-# compares the name with this many sorted neighbours on each side of the name and of its
-# correction (Catalog.closest): bounded work on the event loop per unknown name.
-SUGGEST_PARTS = 64
-SUGGEST_WINDOW = 8
-
-
-def _around(names: list[str], name: str, window: int) -> list[str]:
-    """The `window` sorted names on each side of where `name` would sort."""
-    at = bisect.bisect_left(names, name)
-    return names[max(0, at - window) : at + window]
 
 
 @dataclass
@@ -106,13 +79,7 @@ class Catalog:
     by_name: dict[str, NodeSpec] = field(init=False, repr=False)
     order: dict[str, int] = field(init=False, repr=False)  # execution position of each node
     token_counts: frozenset[int] = field(init=False, repr=False)  # L of every NLC node
-    # every dotted prefix of a node name -> the last node under it (a truncated name's node)
-    last_under: dict[str, str] = field(init=False, repr=False)
-    # what "closest names" suggests from, sorted: node names and their 1- and 2-part prefixes
-    suggestable: list[str] = field(init=False, repr=False)
-    # each dotted prefix ("" for none) -> the next parts of the node names under it, sorted
-    children: dict[str, list[str]] = field(init=False, repr=False)
-    longest: int = field(init=False, repr=False)  # characters of the longest suggestable name
+    names_index: NodeNames = field(init=False, repr=False)  # truncated names, suggestions
 
     def __post_init__(self) -> None:
         self.by_name = {n.name: n for n in self.nodes}
@@ -120,21 +87,7 @@ class Catalog:
         self.token_counts = frozenset(
             n.shape[1] for n in self.nodes if n.layout == "NLC" and len(n.shape) == 3
         )
-        self.last_under = {}
-        for node in self.nodes:  # execution order: the last node under a prefix wins
-            parts = node.name.split(".")
-            for depth in range(1, len(parts) + 1):
-                self.last_under[".".join(parts[:depth])] = node.name
-        names = {n.name for n in self.nodes}
-        prefixes = {".".join(n.split(".")[:k]) for n in names for k in (1, 2)}
-        self.suggestable = sorted(names | prefixes)
-        kids: dict[str, set[str]] = {}
-        for name in names:
-            parts = name.split(".")
-            for depth, part in enumerate(parts):
-                kids.setdefault(".".join(parts[:depth]), set()).add(part)
-        self.children = {prefix: sorted(parts) for prefix, parts in kids.items()}
-        self.longest = max(map(len, self.suggestable), default=0)
+        self.names_index = NodeNames([n.name for n in self.nodes])
 
     def prefix_tokens(self, name: str, model_prefix: int) -> int:
         """The leading CLS/register tokens of node `name` when the model has `model_prefix` of
@@ -161,37 +114,14 @@ class Catalog:
         if requested in self.by_name:
             return requested
         if requested and requested not in self.skipped:  # hooks: a module's own output or none
-            last = self.last_under.get(requested)  # one lookup, not a walk over the graph
+            last = self.names_index.last_under.get(requested)  # one lookup, not a graph walk
             if last is not None:
                 return last
         raise UnknownNode(self._unknown_message(requested))
 
     def closest(self, requested: str, n: int = 5) -> list[str]:
-        """Up to n suggestable names close to `requested` (difflib ratio >= 0.5), in bounded
-        time whatever the name and the catalogue: the name is corrected part by part (each
-        part against at most SUGGEST_PARTS siblings), and difflib then compares it with the
-        2 x SUGGEST_WINDOW sorted neighbours of the name and of its correction, never the whole
-        catalogue (maxvit_t's 921 names took ~100 ms). A name over 3x the longest candidate,
-        which no candidate can match at 0.5, is not compared at all."""
-        if not requested or len(requested) > 3 * self.longest:
-            return []
-        prefix, corrected = "", []
-        for part in requested.split("."):
-            siblings = self.children.get(prefix)
-            if not siblings:
-                break
-            if part not in siblings:
-                near = _around(siblings, part, SUGGEST_PARTS // 2)
-                best = difflib.get_close_matches(part, near, n=1, cutoff=0.3)
-                if not best:
-                    break
-                part = best[0]
-            corrected.append(part)
-            prefix = ".".join(corrected)
-        pool: set[str] = set()
-        for variant in (requested, prefix):
-            pool.update(_around(self.suggestable, variant, SUGGEST_WINDOW))
-        return difflib.get_close_matches(requested, sorted(pool), n=n, cutoff=0.5)
+        """Up to n node names close to `requested`, in bounded time (NodeNames.closest)."""
+        return self.names_index.closest(requested, n)
 
     def _unknown_message(self, requested: str) -> str:
         close = self.closest(requested)
@@ -260,51 +190,6 @@ def _propagate(gm: fx.GraphModule, shape: tuple[int, ...]) -> dict[str, tuple[in
         if meta is not None and hasattr(meta, "shape"):
             out[node.name] = tuple(int(d) for d in meta.shape)
     return out
-
-
-def _layout(base: tuple[int, ...], probe: tuple[int, ...] | None) -> str:
-    """Which dims follow the image size decides NCHW vs NHWC vs NLC (probe: larger input)."""
-    rank = len(base)
-    if rank == 2:
-        return "NC"
-    spatial = [probe is not None and probe[i] != base[i] for i in range(rank)]
-    if rank == 3:  # tokens unless the last dim is the one that follows the image size
-        return "" if spatial[2] and not spatial[1] else "NLC"
-    if rank == 4:  # channels-first unless there is evidence of NHWC (Swin); 1x1 maps stay NCHW
-        if spatial[1] and spatial[2] and not spatial[3]:
-            return "NHWC"
-        return "" if spatial[1] else "NCHW"
-    return ""
-
-
-def _channels_first(node: fx.Node, root: nn.Module) -> bool:
-    """Whether the node is the output of a layer that writes channels first (conv, BN, pool)."""
-    if node.op == "call_module":
-        return isinstance(root.get_submodule(str(node.target)), CHANNELS_FIRST)
-    return node.op == "call_function" and node.target in _CHANNELS_FIRST_FUNCTIONS
-
-
-def _flattens_a_map(
-    node: fx.Node, base: dict[str, tuple[int, ...]], layouts: dict[fx.Node, str]
-) -> bool:
-    """Whether a 3-D node [N, C, H*W] is an NCHW input node [N, C, H, W] with its spatial dims
-    flattened (`x.reshape(n, c, h * w)`, `x.flatten(2)`): channels first, so not NLC tokens.
-    Used when no probe told the spatial dims apart (a model that fixes its input size)."""
-    out = base.get(node.name)
-    if out is None or len(out) != 3:
-        return False
-    for source in node.all_input_nodes:
-        shape = base.get(source.name)
-        if (
-            layouts.get(source) == "NCHW"
-            and shape is not None
-            and len(shape) == 4
-            and shape[:2] == out[:2]
-            and shape[2] * shape[3] == out[2]
-            and shape[2] * shape[3] != shape[1]  # square cases stay ambiguous: keep NLC
-        ):
-            return True
-    return False
 
 
 def _target_name(node: fx.Node, root: nn.Module) -> str:
@@ -425,10 +310,10 @@ def build_catalog(
         probe_shape = probe.get(node.name) if probe else None
         if not probe_shape or len(probe_shape) != len(shape):
             probe_shape = None
-        layout = _layout(shape, probe_shape)
+        layout = layout_of(shape, probe_shape)
         if probe_shape is None and layout == "NCHW" and map_layout == "NHWC":
-            layout = "NCHW" if _channels_first(node, tracer.root) else "NHWC"
-        if probe_shape is None and layout == "NLC" and _flattens_a_map(node, base, layouts):
+            layout = "NCHW" if channels_first(node, tracer.root) else "NHWC"
+        if probe_shape is None and layout == "NLC" and flattens_a_map(node, base, layouts):
             layout = ""  # [N, C, H*W] (ViT's reshape before its permute): not tokens
         layouts[node] = layout
         nodes.append(

@@ -6,6 +6,8 @@ The message is shown to the client verbatim: say what was wrong and what to do a
 
 from __future__ import annotations
 
+import re
+
 
 class LayertapError(Exception):
     """Base of every error the client is meant to see."""
@@ -69,3 +71,22 @@ class Disabled(LayertapError):
 
 class Cancelled(LayertapError):
     """The request was cancelled before it ran (→ CANCELLED)."""
+
+
+# A filesystem path in a message: absolute (/..., C:\...), home (~/...) or ./ ../ relative,
+# not preceded by a word character, a dot or a slash (so URLs, "and/or" and 1/2 stay).
+_PATH = re.compile(
+    r"(?<![\w.~/\\:-])(?:~|\.{1,2}|[A-Za-z]:)?"  # the start: nothing path-like before it
+    r"(?:[/\\][^\s/\\'\"`<>|;,()\[\]{}]+)+[/\\]?"  # one or more /segments
+)
+
+
+def _base_name(path: str) -> str:
+    parts = [p for p in re.split(r"[/\\]", path) if p]
+    return parts[-1] if parts else path
+
+
+def without_paths(message: str) -> str:
+    """A message for clients: every server filesystem path in it (weights files, cache
+    folders) cut to its base name. The server log keeps the whole message."""
+    return _PATH.sub(lambda m: _base_name(m.group()), message)

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .catalog import CHANNELS_FIRST, WIRE_DTYPES, Catalog, NodeSpec
+from .catalog import WIRE_DTYPES, Catalog, NodeSpec
 from .errors import InvalidArgument
+from .layouts import CHANNELS_FIRST
 from .trace_gate import forwarding
 
 __all__ = ["HookExtractor", "build_hook_catalog", "build_hook_extractor"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -20,15 +19,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .config_types import ConfigError, check_ranges, check_table, coerce, setting
+from .config_types import ConfigError, check_table, coerce, setting
 from .model_config import (
     RESIZE_KERNELS,
     HeadConfig,
     ModelConfig,
     parse_head,
     parse_model,
-    validate_model,
 )
+from .settings_checks import PARAMETER_HEADROOM, check_settings
 
 __all__ = [  # what other modules import from here; the model entries live in model_config
     "FIELDS",
@@ -50,8 +49,6 @@ __all__ = [  # what other modules import from here; the model entries live in mo
 
 ENV_PREFIX = "LAYERTAP_"
 MiB = 1024 * 1024
-# room left in a GetParameters answer for names and shapes next to the tensor bytes
-PARAMETER_HEADROOM = MiB
 
 
 DEFAULT_BATCH_SIZE = {"cpu": 4, "cuda": 32}
@@ -347,49 +344,6 @@ def _coerce(name: str, value: Any) -> Any:
     return coerce(name, value, getattr(Settings(), name))
 
 
-def _validate(s: Settings) -> None:
-    """Ranges and choices declared on the fields, then the checks that span several."""
-    check_ranges("setting {!r}", s)
-    # logging refuses an unknown level only when main() configures it, after the settings load
-    if s.log_level.upper() not in logging.getLevelNamesMapping():
-        raise ConfigError(
-            "setting 'log_level' must be DEBUG, INFO, WARNING, ERROR or CRITICAL, "
-            f"got {s.log_level!r}"
-        )
-    for model in s.models:
-        validate_model(model)
-    if bool(s.tls_cert) != bool(s.tls_key):
-        raise ConfigError("tls_cert and tls_key go together: set both or neither")
-    if s.tls_client_ca and not s.tls_cert:
-        raise ConfigError("tls_client_ca (mTLS) needs tls_cert and tls_key")
-    for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_tokens_file"):
-        path = getattr(s, name)
-        if path and not Path(path).expanduser().is_file():
-            raise ConfigError(f"{name}: {path} is not a readable file")
-    if s.max_parameter_bytes > s.max_message_bytes - PARAMETER_HEADROOM:
-        raise ConfigError(
-            f"max_parameter_bytes={s.max_parameter_bytes} must be at most max_message_bytes - "
-            f"1 MiB = {s.max_message_bytes - PARAMETER_HEADROOM} (a GetParameters answer is one "
-            "message); lower max_parameter_bytes or raise max_message_bytes"
-        )
-    names = [m.name for m in s.models]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        raise ConfigError(f"model names must be unique; repeated: {sorted(dupes)}")
-    head_names = [h.name for h in s.heads]
-    dupes = {n for n in head_names if head_names.count(n) > 1}
-    if dupes:
-        raise ConfigError(f"head names must be unique; repeated: {sorted(dupes)}")
-    for head in s.heads:
-        if not head.name or not head.file:
-            raise ConfigError(f"every [[heads]] entry needs a 'name' and a 'file', got {head}")
-        if head.model and head.model not in names:
-            raise ConfigError(
-                f"head {head.name!r} is bound to model {head.model!r}, which is not configured "
-                f"(models: {', '.join(names) or 'none'}); fix its 'model' or leave it empty"
-            )
-
-
 def _read_toml(path: str | None) -> tuple[dict[str, Any], Path | None]:
     if path:
         p = Path(path).expanduser()
@@ -428,7 +382,7 @@ def load_settings(
     models = tuple(parse_model(m, base_dir) for m in data.get("models", []))
     heads = tuple(parse_head(h, base_dir) for h in data.get("heads", []))
     settings = Settings(**merged, models=models, heads=heads)
-    _validate(settings)
+    check_settings(settings)
     return settings
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import threading
 from collections.abc import Awaitable, Callable, Container, Hashable, Sequence
@@ -23,9 +22,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import models as model_loading
 from .catalog import NodeSpec
-from .errors import InvalidArgument, LimitExceeded, ModelNotFound, Unavailable
+from .devices import pick_device, stack_batch
+from .errors import InvalidArgument, LimitExceeded, ModelNotFound, Unavailable, without_paths
 from .extractors import cached_extractor, run_extractor
 from .loaded import LoadedModel
 from .loading import ModelLoader, SharedWeights  # app imports SharedWeights from here
@@ -82,100 +81,10 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-# A filesystem path in a message: absolute (/..., C:\...), home (~/...) or ./ ../ relative,
-# not preceded by a word character, a dot or a slash (so URLs, "and/or" and 1/2 stay).
-_PATH = re.compile(
-    r"(?<![\w.~/\\:-])(?:~|\.{1,2}|[A-Za-z]:)?"  # the start: nothing path-like before it
-    r"(?:[/\\][^\s/\\'\"`<>|;,()\[\]{}]+)+[/\\]?"  # one or more /segments
-)
-
-
-def _base_name(path: str) -> str:
-    parts = [p for p in re.split(r"[/\\]", path) if p]
-    return parts[-1] if parts else path
-
-
-def without_paths(message: str) -> str:
-    """A message for clients: every server filesystem path in it (weights files, cache
-    folders) cut to its base name. The server log keeps the whole message."""
-    return _PATH.sub(lambda m: _base_name(m.group()), message)
-
-
 def _first_line(exc: BaseException) -> str:
     """The error's first line, without fx's trace-time placeholders (`Proxy(getitem_2)`)."""
     line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return re.sub(r"Proxy\([^)]*\)", "another size", line)[:200]
-
-
-def _on(tensor: torch.Tensor, device: torch.device) -> bool:
-    """Whether `tensor` is on `device` ("cuda" without an index: the current CUDA device)."""
-    if tensor.device.type != device.type:
-        return False
-    if device.index is None and device.type == "cuda":
-        return tensor.device.index == torch.cuda.current_device()
-    return device.index is None or tensor.device.index == device.index
-
-
-def stack_batch(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A batch's images as one tensor on `device`, wherever each image is: on CUDA a batch can
-    mix nvJPEG-decoded images (already on the device) with CPU-decoded ones (PNG, CMYK,
-    EXIF-rotated JPEGs, raw tensors, or a GPU decode that fell back), and torch.stack refuses
-    tensors on different devices. All from the CPU: stacked straight into pinned host memory,
-    then one asynchronous copy (ordered before the forward on the same stream; the results'
-    .cpu() at the end waits for both). Otherwise each image not on the device is copied there;
-    the ones already there are marked as used by this stream, so the decode stream that made
-    them cannot reuse their memory early."""
-    on_device = [_on(t, device) for t in tensors]
-    if device.type == "cuda" and all(t.device.type == "cpu" for t in tensors):
-        pinned = torch.empty((len(tensors), *tensors[0].shape), pin_memory=True)
-        torch.stack(list(tensors), out=pinned)
-        return pinned.to(device, non_blocking=True)
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device)
-        for t, there in zip(tensors, on_device, strict=True):
-            if there:
-                t.record_stream(stream)
-    return torch.stack(
-        [t if there else t.to(device) for t, there in zip(tensors, on_device, strict=True)]
-    )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise model_loading.ModelLoadError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def torch_versions() -> tuple[str, str]:
-    """(torch, torchvision) versions, for the build-info metric."""
-    import torchvision
-
-    return torch.__version__, torchvision.__version__
-
-
-def cuda_memory(device: str) -> tuple[float, float]:
-    """(allocated, reserved) CUDA bytes of one device, for the metrics scrape."""
-    return float(torch.cuda.memory_allocated(device)), float(torch.cuda.memory_reserved(device))
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container's CPU set, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def default_torch_threads(settings: Settings, cpu_workers: int = 1) -> int:
-    """Intra-op threads per worker: torch_threads when set, else the usable cores split between
-    the CPU workers (at least 1), so N workers never run N x cores threads. The decode pool's
-    threads run torch single-threaded (prepare.init_decode_thread) and are busy a small share
-    of the time (decode is a few ms per image, the forward tens), so they are not subtracted."""
-    if settings.torch_threads > 0:
-        return settings.torch_threads
-    return max(1, usable_cores() // max(1, cpu_workers))
 
 
 class ModelRuntime:

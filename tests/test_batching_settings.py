@@ -26,9 +26,9 @@ from conftest import RunningServer, start_server
 
 from layertap.server.batcher import Batcher
 from layertap.server.batching import BatchPolicy
+from layertap.server.devices import usable_cores
 from layertap.server.dispatch import Dispatcher
 from layertap.server.settings import ModelConfig, Settings, load_settings
-from layertap.server.worker import usable_cores
 from layertap.v1 import layertap_pb2 as pb
 
 SIZE = 16

@@ -140,7 +140,7 @@ def test_two_workers_on_cuda_and_float16_autocast(resnet18_weights: Path) -> Non
 def test_stack_batch_mixes_cuda_and_cpu_images(device: str) -> None:
     """A batch of nvJPEG-decoded (CUDA) and CPU-decoded images, in either order, is stacked on
     the worker's device; all-CPU batches still go through pinned memory."""
-    from layertap.server.worker import stack_batch
+    from layertap.server.devices import stack_batch
 
     host = [torch.rand(3, 16, 16) for _ in range(3)]
     expected = torch.stack(host).to("cuda:0")

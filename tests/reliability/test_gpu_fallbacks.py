@@ -26,10 +26,11 @@ import torch
 from conftest import encode, photo
 
 from layertap.server import codec, prepare
+from layertap.server.devices import stack_batch
 from layertap.server.errors import ImageLimitExceeded
 from layertap.server.preprocess import Preprocessing
 from layertap.server.spec import ImageInput
-from layertap.server.worker import ModelRuntime, stack_batch
+from layertap.server.worker import ModelRuntime
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SPEC = Preprocessing(72, (64, 64), *IMAGENET)
