@@ -149,6 +149,25 @@ def small_server(resnet18_weights: Path) -> Iterator[RunningServer]:
 
 
 # --- real photos -------------------------------------------------------------------------
+def relative_error(
+    got: np.ndarray, want: Any, what: str, rtol: float, min_scale: float = 1e-3
+) -> float:
+    """max |got - want| over max |want|, asserted <= rtol, and returned. The reference must be
+    worth comparing: an all-zero, vanishing or flat output (ViT's zero-initialised head, a deep
+    layer behind identity BatchNorms) would match anything small."""
+    ref = want.detach().cpu().numpy() if hasattr(want, "detach") else np.asarray(want)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != reference {ref.shape}"
+    scale = float(np.abs(ref).max())
+    spread = float(ref.std())
+    assert scale >= min_scale and spread >= 0.01 * scale, (
+        f"{what}: trivial reference (max |x| {scale:.3g}, std {spread:.3g}): "
+        "nothing to compare against"
+    )
+    err = float(np.abs(got - ref).max()) / scale
+    assert err <= rtol, f"{what}: max |diff| is {err:.3g} of max |reference|, over {rtol}"
+    return err
+
+
 def photo(name: str) -> np.ndarray:
     """A real RGB photo as uint8 HWC: astronaut, chelsea, coffee, rocket, china, grace_hopper."""
     if name == "china":

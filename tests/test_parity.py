@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import RunningServer, photo, save_random_weights, start_server
+from conftest import RunningServer, photo, relative_error, save_random_weights, start_server
 from PIL import Image
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
@@ -277,21 +277,8 @@ def extract(
 
 
 def assert_close(got: np.ndarray, want: torch.Tensor, what: str) -> None:
-    """`got` within RTOL of the reference's largest magnitude. The reference must be worth
-    comparing: an all-zero or vanishing output (as ViT's zero-initialised head, or a deep layer
-    of a network whose BatchNorms are all the identity, gives) would match anything small."""
-    want_np = want.numpy()
-    assert got.shape == want_np.shape, f"{what}: shape {got.shape} != reference {want_np.shape}"
-    scale = float(np.abs(want_np).max())
-    spread = float(want_np.std())
-    assert scale >= MIN_SCALE and spread >= 0.01 * scale, (
-        f"{what}: trivial reference (max |x| {scale:.3g}, std {spread:.3g}): "
-        "nothing to compare against"
-    )
-    diff = float(np.max(np.abs(got - want_np)))
-    assert diff <= RTOL * scale, (
-        f"{what}: max abs diff {diff:.3g} > {RTOL} x reference max |x| {scale:.3g}"
-    )
+    """`got` within RTOL of the reference's largest magnitude (conftest.relative_error)."""
+    relative_error(got, want, what, RTOL, MIN_SCALE)
 
 
 # --- fixtures ----------------------------------------------------------------------------------

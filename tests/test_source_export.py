@@ -32,7 +32,7 @@ import pytest
 import torch
 import torchvision
 import torchvision.transforms.v2.functional as F2
-from conftest import RunningServer, photo, randomise_trivial_init, start_server
+from conftest import RunningServer, photo, randomise_trivial_init, relative_error, start_server
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.transforms import InterpolationMode
@@ -300,13 +300,7 @@ def hooked(model: nn.Module, cases: tuple[Case, ...], x: torch.Tensor) -> dict[s
 
 
 def rel_err(served: np.ndarray, want: torch.Tensor, what: str) -> float:
-    ref = want.detach().numpy()
-    assert served.shape == ref.shape, f"{what}: {served.shape} vs {ref.shape}"
-    scale = float(np.abs(ref).max())
-    assert scale > MIN_SCALE, f"{what}: reference too small to compare ({scale})"
-    err = float(np.abs(served - ref).max()) / scale
-    assert err <= RTOL, f"{what}: max |diff| is {err:.2e} of max |ref|"
-    return err
+    return relative_error(served, want, what, RTOL, MIN_SCALE)
 
 
 @pytest.mark.parametrize("name", list(PROGRAMS))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, photo, randomise_trivial_init, start_server
+from conftest import RunningServer, photo, randomise_trivial_init, relative_error, start_server
 from PIL import Image
 from test_parity import hooked_forward
 from torch import nn
@@ -256,13 +256,7 @@ def _extract(
 
 
 def _rel_err(got: np.ndarray, want: torch.Tensor, what: str) -> float:
-    ref = want.numpy()
-    assert got.shape == ref.shape, f"{what}: shape {got.shape} != reference {ref.shape}"
-    scale = float(np.abs(ref).max())
-    assert scale > 1e-3 and float(ref.std()) > 0.01 * scale, f"{what}: trivial reference"
-    err = float(np.abs(got - ref).max()) / scale
-    assert err <= RTOL, f"{what}: max rel err {err:.3g} > {RTOL}"
-    return err
+    return relative_error(got, want, what, RTOL)
 
 
 # --- tests --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import pytest
 import timm
 import timm.data
 import torch
-from conftest import RunningServer, photo, randomise_trivial_init, start_server
+from conftest import RunningServer, photo, randomise_trivial_init, relative_error, start_server
 from PIL import Image
 from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
@@ -150,13 +150,7 @@ def served_inputs(server: RunningServer, arch: str, photos: list[np.ndarray]) ->
 
 def close(got: np.ndarray, want: torch.Tensor, what: str) -> float:
     """Max |got - want| relative to max |want|, asserted <= RTOL; the reference must vary."""
-    want_np = want.detach().numpy()
-    assert got.shape == want_np.shape, f"{what}: {got.shape} != {want_np.shape}"
-    scale = float(np.abs(want_np).max())
-    assert scale > 1e-3 and float(want_np.std()) > 0.01 * scale, f"{what}: trivial reference"
-    rel = float(np.abs(got - want_np).max()) / scale
-    assert rel <= RTOL, f"{what}: max relative error {rel:.3g} > {RTOL}"
-    return rel
+    return relative_error(got, want, what, RTOL)
 
 
 # --- fixtures ------------------------------------------------------------------------------
