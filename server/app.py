@@ -280,6 +280,9 @@ def _batcher(
     return Batcher(
         runtime.run_batch,
         max_queue=settings.max_queue_images,
+        client_share=settings.client_queue_share,
+        client_wait_s=settings.client_wait_ms / 1000.0,
+        cost=fair_cost,
         policy=lambda key: batch_policy(settings, runtime, key),
         low_priority_max_wait_s=settings.low_priority_max_wait_ms / 1000.0,
         companion_wait_s=settings.companion_wait_ms / 1000.0,
@@ -289,6 +292,15 @@ def _batcher(
         on_batch=metrics.observe_batch if metrics else None,
         on_drop=metrics.observe_drop if metrics else None,
     )
+
+
+REFERENCE_PIXELS = 224 * 224
+
+
+def fair_cost(item: Item) -> float:
+    """An item's cost in fair queuing: its input pixels over a 224 x 224 image's (compute grows
+    with pixels: a TTA view at scale 2 costs 4)."""
+    return float(item.tensor.shape[-2] * item.tensor.shape[-1]) / REFERENCE_PIXELS
 
 
 def batch_policy(settings: Settings, runtime: ModelRuntime, key: object) -> BatchPolicy:

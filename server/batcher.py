@@ -3,8 +3,14 @@
 Items with the same key (same extractor and input shape) from concurrent requests are stacked
 into one call of `run_batch`. The rule (after ray serve's batching and Triton's dynamic batcher):
 
-- The next batch's head is the oldest NORMAL item when any waits, else the oldest LOW one. A LOW
-  item that has waited `low_priority_max_wait_s` counts as NORMAL (no starvation).
+- Within a priority class, clients share the worker by weighted fair queuing
+  (server/fairness.py): every item carries its client's finish tag, and smaller tags go first.
+  With one client that is arrival order. The next batch's head is the NORMAL item with the
+  smallest tag when any waits, else the LOW one. A LOW item that has waited
+  `low_priority_max_wait_s` counts as NORMAL (no starvation).
+- One client may hold at most `client_share` of `max_queue` (queued, reserved or computing);
+  past it that client waits up to `client_wait_s`, then gets RESOURCE_EXHAUSTED (retryable),
+  while the others keep their room (server/queue_room.py).
 - If the worker was idle and nothing else was queued when the head arrived, it runs at once (a
   lone request never waits). Otherwise the batch stays open until it holds
   `preferred_batch_size` items (0: `max_batch_size`) or `max_wait` has passed since the head
@@ -16,8 +22,8 @@ into one call of `run_batch`. The rule (after ray serve's batching and Triton's 
   as many items as were queued when the batch ended plus the batch's own size (capped at the
   target). A request after a batch of one, or after the window, is lone and never waits;
   without this, four closed-loop clients split into two batches of two for good.
-- The batch then takes up to `max_batch_size` items of the head's key: NORMAL ones first (oldest
-  first), then LOW ones.
+- The batch then takes up to `max_batch_size` items of the head's key: NORMAL ones first, then
+  LOW ones, each smallest tag first.
 
 Every time here is the event loop's clock, `loop.time()` (what asyncio's timers use, and
 time.monotonic() in CPython's loops), so the rule is tested under a virtual clock.
@@ -46,7 +52,9 @@ from .batching import (
     clock,
     is_deadline,
 )
-from .errors import LimitExceeded, QueueFull, Unavailable
+from .errors import Unavailable
+from .fairness import CLIENT, FairTags
+from .queue_room import QueueRoom
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,8 @@ class _Item(Generic[P]):
     priority: int = NORMAL  # 0 normal, 1 low (bulk)
     deadline: float | None = None  # clock() after which the client no longer waits
     running: bool = False  # handed to run_batch: a cancel now is not a drop
+    client: str = ""  # fairness.Client.key
+    tag: float = 0.0  # weighted fair queuing finish tag: smaller goes first
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,12 @@ class Batcher:
     # maps (submitted key, payload) to the batch key, e.g. to keep node sets apart
     group_key: Callable[[Hashable, Any], Hashable] | None = None
     name: str = ""  # reported in BatchInfo.device
+    # the share of max_queue one client may hold (1: no per-client bound), and how long a
+    # client past it waits for room before it is refused
+    client_share: float = 1.0
+    client_wait_s: float = 0.0
+    # an item's cost for fair queuing (1: one image at the reference size)
+    cost: Callable[[Any], float] | None = None
     # observers (metrics): queue depth after every change, size of every batch run,
     # each item dropped before compute ("cancelled" or "deadline")
     on_queue_depth: Callable[[int], None] | None = None
@@ -110,11 +126,15 @@ class Batcher:
     _wakeup: asyncio.Event | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _running: int = field(default=0, init=False)  # items of the batch being computed
-    _reserved: int = field(default=0, init=False)
     _closed: bool = field(default=False, init=False)
     _last: _LastBatch | None = field(default=None, init=False)
+    _tags: FairTags = field(default_factory=FairTags, init=False)
+    _room: QueueRoom = field(init=False)  # the queue's bound and each client's share
     batches_run: int = field(default=0, init=False)
     dropped: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self._room = QueueRoom(self.max_queue, self.client_share, self.client_wait_s)
 
     def start(self) -> None:
         if self._task is None:
@@ -137,39 +157,37 @@ class Batcher:
     @property
     def waiting(self) -> int:
         """Images queued or holding reserved room: what max_queue bounds."""
-        return len(self._pending) + self._reserved
+        return len(self._pending) + self._room.reserved
 
     @property
     def load(self) -> int:
         """Images this batcher owes: queued, reserved (being decoded) and computing."""
-        return len(self._pending) + self._reserved + self._running
+        return len(self._pending) + self._room.reserved + self._running
 
     @contextlib.contextmanager
     def reserve(self, count: int) -> Iterator[None]:
         """Hold queue room for `count` items while they are being decoded, so a full queue
         refuses a request before any decoding is spent on it (and decode backlog stays bounded).
-        Submit inside the block with `reserved=True`."""
-        self._check_room(count)
-        self._reserved += count
+        Submit inside the block with `reserved=True`. Await `admit` first to give a client past
+        its share its wait (server/queue_room.py)."""
+        client = CLIENT.get().key
+        self._check_room(count, client)
+        self._room.reserved += count
+        self._room.hold(client, count)
         try:
             yield
         finally:
-            self._reserved -= count
+            self._room.reserved -= count
+            self._room.hold(client, -count)
 
-    def _check_room(self, count: int) -> None:
+    async def admit(self, count: int) -> None:
+        """Wait until the calling client has room for `count` items, at most client_wait_s."""
+        await self._room.admit(count, CLIENT.get().key)
+
+    def _check_room(self, count: int, client: str) -> None:
         if self._closed:
             raise Unavailable("server is shutting down; retry on another replica")
-        if count > self.max_queue:  # can never fit: not transient, so not a QueueFull
-            raise LimitExceeded(
-                f"{count} images in one request exceed the whole batch queue "
-                f"(max_queue_images={self.max_queue}); split the request"
-            )
-        waiting = self.waiting
-        if waiting + count > self.max_queue:
-            raise QueueFull(
-                f"batch queue is full ({waiting} images waiting, limit "
-                f"max_queue_images={self.max_queue}); retry with backoff"
-            )
+        self._room.check(count, client, self.waiting)
 
     def _policy_for(self, key: Hashable) -> BatchPolicy:
         if self.policy is not None:
@@ -192,8 +210,9 @@ class Batcher:
         from its client's cancel); default: set_request_deadline's, if any."""
         if deadline is None:
             deadline = REQUEST_DEADLINE.get()
+        client = CLIENT.get()
         if not reserved:
-            self._check_room(len(payloads))
+            self._check_room(len(payloads), client.key)
         elif self._closed:
             raise Unavailable("server is shutting down; retry on another replica")
         self.start()
@@ -207,7 +226,11 @@ class Batcher:
             if k not in policies:
                 policies[k] = self._policy_for(k)
             fut: asyncio.Future[Any] = loop.create_future()
+            cost = self.cost(payload) if self.cost is not None else 1.0
+            tag = self._tags.tag(client, cost)
             item = _Item(k, payload, fut, enqueued, lone, policies[k], priority, deadline)
+            item.client, item.tag = client.key, tag
+            self._room.hold(client.key, 1)
             fut.add_done_callback(functools.partial(self._on_done, item))
             self._pending.append(item)
             futures.append(fut)
@@ -217,7 +240,9 @@ class Batcher:
         return futures
 
     def _on_done(self, item: _Item[Any], _future: asyncio.Future[Any]) -> None:
-        """Count an item whose client stopped waiting before its batch ran."""
+        """Give the item's room back to its client; count it if its client stopped waiting
+        before its batch ran."""
+        self._room.hold(item.client, -1)
         if item.running or not item.future.cancelled():
             return
         reason = "cancelled"
@@ -241,18 +266,19 @@ class Batcher:
         return item.priority != NORMAL and now - item.enqueued < self.low_priority_max_wait_s
 
     def _head(self, now: float) -> _Item[Any]:
-        """The oldest NORMAL item, else the oldest LOW one (pending is in arrival order)."""
-        return next((i for i in self._pending if not self._is_low(i, now)), self._pending[0])
+        """The NORMAL item with the smallest fair-queuing tag, else the LOW one."""
+        return min(self._pending, key=lambda i: (self._is_low(i, now), i.tag))
 
     def _take(self, key: Hashable, limit: int) -> list[_Item[Any]]:
         """Remove and return up to `limit` live items of `key`: NORMAL first, then LOW, each
         oldest first."""
         at = clock()
         candidates = [i for i in self._pending if i.key == key and not i.future.done()]
-        candidates.sort(key=lambda i: self._is_low(i, at))  # stable: arrival order kept
+        candidates.sort(key=lambda i: (self._is_low(i, at), i.tag))
         batch = candidates[:limit]
         taken = {id(i) for i in batch}
         self._pending = [i for i in self._pending if id(i) not in taken]
+        self._tags.served(i.tag for i in batch)
         return batch
 
     def _count(self, key: Hashable) -> int:

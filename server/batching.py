@@ -90,6 +90,10 @@ class BatchQueue(Protocol):
         """The names of the device workers behind it (what BatchInfo.device reports)."""
         ...
 
+    async def admit(self, count: int) -> None:
+        """Wait (bounded) until the calling client may hold `count` more items."""
+        ...
+
     def reserve(self, count: int) -> contextlib.AbstractContextManager[None]: ...
 
     def submit_many(

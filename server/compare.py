@@ -64,14 +64,12 @@ async def compare(pipeline: Pipeline, request: pb.CompareRequest) -> pb.CompareR
         request.model, inputs, _RAW, full_nodes, native, label=label, check=same_sizes
     )
     rows = ran.rows
-    loop = asyncio.get_running_loop()
     # per node: patch embeddings carry no CLS token even when the model's blocks do
     prefix = {n.name: loaded.catalog.prefix_tokens(n.name, loaded.n_prefix_tokens) for n in specs}
     math_started = time.perf_counter()
     distances: list[Distances] = await asyncio.gather(
         *(
-            loop.run_in_executor(
-                pipeline.decode_pool,
+            pipeline.in_pool(
                 pair_distances,
                 rows[i][0],
                 rows[pairs + i][0],

@@ -66,6 +66,10 @@ class Dispatcher:
                 return b
         return ordered[0]
 
+    async def admit(self, count: int) -> None:
+        """The calling client's wait for room on the device it would get now."""
+        await self.pick(count).admit(count)
+
     @contextlib.contextmanager
     def reserve(self, count: int) -> Iterator[None]:
         """Hold room on the chosen device; submits inside the block (same task) go there."""

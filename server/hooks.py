@@ -31,7 +31,6 @@ from .trace_gate import forwarding
 __all__ = ["HookExtractor", "build_hook_catalog", "build_hook_extractor"]
 
 
-
 class _Enough(BaseException):
     """Raised from a hook once every wanted module has fired: ends the forward early.
 

@@ -82,7 +82,7 @@ class ModelConfig:
     interpolation: str | None = setting(None, '"bilinear", "bicubic" or "nearest"')
     resize_kernel: str = setting(
         "uint8",
-        'resize kernel for uint8 images: "uint8" (torchvision v2\'s native kernel, Pillow\'s '
+        "resize kernel for uint8 images: \"uint8\" (torchvision v2's native kernel, Pillow's "
         'resampling, ~6x cheaper on CPU) or "float" (bit-exact with weights.transforms())',
         choices=RESIZE_KERNELS,
     )
@@ -154,7 +154,6 @@ class ModelConfig:
         "feature-map nodes Compare uses when a request names none (VGG16: relu1_2..relu5_3 = "
         "features.3, 8, 15, 22, 29; other models need this or request nodes)",
     )
-
 
     def __post_init__(self) -> None:
         # unset: as the keys say (entries built in code, like parsed ones)

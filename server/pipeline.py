@@ -14,6 +14,7 @@ from typing import Any
 from .batching import BatchInfo, BatchQueue
 from .budgets import Label
 from .errors import LimitExceeded, PerImageError
+from .fair_pool import FairPool
 from .heads import Head
 from .metrics import Metrics
 from .prepare import EncodedTensor, Prepared, encode_results, finish_results, prepare_image
@@ -68,6 +69,8 @@ class Pipeline:
         self.runtime = runtime
         self.batcher = batcher
         self.decode_pool = decode_pool
+        # decode, finish and distances take turns between clients (server/fair_pool.py)
+        self.pool = FairPool(decode_pool, settings.decode_threads)
         self.metrics = metrics
         self.heads: Mapping[str, Head] = dict(heads or {})  # loaded at start-up (app.load_heads)
         self.limits = DecodeLimits(
@@ -75,8 +78,8 @@ class Pipeline:
         )
 
     async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on the decode pool (never on the event loop)."""
-        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+        """Run `fn` on the decode pool (never on the event loop), in the calling client's turn."""
+        return await self.pool.run(fn, *args)
 
     async def run_images(
         self,
@@ -102,6 +105,7 @@ class Pipeline:
         # futures[i][v]: view v of image i (TTA views are items of their own)
         futures: list[list[asyncio.Future[Any]]] = [[] for _ in inputs]
         try:
+            await self.batcher.admit(len(inputs) * n_views)  # a client past its share waits
             with self.batcher.reserve(len(inputs) * n_views):
                 prepared = await asyncio.gather(
                     *(

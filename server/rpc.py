@@ -28,6 +28,7 @@ from .errors import (
     QueueFull,
     Unavailable,
 )
+from .fairness import CLIENT, Client
 from .metrics import Metrics
 
 # RPC log lines keep the logger name operators filter on (it was the servicer module's).
@@ -53,10 +54,34 @@ REQUEST_ID: ContextVar[str] = ContextVar("layertap_request_id", default="")
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 
 
+class _EverySoOften:
+    """Overload refusals (full queue, a client past its share, shutting down) come by the
+    thousand per second in a flood: one WARNING line per method and status every LOG_EVERY_S
+    (the rest at DEBUG; the metrics count them all), so the log is not the next bottleneck."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+
+    def due(self, method: str, code: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get((method, code), -self.LOG_EVERY_S) < self.LOG_EVERY_S:
+            return False
+        self._last[(method, code)] = now
+        return True
+
+
+_OVERLOAD_LOG = _EverySoOften()
+
+
 class HasMetrics(Protocol):
-    """What `@rpc` needs of a servicer: its metrics (None when off)."""
+    """What `@rpc` needs of a servicer: its metrics (None when off), and who a call is from
+    (for fair queuing)."""
 
     metrics: Metrics | None
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Client: ...
 
 
 def status_for(exc: LayertapError) -> grpc.StatusCode:
@@ -130,11 +155,13 @@ def rpc(handler: H) -> H:
     async def wrapper(self: HasMetrics, request: Any, context: grpc.aio.ServicerContext) -> Any:
         rid = request_id(context)
         REQUEST_ID.set(rid)
+        CLIENT.set(self.identify(context))  # what this call queues is tagged with its client
         trailer: tuple[tuple[str, str], ...] = (("x-request-id", rid),)
         model = str(getattr(request, "model", "") or "")
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         details = ""
+        retryable = False
         m = self.metrics
         if m is not None:
             m.in_flight.labels(method).inc()
@@ -151,6 +178,7 @@ def rpc(handler: H) -> H:
             code, details = status_for(exc), str(exc)[:MAX_DETAILS]
             if isinstance(exc, _RETRYABLE_ERRORS):
                 trailer += (RETRYABLE,)
+                retryable = True
             await context.abort(code, details, trailing_metadata=trailer)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -179,6 +207,8 @@ def rpc(handler: H) -> H:
                 log.debug("%s OK", method, extra=fields)
             elif code == grpc.StatusCode.INTERNAL:
                 pass  # logged with its traceback above
+            elif retryable and not _OVERLOAD_LOG.due(method, code.name):
+                log.debug("%s %s: %s", method, code.name, details[:300], extra=fields)
             else:
                 log.warning("%s %s: %s", method, code.name, details[:300], extra=fields)
 

@@ -17,6 +17,7 @@ from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 from .batching import set_request_deadline
 from .errors import Disabled
+from .fairness import Client, identify
 from .metrics import layertap_version
 from .requests import extract_job, parameter_request
 from .responses import (
@@ -27,7 +28,7 @@ from .responses import (
     stream_item_size,
 )
 from .rpc import MAX_DETAILS, REQUEST_ID, rpc, status_for
-from .security import model_access
+from .security import bearer_token, model_access
 from .settings import Settings, default_batch_size
 from .stream import StreamSession
 
@@ -62,6 +63,12 @@ class FeatureService(pb_grpc.FeatureServiceServicer):
         self._image_formats = image_formats
         self._input_dtypes = input_dtypes
         self._access = model_access(settings)  # auth_tokens entries may name their models
+        self._weights = {t: e.weight for t, e in settings.token_entries().items()}
+
+    def identify(self, context: grpc.aio.ServicerContext) -> Client:
+        """Who a call is from, for fair queuing: its token, else its connection."""
+        token = bearer_token(context.invocation_metadata())
+        return identify(token, str(context.peer() or ""), self._weights)
 
     def _visible(self, context: grpc.aio.ServicerContext) -> Visible:
         return self._access.visible(context.invocation_metadata())

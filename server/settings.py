@@ -28,6 +28,7 @@ from .model_config import (
     parse_model,
 )
 from .settings_checks import PARAMETER_HEADROOM, check_settings
+from .token_entries import TokenEntry, parse_entries
 
 __all__ = [  # what other modules import from here; the model entries live in model_config
     "FIELDS",
@@ -135,6 +136,21 @@ class Settings:
     )
     max_queue_images: int = setting(
         512, "images waiting for the worker before requests get RESOURCE_EXHAUSTED", minimum=1
+    )
+    client_queue_share: float = setting(
+        0.25,
+        "the share of max_queue_images one client (its bearer token, else its connection) may "
+        "hold queued or running; past it that client gets RESOURCE_EXHAUSTED while others are "
+        "served (1: no per-client bound)",
+        minimum=0.01,
+        maximum=1.0,
+    )
+    client_wait_ms: float = setting(
+        1000.0,
+        "how long a client past its client_queue_share waits for its earlier images to finish "
+        "before RESOURCE_EXHAUSTED (a waiting call costs no decode; refusing at once let a "
+        "client retrying without pause spend the CPU on refusals)",
+        minimum=0,
     )
     max_images_per_request: int = setting(64, "images one Extract call may carry", minimum=1)
     max_image_bytes: int = setting(20 * MiB, "encoded bytes one image may have", minimum=1)
@@ -271,13 +287,9 @@ class Settings:
         """Every accepted bearer token (from auth_tokens and auth_tokens_file)."""
         return frozenset(self.token_models())
 
-    def token_models(self) -> dict[str, frozenset[str] | None]:
-        """Every accepted bearer token and the models it may use (None: every model). An entry
-        (of auth_tokens, comma-separated, or a line of auth_tokens_file) is the token, then
-        optionally model names, all separated by spaces; a word starting with '#' starts a
-        comment. Tokens never contain spaces, so entries of the older one-token form read the
-        same. A token listed twice must name the same models both times (ConfigError, which
-        does not quote the token)."""
+    def token_entries(self) -> dict[str, TokenEntry]:
+        """Every accepted bearer token with its models and weight (server/token_entries.py),
+        from auth_tokens (comma-separated entries) and auth_tokens_file (one per line)."""
         entries = [
             (f"auth_tokens entry {n}", e) for n, e in enumerate(self.auth_tokens.split(","), 1)
         ]
@@ -286,22 +298,11 @@ class Settings:
             entries += [
                 (f"auth_tokens_file line {n}", e) for n, e in enumerate(text.splitlines(), 1)
             ]
-        scopes: dict[str, frozenset[str] | None] = {}
-        where: dict[str, str] = {}
-        for here, entry in entries:
-            words = entry.split()
-            comment = next((i for i, w in enumerate(words) if w.startswith("#")), len(words))
-            if comment == 0:
-                continue
-            token, models = words[0], frozenset(words[1:comment]) or None
-            if token in scopes and scopes[token] != models:
-                raise ConfigError(
-                    f"{here} repeats the token of {where[token]} with other models; give each "
-                    "token one entry (its models, or none for every model)"
-                )
-            scopes[token] = models
-            where.setdefault(token, here)
-        return scopes
+        return parse_entries(entries)
+
+    def token_models(self) -> dict[str, frozenset[str] | None]:
+        """Every accepted bearer token and the models it may use (None: every model)."""
+        return {t: e.models for t, e in self.token_entries().items()}
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings as plain data, secrets replaced (for --print-config)."""

@@ -174,7 +174,16 @@ class ModelRuntime:
             message = without_paths(self._errors.get(name, "loading"))
             weights = without_paths(cfg.weights)
             return ModelStatus(
-                name, arch, weights, "", False, (0, 0), None, str(self.device), False, message,
+                name,
+                arch,
+                weights,
+                "",
+                False,
+                (0, 0),
+                None,
+                str(self.device),
+                False,
+                message,
                 source=cfg.source,
             )
         w = loaded.weights

@@ -152,6 +152,7 @@ def tight_server(
     settings = Settings(
         port=0,
         max_queue_images=6,  # two good neighbours + one bad request (2 images each) always fit
+        client_queue_share=1.0,  # these tests pin the whole queue's bound
         max_image_bytes=300_000,
         max_message_bytes=1024 * 1024,
         models=(

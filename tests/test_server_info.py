@@ -32,6 +32,7 @@ SETTINGS = Settings(
     log_level="ERROR",
     max_images_per_request=4,
     max_queue_images=3,
+    client_queue_share=1.0,  # these tests pin the whole queue's bound
     max_stream_in_flight=5,
     max_parameter_bytes=7 * MiB,
     models=(

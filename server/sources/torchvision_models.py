@@ -157,9 +157,7 @@ def build(cfg: ModelConfig) -> LoadedWeights:
         enum, random_init = None, True
     if cfg.weights.lower() == "none":
         if not cfg.allow_random:
-            raise ModelLoadError(
-                f"model {cfg.name!r}: weights = 'none' needs allow_random = true"
-            )
+            raise ModelLoadError(f"model {cfg.name!r}: weights = 'none' needs allow_random = true")
         random_init, note = True, "random init (weights = none)"
     if cfg.arch in detection_models():
         # torchvision's detection builders download ImageNet backbone weights by default
@@ -178,9 +176,7 @@ def build(cfg: ModelConfig) -> LoadedWeights:
         module = torchvision.models.get_model(cfg.arch, weights=enum, **kwargs)
     except Exception as exc:  # a refused (weights_only) or corrupt cached file, bad kwargs
         where = f" from {cached_weights_path(enum)}" if enum is not None else ""
-        raise ModelLoadError(
-            f"model {cfg.name!r}: cannot build {cfg.arch}{where}: {exc}"
-        ) from exc
+        raise ModelLoadError(f"model {cfg.name!r}: cannot build {cfg.arch}{where}: {exc}") from exc
     sha, weights_id = RANDOM, RANDOM
     if enum is not None:
         weights_id = f"{type(enum).__name__}.{enum.name}"

@@ -74,6 +74,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         max_images_per_request=16,
         max_image_pixels=MAX_PIXELS,
         max_queue_images=64,
+        client_queue_share=1.0,  # these tests pin the whole queue's bound
         warmup=False,
         log_level="ERROR",
         models=(

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from conftest import encode, photo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_soak import ServerProcess
+from test_soak import ServerProcess, serving
 
 from layertap.server.output_options import MAX_TTA_VIEWS
 from layertap.server.requests import MAX_COMPARE_NODES, MAX_PARAMETER_NAMES, MAX_REGIONS
@@ -68,15 +68,8 @@ input_size = [32, 32]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    folder = tmp_path_factory.mktemp("loop-latency")
-    config = folder / "layertap.toml"
-    config.write_text(CONFIG)
-    process = ServerProcess(config, folder / "server.log")
-    try:
-        process.wait_serving()
+    with serving(tmp_path_factory.mktemp("loop-latency"), CONFIG) as process:
         yield process
-    finally:
-        assert process.stop() == 0, process.log_tail()
 
 
 def _raw(channel: grpc.Channel, method: str) -> Callable[..., bytes]:

@@ -50,6 +50,7 @@ def test_a_full_queue_refuses_before_decoding_and_recovers() -> None:
     settings = Settings(
         port=0,
         max_queue_images=2,
+        client_queue_share=1.0,  # the whole queue's bound, not one client's share of it
         max_batch_size=1,
         warmup=False,
         models=(

@@ -27,6 +27,7 @@ scenarios outside pytest and prints the figures; here each test prints one parse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +205,20 @@ class ServerProcess:
                 self.proc.wait(30)
                 return -9
         return int(self.proc.returncode)
+
+
+@contextlib.contextmanager
+def serving(folder: Path, config_text: str) -> Iterator[ServerProcess]:
+    """A `layertap serve` process on `config_text` (written to `folder`), SERVING until the
+    block ends; then SIGTERM, and it must exit 0."""
+    config = folder / "layertap.toml"
+    config.write_text(config_text)
+    process = ServerProcess(config, folder / "server.log")
+    try:
+        process.wait_serving()
+        yield process
+    finally:
+        assert process.stop() == 0, process.log_tail()
 
 
 # --- what the clients send -----------------------------------------------------------------
