@@ -14,6 +14,7 @@ import sys
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,6 +40,9 @@ from .settings import (
     load_settings,
 )
 from .worker import Item, ModelRuntime, SharedWeights
+
+if TYPE_CHECKING:
+    from .pipeline import Pipeline
 
 log = logging.getLogger("layertap.server")
 
@@ -88,6 +92,7 @@ class Server:
     _load_task: asyncio.Task[None] | None = None
     runtimes: list[ModelRuntime] = field(default_factory=list)
     admission: Admission | None = None  # the calls counted in, by kind
+    pipeline: Pipeline | None = None  # its memory budget, fair pool
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -235,6 +240,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         metrics,
         runtimes=runtimes,
         admission=gate,
+        pipeline=pipeline,
     )
     return server, port
 

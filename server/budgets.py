@@ -1,11 +1,13 @@
 """What one request may cost, checked before the work is queued: encoded bytes per image, the
-answer's bytes against the message limit, roi_align bins per image. Each refusal is
+answer's bytes against the message limit, roi_align bins per image, and the memory it will
+hold at its peak (peak_bytes; server/memory_budget.py reserves it). Each refusal is
 RESOURCE_EXHAUSTED (or the image's own error) with the figure that would fit. Torch-free."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import LimitExceeded, PerImageError
@@ -99,3 +101,100 @@ def response_size_ok(size: int, settings: Settings) -> None:
             f"the response would carry {size} bytes of tensors, over max_message_bytes="
             f"{settings.max_message_bytes}; request pooled outputs, fewer nodes or fewer images"
         )
+
+
+# --- memory: what a request holds at its peak (server/memory_budget.py reserves it) -----------
+
+# A forward holds, besides the outputs asked for, the tensors still live at its widest point
+# (a block's input, its output, a residual or a concat): about this many times the largest
+# activation up to the deepest node. Calibrated against measured RSS by bench/memory_estimate.py.
+WORKING_FACTOR = 3
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """A model's memory figures from its catalogue, per image at its input size (float32)."""
+
+    input_pixels: int
+    node_bytes: Mapping[str, int]  # each node's output
+    widest_upto: Mapping[str, int]  # the largest activation up to and including each node
+
+
+def model_cost(input_size: tuple[int, int], nodes: Sequence[NodeSpec]) -> ModelCost:
+    """ModelCost from a catalogue's nodes, in execution order."""
+    node_bytes: dict[str, int] = {}
+    widest: dict[str, int] = {}
+    running = 0
+    for node in nodes:
+        size = FLOAT_BYTES * math.prod(node.shape[1:]) if node.shape else 0
+        node_bytes[node.name] = size
+        running = max(running, size)
+        widest[node.name] = running
+    return ModelCost(max(1, input_size[0] * input_size[1]), node_bytes, widest)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A request's estimated peak bytes, its parts, and what one image of it costs."""
+
+    total: int
+    parts: Mapping[str, int]
+    per_image: int  # the costliest image: its views' held, working and answer bytes
+    per_pixel: float  # of that image: bytes per input pixel (for a downscale hint)
+    images: int
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v / MIB:.0f}" for k, v in self.parts.items() if v) + " MiB"
+
+
+MIB = 1 << 20
+
+
+def peak_bytes(
+    cost: ModelCost,
+    views: Sequence[Sequence[int]],
+    nodes: Sequence[str],
+    keep_maps: bool,
+    answer_itemsize: int,
+    batch: int,
+    decoded: Sequence[int] = (),
+) -> Estimate:
+    """The peak memory of one request. `views[i]`: the input pixels of image i's views (one
+    item each); `nodes`: the full node names it asks for; `keep_maps`: raw maps are kept
+    until the answer is built (raw outputs, Compare); `answer_itemsize`: bytes per element of
+    raw answers (0: pooled, negligible); `batch`: the model's batch limit (activations are live
+    for one batch at a time); `decoded`: uint8 bytes of images decoded at full size before
+    preprocessing (native inputs), `batch` of them at once at most.
+
+    Per view of P pixels (r = P / the model's input pixels): its float32 input 12 P, its
+    requested maps r x their bytes, and the forward's working set WORKING_FACTOR x r x the
+    widest activation up to the deepest node. Inputs (and kept maps) are held for the whole
+    request; the working set only for the batch being run, so it counts for the `batch`
+    costliest views; the answer counts twice (the tensors' bytes, then the message)."""
+    maps_at_size = sum(cost.node_bytes.get(n, 0) for n in nodes)
+    deepest = max((cost.widest_upto.get(n, 0) for n in nodes), default=0)
+    held = working = answer = 0
+    per_view_working: list[int] = []
+    costliest = (0, 1)  # (bytes, pixels) of the costliest image
+    for image_views in views:
+        image_bytes = 0
+        for index, pixels in enumerate(image_views):
+            r = pixels / cost.input_pixels
+            maps = int(maps_at_size * r)
+            view_held = FLOAT_BYTES * 3 * pixels + (maps if keep_maps else 0)
+            view_working = int(WORKING_FACTOR * deepest * r) + (0 if keep_maps else maps)
+            view_answer = 2 * maps * answer_itemsize // FLOAT_BYTES if index == 0 else 0
+            held += view_held
+            answer += view_answer
+            per_view_working.append(view_working)
+            image_bytes += view_held + view_working + view_answer
+        pixels = max(image_views, default=1)
+        if image_bytes > costliest[0]:
+            costliest = (image_bytes, max(1, pixels))
+    working = sum(sorted(per_view_working, reverse=True)[: max(1, batch)])
+    decode = sum(sorted(decoded, reverse=True)[: max(1, batch)])
+    parts = {"inputs and kept maps": held, "forward": working, "answer": answer, "decode": decode}
+    return Estimate(
+        sum(parts.values()), parts, costliest[0], costliest[0] / costliest[1], len(views)
+    )

@@ -397,3 +397,13 @@ def decode_tensor_bytes(dtype: str, shape: Sequence[int], data: bytes) -> torch.
     if not isinstance(data, bytes):
         data = bytes(data)
     return _from_wire(dtype, _parse_shape(shape, InvalidArgument), data, InvalidArgument)
+
+
+def header_size(data: bytes, limits: DecodeLimits) -> tuple[int, int]:
+    """(width, height) from the header alone (no pixel decode), after the byte and pixel
+    checks: what the memory estimate needs before anything is decoded."""
+    check_encoded_size(len(data), limits)
+    im = _probe(data, _sniff(data), limits)
+    size = im.size
+    im.close()
+    return size

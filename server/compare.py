@@ -13,6 +13,7 @@ from layertap.v1 import layertap_pb2 as pb
 from .budgets import check_encoded_sizes
 from .distances import Distances, pair_distances
 from .errors import InvalidArgument, PerImageError
+from .fairness import CLIENT
 from .pipeline import Pipeline
 from .prepare import Prepared
 from .requests import compare_nodes, compare_pairs, pair_image_input
@@ -59,28 +60,35 @@ async def compare(pipeline: Pipeline, request: pb.CompareRequest) -> pb.CompareR
                 )
 
     check_encoded_sizes(inputs, pipeline.settings.max_image_bytes, label)
-    # the same batch key as Extract's: compare images batch with extraction traffic
-    ran = await pipeline.run_images(
-        request.model, inputs, _RAW, full_nodes, native, label=label, check=same_sizes
+    # raw maps of every image are kept until the distances are done: all of it is reserved
+    peak = await pipeline.estimate(
+        request.model, inputs, _RAW, full_nodes, native, keep_maps=True, answer=False
     )
-    rows = ran.rows
-    # per node: patch embeddings carry no CLS token even when the model's blocks do
-    prefix = {n.name: loaded.catalog.prefix_tokens(n.name, loaded.n_prefix_tokens) for n in specs}
-    math_started = time.perf_counter()
-    distances: list[Distances] = await asyncio.gather(
-        *(
-            pipeline.in_pool(
-                pair_distances,
-                rows[i][0],
-                rows[pairs + i][0],
-                specs,
-                prefix,
-                request.style,
-            )
-            for i in range(pairs)
+    with pipeline.memory.reserve(peak, CLIENT.get().key, native):
+        # the same batch key as Extract's: compare images batch with extraction traffic
+        ran = await pipeline.run_images(
+            request.model, inputs, _RAW, full_nodes, native, label=label, check=same_sizes
         )
-    )
-    pipeline.observe(request.model, ran, time.perf_counter() - math_started, None)
+        rows = ran.rows
+        # per node: patch embeddings carry no CLS token even when the model's blocks do
+        prefix = {
+            n.name: loaded.catalog.prefix_tokens(n.name, loaded.n_prefix_tokens) for n in specs
+        }
+        math_started = time.perf_counter()
+        distances: list[Distances] = await asyncio.gather(
+            *(
+                pipeline.in_pool(
+                    pair_distances,
+                    rows[i][0],
+                    rows[pairs + i][0],
+                    specs,
+                    prefix,
+                    request.style,
+                )
+                for i in range(pairs)
+            )
+        )
+        pipeline.observe(request.model, ran, time.perf_counter() - math_started, None)
     return pb.CompareResponse(
         model=request.model,
         weights_sha256=loaded.weights.sha256,

@@ -12,14 +12,23 @@ from dataclasses import dataclass
 from typing import Any
 
 from .batching import BatchInfo, BatchQueue
-from .budgets import Label
+from .budgets import ITEMSIZE, Estimate, Label, ModelCost, model_cost, peak_bytes
 from .errors import LimitExceeded, PerImageError
 from .fair_pool import FairPool
+from .fairness import CLIENT
 from .heads import Head
+from .memory_budget import MemoryBudget, memory_budget
 from .metrics import Metrics
-from .prepare import EncodedTensor, Prepared, encode_results, finish_results, prepare_image
+from .prepare import (
+    EncodedTensor,
+    Prepared,
+    encode_results,
+    finish_results,
+    input_pixels,
+    prepare_image,
+)
 from .requests import ExtractJob
-from .settings import Settings
+from .settings import Settings, batch_limit
 from .spec import Box, DecodeLimits, ImageInput, OutputSpec
 from .worker import Item, ModelRuntime
 
@@ -64,6 +73,7 @@ class Pipeline:
         decode_pool: Executor,
         metrics: Metrics | None = None,
         heads: Mapping[str, Head] | None = None,
+        memory: MemoryBudget | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -73,6 +83,8 @@ class Pipeline:
         self.pool = FairPool(decode_pool, settings.decode_threads)
         self.metrics = metrics
         self.heads: Mapping[str, Head] = dict(heads or {})  # loaded at start-up (app.load_heads)
+        self.memory = memory or memory_budget(settings)  # every request reserves its peak
+        self._costs: dict[str, ModelCost] = {}
         self.limits = DecodeLimits(
             max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
         )
@@ -163,9 +175,47 @@ class Pipeline:
             position += len(per_image)
         return Ran(images, rows, [info for _, info in done])
 
+    async def estimate(
+        self,
+        model: str,
+        inputs: Sequence[ImageInput],
+        spec: OutputSpec,
+        nodes: Sequence[str],
+        native: bool,
+        keep_maps: bool,
+        answer: bool = True,
+    ) -> Estimate:
+        """The request's peak memory (budgets.peak_bytes), from headers and shapes only: native
+        images' headers are read in the decode pool, nothing is decoded."""
+        loaded = self.runtime.model(model)
+        cost = self._costs.get(model)
+        if cost is None:
+            cost = self._costs[model] = model_cost(loaded.catalog.input_size, loaded.catalog.nodes)
+        h, w = loaded.catalog.input_size
+        if native and any(i.encoded is not None for i in inputs):
+            sizes = await self.in_pool(_all_pixels, inputs, self.limits, native, h * w)
+        else:  # constant work per image: the model's size, or a raw tensor's shape
+            sizes = _all_pixels(inputs, self.limits, native, h * w)
+        flips = 2 if spec.flip else 1
+        views = [
+            [max(1, round(pixels * scale * scale)) for scale in spec.scales for _ in range(flips)]
+            for pixels, _ in sizes
+        ]
+        itemsize = ITEMSIZE[spec.dtype] if answer and spec.pool == "raw" else 0
+        batch = batch_limit(self.settings, loaded.config, self.runtime.device.type)
+        decoded = [d for _, d in sizes]
+        return peak_bytes(cost, views, nodes, keep_maps, itemsize, batch, decoded)
+
     async def extract(self, job: ExtractJob) -> Extracted:
-        """Run a validated Extract: its images' views through the worker, then the finish stage
-        (TTA average, concat, post chain, dtype) and encoding in the decode pool."""
+        """Run a validated Extract: its memory reserved, its images' views through the worker,
+        then the finish stage (TTA average, concat, post chain, dtype) and encoding in the
+        decode pool."""
+        keep = job.spec.pool == "raw"
+        peak = await self.estimate(job.model, job.inputs, job.spec, job.nodes, job.native, keep)
+        with self.memory.reserve(peak, CLIENT.get().key, job.native):
+            return await self._extract(job)
+
+    async def _extract(self, job: ExtractJob) -> Extracted:
         ran = await self.run_images(
             job.model, job.inputs, job.spec, job.nodes, job.native, job.priority, job.regions
         )
@@ -204,3 +254,9 @@ class Pipeline:
         m.images.labels(model).inc(len(ran.images))
         if output_bytes is not None:
             m.output_bytes.labels(model).inc(output_bytes)
+
+
+def _all_pixels(
+    inputs: Sequence[ImageInput], limits: DecodeLimits, native: bool, model_pixels: int
+) -> list[tuple[int, int]]:
+    return [input_pixels(image, limits, native, model_pixels) for image in inputs]

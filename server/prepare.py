@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import codec
-from .errors import ImageLimitExceeded, InvalidImage
+from .errors import ImageLimitExceeded, InvalidImage, LayertapError
 from .heads import Head
 from .pooling import average_views, concat_parts, finish
 from .preprocess import Geometry, Preprocessing, geometry, preprocess
@@ -148,6 +148,29 @@ def prepare_image(
         else ()
     )
     return Prepared(tensor, time.perf_counter() - started, geo, views)
+
+
+def input_pixels(
+    image: ImageInput, limits: codec.DecodeLimits, native: bool, model_pixels: int
+) -> tuple[int, int]:
+    """(pixels of the model input this image becomes, uint8 bytes decoded at full size first)
+    from its header or shape alone, for the memory estimate before decoding. Resized inputs
+    are the model's size; native and raw float32 inputs keep theirs. (0, 0) when the header
+    or shape is unusable: the decode that follows says what is wrong."""
+    dims = list(image.shape)
+    try:
+        if image.encoded is not None:
+            if not native:
+                return model_pixels, 0
+            width, height = codec.header_size(image.encoded, limits)
+            return width * height, 3 * width * height
+        if image.dtype == "float32" and len(dims) >= 2:
+            return int(dims[-2]) * int(dims[-1]), 0
+        if image.dtype == "uint8" and len(dims) == 3:
+            return (int(dims[0]) * int(dims[1]) if native else model_pixels), 0
+    except (LayertapError, TypeError, ValueError, OverflowError):
+        pass
+    return 0, 0
 
 
 def view_size(h: int, w: int, scale: float) -> tuple[int, int]:

@@ -152,6 +152,19 @@ class Settings:
         "client retrying without pause spend the CPU on refusals)",
         minimum=0,
     )
+    memory_budget_bytes: int = setting(
+        0,
+        "bytes all requests together may hold at their estimated peak (inputs, forwards, kept "
+        "maps, answers); past it requests get RESOURCE_EXHAUSTED (retryable); 0: half the "
+        "memory of the machine or of the container's cgroup",
+        minimum=0,
+    )
+    max_request_memory_bytes: int = setting(
+        0,
+        "bytes one request may hold at its estimated peak; past it RESOURCE_EXHAUSTED with what "
+        "would fit; 0: a quarter of memory_budget_bytes",
+        minimum=0,
+    )
     max_images_per_request: int = setting(64, "images one Extract call may carry", minimum=1)
     max_image_bytes: int = setting(20 * MiB, "encoded bytes one image may have", minimum=1)
     max_image_pixels: int = setting(
