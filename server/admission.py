@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 
+from .metrics import Metrics
 from .rpc import RETRYABLE
 from .settings import Settings
 
@@ -105,6 +106,7 @@ class Admission(grpc.aio.ServerInterceptor):
     """The interceptor; its counts are read by tests (and could be by metrics)."""
 
     limits: Limits
+    metrics: Metrics | None = None  # refusals count in layertap_requests_total like any call
     unary: int = 0
     streams: int = 0
     per_connection: dict[str, int] = field(default_factory=dict)
@@ -120,15 +122,21 @@ class Admission(grpc.aio.ServerInterceptor):
         method: str = getattr(handler_call_details, "method", "") or ""
         if handler is None or method == PROBE:
             return handler
+        name = method.rsplit("/", 1)[-1]
         if handler.request_streaming or handler.response_streaming:
-            return self._streaming(handler)
-        return self._unary(handler)
+            return self._streaming(handler, name)
+        return self._unary(handler, name)
 
     # ------------------------------------------------------------------ refusals
 
-    async def _refuse(self, context: Any, setting: str, message: str, retryable: bool) -> NoReturn:
+    async def _refuse(
+        self, context: Any, method: str, setting: str, message: str, retryable: bool
+    ) -> NoReturn:
         """RESOURCE_EXHAUSTED naming the limit; retryable (the trailer) when others hold it."""
         self.refused[setting] = self.refused.get(setting, 0) + 1
+        if self.metrics is not None:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED.name
+            self.metrics.requests.labels(method, self.metrics.model(""), code).inc()
         now = time.monotonic()
         if now - self._logged.get(setting, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._logged[setting] = now
@@ -139,13 +147,14 @@ class Admission(grpc.aio.ServerInterceptor):
 
     # ------------------------------------------------------------------ unary calls
 
-    def _unary(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _unary(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         inner: Handler = handler.unary_unary
 
         async def serve(request: Any, context: Any) -> Any:
             if self.unary >= self.limits.unary:
                 await self._refuse(
                     context,
+                    method,
                     "max_concurrent_rpcs",
                     f"the server is serving its limit of {self.limits.unary} unary calls at "
                     "once (max_concurrent_rpcs); retry with backoff",
@@ -166,12 +175,13 @@ class Admission(grpc.aio.ServerInterceptor):
 
     # ------------------------------------------------------------------ streaming calls
 
-    async def _open(self, context: Any, peer: str) -> None:
+    async def _open(self, context: Any, peer: str, method: str) -> None:
         """Count a new stream in, or refuse it (the context's abort raises)."""
         held = self.per_connection.get(peer, 0)
         if held >= self.limits.streams_per_connection:
             await self._refuse(
                 context,
+                method,
                 "max_streaming_rpcs_per_connection",
                 f"this connection already holds {held} streaming calls, the limit per "
                 "connection (max_streaming_rpcs_per_connection); close streams you no longer "
@@ -181,6 +191,7 @@ class Admission(grpc.aio.ServerInterceptor):
         if self.streams >= self.limits.streams:
             await self._refuse(
                 context,
+                method,
                 "max_streaming_rpcs",
                 f"the server holds its limit of {self.limits.streams} open streaming calls "
                 "(max_streaming_rpcs); unary calls are not affected; retry the stream with "
@@ -215,7 +226,7 @@ class Admission(grpc.aio.ServerInterceptor):
 
         stream.timer = stream.loop.call_at(stream.last + idle, check)
 
-    def _streaming(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _streaming(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.request_streaming and handler.response_streaming:
             inner: Handler = handler.stream_stream
             make = grpc.stream_stream_rpc_method_handler
@@ -230,7 +241,7 @@ class Admission(grpc.aio.ServerInterceptor):
 
         async def serve(request: Any, context: Any) -> Any:
             peer = str(context.peer() or "")
-            await self._open(context, peer)
+            await self._open(context, peer, method)
             loop = asyncio.get_running_loop()
             stream = _Stream(asyncio.current_task(), loop, loop.time())
             self._watch_idle(stream)
@@ -272,7 +283,7 @@ class Admission(grpc.aio.ServerInterceptor):
         )
 
 
-def interceptor(settings: Settings) -> Admission:
+def interceptor(settings: Settings, metrics: Metrics | None = None) -> Admission:
     """The admission interceptor the settings ask for."""
     return Admission(
         Limits(
@@ -280,5 +291,6 @@ def interceptor(settings: Settings) -> Admission:
             streams=settings.max_streaming_rpcs,
             streams_per_connection=settings.max_streaming_rpcs_per_connection,
             stream_idle_s=settings.stream_idle_timeout_s,
-        )
+        ),
+        metrics,
     )

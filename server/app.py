@@ -167,11 +167,11 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     # settings problems (bad PEM files, unreadable token file, bad head files) surface before
     # any thread starts
     credentials = security.server_credentials(settings)
-    # the token check first: refused calls are never counted by admission
-    gate = admission.interceptor(settings)
-    interceptors = [*security.interceptors(settings), gate]
     heads = load_heads(settings)
     metrics = Metrics(m.name for m in settings.models) if settings.metrics else None
+    # the token check first: refused calls are never counted by admission
+    gate = admission.interceptor(settings, metrics)
+    interceptors = [*security.interceptors(settings), gate]
     runtimes = _runtimes(settings, metrics)
     runtime = runtimes[0]
     if metrics is not None:

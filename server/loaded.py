@@ -25,6 +25,8 @@ class LoadedModel:
     n_prefix_tokens: int
     # fx.GraphModule, or its torch.compile wrapper when the model is compiled
     extractors: OrderedDict[tuple[str, ...], torch.nn.Module] = field(default_factory=OrderedDict)
+    # uses of each node set, cached or not (extractors.py: which sets the cache keeps)
+    extractor_uses: dict[tuple[str, ...], int] = field(default_factory=dict)
     autocast: torch.dtype | None = None
     # conv + BatchNorm pairs folded into one convolution, shared by this model's extractors
     folded: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict)

@@ -147,6 +147,13 @@ class Metrics:
         self.cache_evictions = Counter(
             "layertap_extractor_cache_evictions", "Extractors evicted (LRU)", ["model"], registry=r
         )
+        self.builds_refused = Counter(
+            "layertap_extractor_builds_refused",
+            "Requests refused because their client used its extractor builds of the minute "
+            "(max_builds_per_client_per_minute)",
+            ["model"],
+            registry=r,
+        )
         self.build_seconds = Histogram(
             "layertap_extractor_build_seconds",
             "Time to build an extractor",

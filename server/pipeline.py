@@ -13,7 +13,9 @@ from typing import Any
 
 from .batching import BatchInfo, BatchQueue
 from .budgets import ITEMSIZE, Estimate, Label, ModelCost, model_cost, peak_bytes
-from .errors import LimitExceeded, PerImageError
+from .build_budget import BuildBudget
+from .errors import LimitExceeded, PerImageError, QueueFull
+from .extractors import is_cached
 from .fair_pool import FairPool
 from .fairness import CLIENT
 from .heads import Head
@@ -84,6 +86,7 @@ class Pipeline:
         self.metrics = metrics
         self.heads: Mapping[str, Head] = dict(heads or {})  # loaded at start-up (app.load_heads)
         self.memory = memory or memory_budget(settings)  # every request reserves its peak
+        self.builds = BuildBudget(settings.max_builds_per_client_per_minute)
         self._costs: dict[str, ModelCost] = {}
         self.limits = DecodeLimits(
             max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
@@ -111,7 +114,9 @@ class Pipeline:
         before anything is submitted. Returns the prepared images, each image's worker
         outputs (one per view) and every item's batch info. If anything fails or the caller
         goes away, this request's other items are cancelled (dropped before compute)."""
-        preprocessing = self.runtime.model(model).weights.preprocessing
+        loaded = self.runtime.model(model)
+        preprocessing = loaded.weights.preprocessing
+        self.check_build(model, loaded.catalog.in_order(nodes), is_cached(loaded, nodes))
         n_views = len(spec.scales) * (2 if spec.flip else 1)
         boxes = regions or [()] * len(inputs)
         # futures[i][v]: view v of image i (TTA views are items of their own)
@@ -174,6 +179,21 @@ class Pipeline:
             rows.append([r for r, _ in done[position : position + len(per_image)]])
             position += len(per_image)
         return Ran(images, rows, [info for _, info in done])
+
+    def check_build(self, model: str, nodes: tuple[str, ...], cached: bool) -> None:
+        """A node set with no extractor cached costs a build: refused (retryable) once the
+        client has used its builds of the minute (server/build_budget.py)."""
+        if cached:
+            return
+        wait = self.builds.take(CLIENT.get().key, time.monotonic())
+        if wait > 0:
+            if self.metrics is not None:
+                self.metrics.builds_refused.labels(self.metrics.model(model)).inc()
+            raise QueueFull(
+                f"this client has used its {self.builds.per_minute} extractor builds of the "
+                "minute (max_builds_per_client_per_minute): each new node set builds one on "
+                f"the worker; reuse node sets you have asked for, or retry in {wait:.1f} s"
+            )
 
     async def estimate(
         self,

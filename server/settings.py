@@ -231,7 +231,16 @@ class Settings:
         2, "threads that decode and preprocess images (off the event loop)", minimum=1
     )
     extractor_cache_size: int = setting(
-        32, "FX graph modules kept per model (LRU); they share the weights", minimum=1
+        32,
+        "extractors kept per model, the most used ones (uses fade over time); they share the "
+        "weights",
+        minimum=1,
+    )
+    max_builds_per_client_per_minute: int = setting(
+        30,
+        "extractor builds (requests for a node set with none cached) one client may cause a "
+        "minute, refilled evenly; past it RESOURCE_EXHAUSTED (retryable); 0: no bound",
+        minimum=0,
     )
     torch_threads: int = setting(
         0,

@@ -212,7 +212,7 @@ def _check(channel: grpc.Channel, timeout: float = 30) -> Any:
 def test_the_streaming_bound_refuses_streams_only() -> None:
     """max_streaming_rpcs full: a new stream of any kind is refused naming the setting (and
     marked retryable); probes, ListModels and Extract go on; a closed stream frees its slot."""
-    running = start_server(_settings(max_streaming_rpcs=6))
+    running = start_server(_settings(max_streaming_rpcs=6, metrics=True, metrics_port=0))
     held = Held()
     a, b, normal = (_channel(running) for _ in range(3))
     gate = running.server.admission
@@ -237,6 +237,14 @@ def test_the_streaming_bound_refuses_streams_only() -> None:
         _until(lambda: gate.streams == 5, "the cancelled stream's slot to come back")
         assert _open_slow_extract_stream(normal, held) == grpc.StatusCode.OK
         assert gate.refused["max_streaming_rpcs"] == 3
+        # refusals are counted like any finished call, by method and status
+        metrics = running.server.metrics
+        assert metrics is not None
+        exhausted = {"model": "unknown", "code": "RESOURCE_EXHAUSTED"}
+        for method in ("Watch", "ExtractStream", "ServerReflectionInfo"):
+            labels = {"method": method, **exhausted}
+            value = metrics.registry.get_sample_value("layertap_requests_total", labels)
+            assert value == 1, (method, value)
     finally:
         held.close()
         for channel in (a, b, normal):
