@@ -1,12 +1,15 @@
-"""The figures of docs/RELIABILITY.md: soak, overload, fault outcomes and the bad-input corpus.
+"""The figures of docs/RELIABILITY.md: soak, overload, fairness, the memory estimate, fault
+outcomes and the bad-input corpus.
 
-Run: `.venv/bin/python bench/reliability_figures.py` (about 2.5 minutes on 2 cores). Options:
+Run: `.venv/bin/python bench/reliability_figures.py` (about 5 minutes on 2 cores). Options:
 `--soak-s 60 --warmup-s 10 --concurrency 64` (the soak); `--overload-windows 2` (5 s windows
 after a 4 s ramp); `--queue-ab` (also the overload at max_queue_images 16 and at 512, about
-30 s more); `--skip soak,overload,faults,corpus`; `--json out.json` (every number).
+30 s more); `--fairness-s 10` (each fairness window);
+`--skip soak,overload,fairness,memory,faults,corpus`; `--json out.json` (every number).
 
 The scenarios are the very functions the tests run (`tests/reliability/test_soak.py`:
-`run_soak`, `run_overload`); the fault outcomes come from running
+`run_soak`, `run_overload`; `test_fairness.py`: `run_fairness`; `test_memory_budget.py`:
+`measure_estimates`); the fault outcomes come from running
 `tests/reliability/test_faults.py` under pytest and reading what each test recorded
 (`record_property("outcome", ...)` in its JUnit XML); the corpus is
 `tests/reliability/test_bad_inputs.py`'s `run_corpus` against its `corpus_settings()` server.
@@ -150,6 +153,68 @@ def corpus_table(scratch: Path) -> tuple[str, list[dict[str, Any]]]:
     return "\n".join(lines), plain
 
 
+def fairness_figures(scratch: Path, seconds: float) -> list[dict[str, Any]]:
+    """tests/reliability/test_fairness.py's scenario: a flooder at concurrency 256 (retrying at
+    once, then politely after 0.5 s) against a client at concurrency 4."""
+    import test_fairness
+    import test_soak
+
+    figures = []
+    with test_soak.serving(scratch / "fairness", test_fairness.CONFIG) as server:
+        for backoff in (0.0, 0.5):
+            row = test_fairness.run_fairness(
+                server.target, "r18", seconds=seconds, flood_backoff_s=backoff
+            )
+            figures.append({"flood_backoff_s": backoff, **row})
+    return figures
+
+
+def fairness_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| flooder retries after | victim p50 alone (ms) | victim p50 beside the flood (ms) | "
+        "ratio | victim OK/s | flooder OK/s | flooder refused |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        victim = r["victim_flooded"]
+        lines.append(
+            f"| {r['flood_backoff_s']} s | {r['victim_solo']['p50_ms']} | {victim['p50_ms']} | "
+            f"{r.get('victim_p50_ratio')} | {victim['codes'].get('OK', 0) / r['seconds']:.1f} | "
+            f"{r['flooder']['ok_per_s']} | {r['flooder']['codes'].get('RESOURCE_EXHAUSTED', 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_rows(scratch: Path) -> list[dict[str, Any]]:
+    """tests/reliability/test_memory_budget.py's measurement: the estimate against the growth of
+    the server's peak RSS, native inputs of growing size."""
+    import test_memory_budget as t
+
+    rows = []
+    for arch, nodes, raw in (
+        ("mobilenet_v2", ("features.18",), False),
+        ("resnet18", ("layer3", "layer4"), True),
+        ("resnet50", ("layer4",), False),
+    ):
+        folder = scratch / f"memory-{arch}"
+        folder.mkdir()
+        rows += t.measure_estimates(folder, arch, nodes, (1024, 2048, 3072), raw)
+    return rows
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | nodes, pooling | side (px) | estimate (MiB) | measured (MiB) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['nodes']}, {r['pool']} | {r['side']} | {r['estimate_mib']} | "
+            f"{r['measured_mib']} | {r['ratio']} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--soak-s", type=float, default=60)
@@ -161,7 +226,12 @@ def main() -> int:
         action="store_true",
         help="also run the overload with max_queue_images 16 and 512 (one 6 s window each)",
     )
-    parser.add_argument("--skip", default="", help="comma-separated: soak,overload,faults,corpus")
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated: soak,overload,faults,corpus,fairness,memory",
+    )
+    parser.add_argument("--fairness-s", type=float, default=10, help="each fairness window")
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -194,6 +264,12 @@ def main() -> int:
                 )  # fmt: skip
                 out["queue_ab"].append(figures)
                 print(f"## Overload A/B, queue {queue}\n\n" + overload_table(figures) + "\n")
+        if "fairness" not in skip:
+            out["fairness"] = fairness_figures(scratch, args.fairness_s)
+            print("## Fairness\n\n" + fairness_table(out["fairness"]) + "\n")
+        if "memory" not in skip:
+            out["memory"] = memory_rows(scratch)
+            print("## Memory estimate\n\n" + memory_table(out["memory"]) + "\n")
         if "faults" not in skip:
             table, rows = fault_outcomes(scratch)
             out["faults"] = rows

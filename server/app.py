@@ -200,6 +200,9 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     from .service import FeatureService
 
     pipeline = Pipeline(settings, runtime, batcher, decode_pool, metrics, heads=heads)
+    if metrics is not None:
+        memory = pipeline.memory
+        metrics.memory_reserved.set_function(lambda: memory.used)
     service = FeatureService(
         settings,
         pipeline,

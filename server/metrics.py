@@ -145,7 +145,15 @@ class Metrics:
             "layertap_extractor_cache_misses", "Extractor cache misses", ["model"], registry=r
         )
         self.cache_evictions = Counter(
-            "layertap_extractor_cache_evictions", "Extractors evicted (LRU)", ["model"], registry=r
+            "layertap_extractor_cache_evictions",
+            "Extractors evicted (the least used)",
+            ["model"],
+            registry=r,
+        )
+        self.memory_reserved = Gauge(
+            "layertap_memory_reserved_bytes",
+            "Estimated peak bytes reserved by the requests in progress (memory_budget_bytes)",
+            registry=r,
         )
         self.builds_refused = Counter(
             "layertap_extractor_builds_refused",

@@ -54,6 +54,7 @@ DOCUMENTED = {
     "layertap_extractor_cache_misses_total": "counter",
     "layertap_extractor_cache_evictions_total": "counter",
     "layertap_extractor_build_seconds": "histogram",
+    "layertap_memory_reserved_bytes": "gauge",
     "layertap_model_memory_bytes": "gauge",
     "layertap_model_ready": "gauge",
 }

@@ -21,6 +21,7 @@ from conftest import encode, photo, start_server
 
 from layertap.server.settings import ModelConfig, Settings
 from layertap.v1 import layertap_pb2 as pb
+from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
 SIZE = 32
 TAG = "queue-full"
@@ -46,11 +47,9 @@ def _encoded_request(*images: bytes) -> pb.ExtractRequest:
     )
 
 
-def test_a_full_queue_refuses_before_decoding_and_recovers() -> None:
-    settings = Settings(
+def _probe_settings(**changes: object) -> Settings:
+    return Settings(
         port=0,
-        max_queue_images=2,
-        client_queue_share=1.0,  # the whole queue's bound, not one client's share of it
         max_batch_size=1,
         warmup=False,
         models=(
@@ -64,8 +63,13 @@ def test_a_full_queue_refuses_before_decoding_and_recovers() -> None:
                 leaf_modules=("factories:Probe",),
             ),
         ),
+        **changes,  # type: ignore[arg-type]
     )
-    running = start_server(settings)
+
+
+def test_a_full_queue_refuses_before_decoding_and_recovers() -> None:
+    # the whole queue's bound, not one client's share of it
+    running = start_server(_probe_settings(max_queue_images=2, client_queue_share=1.0))
     hold = factories.hold_probe(TAG)  # type: ignore[attr-defined]
     try:
         stub = running.stub()
@@ -102,3 +106,34 @@ def test_a_full_queue_refuses_before_decoding_and_recovers() -> None:
         running.stop()
     seen = [m for e in factories.probe_log(TAG) for m in e["max"]]
     assert seen[:3] == [1.0, 2.0, 3.0], seen  # the refused requests never reached the worker
+
+
+def test_a_client_past_its_share_waits_its_turn_then_others_still_get_in() -> None:
+    """One client may hold client_queue_share of the queue (here 1 image of 4): its next
+    request waits client_wait_ms for its own image to finish, then is refused (retryable),
+    decoding nothing; another client's request is taken at once."""
+    settings = _probe_settings(max_queue_images=4, client_queue_share=0.25, client_wait_ms=300)
+    running = start_server(settings)
+    hold = factories.hold_probe(TAG)  # type: ignore[attr-defined]
+    other = grpc.insecure_channel(f"127.0.0.1:{running.port}")  # another connection
+    try:
+        stub = running.stub()
+        computing = stub.Extract.future(_tensor_request(1.0), timeout=60)
+        _until(lambda: any(1.0 in e["max"] for e in factories.probe_log(TAG)), "the forward")
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Extract(_encoded_request(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64), timeout=30)
+        waited = time.monotonic() - started
+        error = info.value
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+        assert "one client may hold 1" in (error.details() or "")  # not decoded: no INVALID
+        assert ("layertap-retryable", "true") in tuple(error.trailing_metadata() or ())
+        assert waited >= 0.3, waited  # it waited its turn first
+        queued = pb_grpc.FeatureServiceStub(other).Extract.future(_tensor_request(2.0), timeout=60)
+        _until(lambda: running.server.batcher.queued == 1, "the other client's image queued")
+        hold.set()
+        assert len(computing.result(60).results) == 1 and len(queued.result(60).results) == 1
+    finally:
+        hold.set()
+        other.close()
+        running.stop()
