@@ -182,7 +182,7 @@ class Batcher:
 
     async def admit(self, count: int) -> None:
         """Wait until the calling client has room for `count` items, at most client_wait_s."""
-        await self._room.admit(count, CLIENT.get().key)
+        await self._room.admit(count, CLIENT.get().key, lambda: self.waiting)
 
     def _check_room(self, count: int, client: str) -> None:
         if self._closed:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from .requests import ExtractJob
 from .settings import Settings, batch_limit
 from .spec import Box, DecodeLimits, ImageInput, OutputSpec
 from .worker import Item, ModelRuntime
+
+KNOWN_SETS = 8  # node sets remembered as served, per model: this many times the cache's size
 
 
 def tensors_fit(size: int, max_bytes: int) -> None:
@@ -87,6 +90,8 @@ class Pipeline:
         self.heads: Mapping[str, Head] = dict(heads or {})  # loaded at start-up (app.load_heads)
         self.memory = memory or memory_budget(settings)  # every request reserves its peak
         self.builds = BuildBudget(settings.max_builds_per_client_per_minute)
+        # per model, node sets served lately (KNOWN_SETS x the cache size), least recent first
+        self._known: dict[str, OrderedDict[tuple[str, ...], None]] = {}
         self._costs: dict[str, ModelCost] = {}
         self.limits = DecodeLimits(
             max_encoded_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels
@@ -116,7 +121,9 @@ class Pipeline:
         goes away, this request's other items are cancelled (dropped before compute)."""
         loaded = self.runtime.model(model)
         preprocessing = loaded.weights.preprocessing
-        self.check_build(model, loaded.catalog.in_order(nodes), is_cached(loaded, nodes))
+        node_set = loaded.catalog.in_order(nodes)
+        known = self._known.setdefault(model, OrderedDict())
+        self.check_build(model, node_set in known or is_cached(loaded, node_set))
         n_views = len(spec.scales) * (2 if spec.flip else 1)
         boxes = regions or [()] * len(inputs)
         # futures[i][v]: view v of image i (TTA views are items of their own)
@@ -173,6 +180,10 @@ class Pipeline:
                     if not fut.done():
                         fut.cancel()
             raise
+        known[node_set] = None  # served: no longer new
+        known.move_to_end(node_set)
+        while len(known) > KNOWN_SETS * self.settings.extractor_cache_size:
+            known.popitem(last=False)
         rows: list[list[dict[str, Any]]] = []
         position = 0
         for per_image in futures:  # back to per-image view lists
@@ -180,10 +191,13 @@ class Pipeline:
             position += len(per_image)
         return Ran(images, rows, [info for _, info in done])
 
-    def check_build(self, model: str, nodes: tuple[str, ...], cached: bool) -> None:
-        """A node set with no extractor cached costs a build: refused (retryable) once the
-        client has used its builds of the minute (server/build_budget.py)."""
-        if cached:
+    def check_build(self, model: str, known: bool) -> None:
+        """A node set new to the server (neither served lately nor cached) costs a build:
+        refused (retryable) once the client has used its builds of the minute
+        (server/build_budget.py). Served sets are remembered, because in a shared batch the
+        worker builds the union of the batch's sets, so a set may be served often without an
+        extractor of its own."""
+        if known:
             return
         wait = self.builds.take(CLIENT.get().key, time.monotonic())
         if wait > 0:

@@ -3,7 +3,8 @@
 Counts images (TTA views included) queued, reserved while being decoded, or, for the client
 share, still running. A request that can never fit is LimitExceeded (not retryable); a full
 queue is QueueFull at once (retryable). A client past its share first waits, up to
-`client_wait_s`, for its own earlier images to finish, and only then gets QueueFull: refusing
+`client_wait_s`, for its own earlier images to finish (unless the whole queue is full: then
+it is refused at once like everyone), and only then gets QueueFull: refusing
 at once let a flooding client that retries without pause turn its share into thousands of
 refusals a second, whose handling took the CPU from everyone else's forwards; a waiting call
 costs nothing but its slot (and its connection's stream limit bounds those). Pure asyncio;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import LimitExceeded, QueueFull
@@ -51,14 +53,17 @@ class QueueRoom:
     def _fits_client(self, count: int, client: str) -> bool:
         return self.client_share >= 1.0 or self.held(client) + count <= self.client_limit
 
-    async def admit(self, count: int, client: str) -> None:
+    async def admit(self, count: int, client: str, waiting: Callable[[], int]) -> None:
         """Wait (up to client_wait_s) until `client` has room for `count` more images; returns
-        at once when it has, or when the request could never fit (check() says why)."""
+        at once when it has, when the request could never fit, or when the whole queue is full
+        (`waiting()`: its images now): then check() refuses at once, as overload must be."""
         if self._fits_client(count, client) or count > self.client_limit:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.client_wait_s
         while not self._fits_client(count, client):
+            if waiting() + count > self.max_queue:
+                return
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return  # check() refuses it

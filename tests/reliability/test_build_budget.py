@@ -86,6 +86,24 @@ def test_a_client_cycling_node_sets_runs_out_of_builds_and_others_do_not(
     assert _refused(server) == 1
 
 
+def test_a_node_set_served_once_costs_no_more_builds_even_without_its_own_extractor(
+    server: RunningServer,
+) -> None:
+    """In shared batches the worker builds the union of the batch's node sets, so a set can be
+    served many times without an extractor of its own: once served, it is known, not new (the
+    soak at concurrency 64 found every such request charged a build)."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")  # a fresh client, 3 builds
+    try:
+        stub = pb_grpc.FeatureServiceStub(channel)
+        stub.Extract(_request("pools.2"), timeout=60)
+        cache = server.server.runtime.model("tiny").extractors
+        for _ in range(10):  # more than its 3 builds, each one a build on the worker
+            cache.pop(("pools.2",), None)  # as if only unions had been built for it
+            assert len(stub.Extract(_request("pools.2"), timeout=60).results) == 1
+    finally:
+        channel.close()
+
+
 def test_the_bucket_refills_evenly_and_says_when() -> None:
     budget = BuildBudget(per_minute=6)  # one build every 10 s
     assert [budget.take("a", 0.0) for _ in range(6)] == [0.0] * 6

@@ -34,6 +34,7 @@ import numpy as np
 import pytest
 from conftest import encode, photo
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_memory_budget import flat_jpeg
 from test_soak import ServerProcess, serving
 
 from layertap.server.output_options import MAX_TTA_VIEWS
@@ -49,6 +50,7 @@ CONFIG = """
 [server]
 warmup = false
 max_queue_images = 64
+memory_budget_bytes = 4000000000
 
 [[models]]
 name = "r18"
@@ -87,6 +89,7 @@ def _hostile(jpeg: bytes) -> list[tuple[str, bytes, grpc.StatusCode]]:
     rng = np.random.default_rng(0)
     junk = rng.bytes(HUGE)
     invalid = grpc.StatusCode.INVALID_ARGUMENT
+    flat = flat_jpeg(6000, 6600)
 
     def extract(**fields: object) -> pb.ExtractRequest:
         base: dict[str, object] = {"model": "r18", "images": [pb.Image(encoded=jpeg)]}
@@ -98,6 +101,13 @@ def _hostile(jpeg: bytes) -> list[tuple[str, bytes, grpc.StatusCode]]:
     tta = pb.TestTimeAugmentation(flip=True, scales=[1.0, 0.75, 0.5, 0.4][: MAX_TTA_VIEWS // 2])
     cases: list[tuple[str, object, grpc.StatusCode]] = [
         ("Extract", extract(model=big, nodes=["layer4"]), invalid),
+        # a flat 6000x6600 JPEG of ~200 KB at native resolution: gigabytes at its peak, refused
+        # by the memory estimate before any decode
+        (
+            "Extract",
+            extract(nodes=["layer4"], images=[pb.Image(encoded=flat)], native_resolution=True),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
         ("Extract", extract(nodes=[big]), invalid),
         ("Extract", extract(nodes=["layer4"], aliases={big: "k"}), invalid),
         ("Extract", extract(nodes=["layer4"], aliases={"layer4": big}), invalid),

@@ -119,7 +119,8 @@ def test_a_client_past_its_share_waits_its_turn_then_others_still_get_in() -> No
     try:
         stub = running.stub()
         computing = stub.Extract.future(_tensor_request(1.0), timeout=60)
-        _until(lambda: any(1.0 in e["max"] for e in factories.probe_log(TAG)), "the forward")
+        batcher = running.server.batcher
+        _until(lambda: batcher.load == 1 and batcher.queued == 0, "the held forward")
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             stub.Extract(_encoded_request(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64), timeout=30)
@@ -130,7 +131,7 @@ def test_a_client_past_its_share_waits_its_turn_then_others_still_get_in() -> No
         assert ("layertap-retryable", "true") in tuple(error.trailing_metadata() or ())
         assert waited >= 0.3, waited  # it waited its turn first
         queued = pb_grpc.FeatureServiceStub(other).Extract.future(_tensor_request(2.0), timeout=60)
-        _until(lambda: running.server.batcher.queued == 1, "the other client's image queued")
+        _until(lambda: batcher.queued == 1, "the other client's image queued")
         hold.set()
         assert len(computing.result(60).results) == 1 and len(queued.result(60).results) == 1
     finally:

@@ -211,6 +211,7 @@ class ServerProcess:
 def serving(folder: Path, config_text: str) -> Iterator[ServerProcess]:
     """A `layertap serve` process on `config_text` (written to `folder`), SERVING until the
     block ends; then SIGTERM, and it must exit 0."""
+    folder.mkdir(parents=True, exist_ok=True)
     config = folder / "layertap.toml"
     config.write_text(config_text)
     process = ServerProcess(config, folder / "server.log")
