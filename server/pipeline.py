@@ -123,7 +123,10 @@ class Pipeline:
         preprocessing = loaded.weights.preprocessing
         node_set = loaded.catalog.in_order(nodes)
         known = self._known.setdefault(model, OrderedDict())
-        self.check_build(model, node_set in known or is_cached(loaded, node_set))
+        new = node_set not in known and not is_cached(loaded, node_set)
+        if new:  # charged once: its concurrent requests are not new any more
+            self.check_build(model)
+            self._remember(known, node_set)
         n_views = len(spec.scales) * (2 if spec.flip else 1)
         boxes = regions or [()] * len(inputs)
         # futures[i][v]: view v of image i (TTA views are items of their own)
@@ -175,15 +178,14 @@ class Pipeline:
             flat = [fut for per_image in futures for fut in per_image]
             done: list[tuple[dict[str, Any], BatchInfo]] = await asyncio.gather(*flat)
         except BaseException:  # client gone, queue full or a failed batch: drop our other items
+            if new:  # not served: the next request of this set is new again
+                known.pop(node_set, None)
             for per_image in futures:
                 for fut in per_image:
                     if not fut.done():
                         fut.cancel()
             raise
-        known[node_set] = None  # served: no longer new
-        known.move_to_end(node_set)
-        while len(known) > KNOWN_SETS * self.settings.extractor_cache_size:
-            known.popitem(last=False)
+        self._remember(known, node_set)
         rows: list[list[dict[str, Any]]] = []
         position = 0
         for per_image in futures:  # back to per-image view lists
@@ -191,14 +193,20 @@ class Pipeline:
             position += len(per_image)
         return Ran(images, rows, [info for _, info in done])
 
-    def check_build(self, model: str, known: bool) -> None:
+    def _remember(
+        self, known: OrderedDict[tuple[str, ...], None], node_set: tuple[str, ...]
+    ) -> None:
+        known[node_set] = None
+        known.move_to_end(node_set)
+        while len(known) > KNOWN_SETS * self.settings.extractor_cache_size:
+            known.popitem(last=False)
+
+    def check_build(self, model: str) -> None:
         """A node set new to the server (neither served lately nor cached) costs a build:
         refused (retryable) once the client has used its builds of the minute
         (server/build_budget.py). Served sets are remembered, because in a shared batch the
         worker builds the union of the batch's sets, so a set may be served often without an
         extractor of its own."""
-        if known:
-            return
         wait = self.builds.take(CLIENT.get().key, time.monotonic())
         if wait > 0:
             if self.metrics is not None:

@@ -1,14 +1,16 @@
 """Room in one batcher's queue: the whole queue's bound, and each client's share of it.
 
 Counts images (TTA views included) queued, reserved while being decoded, or, for the client
-share, still running. A request that can never fit is LimitExceeded (not retryable); a full
-queue is QueueFull at once (retryable). A client past its share first waits, up to
-`client_wait_s`, for its own earlier images to finish (unless the whole queue is full: then
-it is refused at once like everyone), and only then gets QueueFull: refusing
-at once let a flooding client that retries without pause turn its share into thousands of
-refusals a second, whose handling took the CPU from everyone else's forwards; a waiting call
-costs nothing but its slot (and its connection's stream limit bounds those). Pure asyncio;
-constant work per call.
+share, still running. A client may always hold its share; while the others hold little it may
+hold more, up to the queue less one share, which stays free for a client that arrives (so a
+lone bulk client keeps the worker busy, and a newcomer still finds room). A request that can
+never fit is LimitExceeded (not retryable); a full queue is QueueFull at once (retryable). A
+client past what it may hold first waits, up to `client_wait_s`, for its own earlier images to
+finish (unless the whole queue is full: then it is refused at once like everyone), and only
+then gets QueueFull: refusing at once let a flooding client that retries without pause turn its
+share into thousands of refusals a second, whose handling took the CPU from everyone else's
+forwards; a waiting call costs nothing but its slot (and its connection's stream limit bounds
+those). Pure asyncio; constant work per call.
 """
 
 from __future__ import annotations
@@ -29,12 +31,24 @@ class QueueRoom:
     client_wait_s: float = 0.0
     reserved: int = 0
     _held: dict[str, int] = field(default_factory=dict)
+    _total: int = 0  # the sum of _held
     _waiters: dict[str, deque[asyncio.Future[None]]] = field(default_factory=dict)
 
     @property
     def client_limit(self) -> int:
-        """The most images one client may hold (client_share of max_queue, at least 1)."""
+        """The images one client may always hold (client_share of max_queue, at least 1)."""
         return max(1, int(self.max_queue * min(1.0, self.client_share)))
+
+    @property
+    def ceiling(self) -> int:
+        """The most one client may ever hold: the queue less one share kept for newcomers."""
+        return max(self.client_limit, self.max_queue - self.client_limit)
+
+    def limit_now(self, client: str) -> int:
+        """What `client` may hold now: its share, or more while the others hold little (the
+        queue less their images and one share kept free for a client that arrives)."""
+        others = self._total - self.held(client)
+        return max(self.client_limit, self.ceiling - others)
 
     def held(self, client: str) -> int:
         return self._held.get(client, 0)
@@ -43,6 +57,7 @@ class QueueRoom:
         """Count `count` more (or, negative, fewer) images of `client`; wake its next waiter
         when room came back."""
         held = self._held.get(client, 0) + count
+        self._total += count
         if held > 0:
             self._held[client] = held
         else:
@@ -51,13 +66,13 @@ class QueueRoom:
             self._pass_on(client)
 
     def _fits_client(self, count: int, client: str) -> bool:
-        return self.client_share >= 1.0 or self.held(client) + count <= self.client_limit
+        return self.client_share >= 1.0 or self.held(client) + count <= self.limit_now(client)
 
     async def admit(self, count: int, client: str, waiting: Callable[[], int]) -> None:
         """Wait (up to client_wait_s) until `client` has room for `count` more images; returns
         at once when it has, when the request could never fit, or when the whole queue is full
         (`waiting()`: its images now): then check() refuses at once, as overload must be."""
-        if self._fits_client(count, client) or count > self.client_limit:
+        if self._fits_client(count, client) or count > self.ceiling:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.client_wait_s
@@ -97,12 +112,11 @@ class QueueRoom:
                 f"{count} images in one request exceed the whole batch queue "
                 f"(max_queue_images={self.max_queue}); split the request"
             )
-        limit = self.client_limit
-        if count > limit:
+        if count > self.ceiling:
             raise LimitExceeded(
                 f"{count} images (TTA views included) in one request exceed what one client may "
-                f"queue ({limit}: client_queue_share of max_queue_images={self.max_queue}); "
-                "split the request"
+                f"ever queue ({self.ceiling}: max_queue_images={self.max_queue} less one "
+                "client_queue_share kept for others); split the request"
             )
         if waiting + count > self.max_queue:
             raise QueueFull(
@@ -112,7 +126,7 @@ class QueueRoom:
         if not self._fits_client(count, client):
             raise QueueFull(
                 f"this client already has {self.held(client)} images queued or running, and "
-                f"one client may hold {limit} (client_queue_share of max_queue_images); other "
-                "clients are still served; retry with backoff once your earlier requests are "
-                "answered"
+                f"one client may hold {self.limit_now(client)} now (its client_queue_share of "
+                "max_queue_images, more while the queue is otherwise idle); other clients are "
+                "still served; retry with backoff once your earlier requests are answered"
             )

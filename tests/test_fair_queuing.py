@@ -79,23 +79,29 @@ async def test_one_client_is_plain_arrival_order() -> None:
 
 @pytest.mark.looptime
 async def test_a_client_past_its_share_waits_then_is_refused_while_others_queue() -> None:
+    """max_queue 8, client_share 0.25: a share is 2 images, and a client alone may hold up to
+    6 (the queue less one share kept for a newcomer)."""
     rec = Recorder(delay=10.0)  # nothing finishes during the test
     b = Batcher(rec, max_batch_size=1, max_queue=8, client_share=0.25, client_wait_s=0.5)
     loop = asyncio.get_running_loop()
     flood = Client("flood")
     token = CLIENT.set(flood)
-    held = b.submit_many("k", [1, 2])  # its share: 2 of 8
-    with pytest.raises(LimitExceeded, match="client_queue_share"):
-        b.submit_many("k", [1, 2, 3])  # can never fit one client's share: not retryable
+    held = b.submit_many("k", [1, 2, 3, 4, 5, 6])  # alone: more than its share
+    with pytest.raises(LimitExceeded, match="ever queue"):
+        b.submit_many("k", list(range(7)))  # can never fit one client: not retryable
     started = loop.time()
     await b.admit(1)  # waits for room that does not come
     assert loop.time() - started == pytest.approx(0.5)
-    with pytest.raises(QueueFull, match="one client may hold 2") as refused:
-        b.submit_many("k", [3])
+    with pytest.raises(QueueFull, match="one client may hold 6 now") as refused:
+        b.submit_many("k", [7])
     assert "other clients are still served" in str(refused.value)
     CLIENT.reset(token)
-    other = submit(b, Client("other"), [4, 5])  # another client still has room at once
+    other = submit(b, Client("other"), [8, 9])  # the share kept free: another client gets in
     assert len(other) == 2
+    token = CLIENT.set(Client("third"))
+    with pytest.raises(QueueFull, match="batch queue is full"):  # 7 waiting + 2 > 8
+        b.submit_many("k", [10, 11])
+    CLIENT.reset(token)
     for fut in held + other:
         fut.cancel()
     await b.close(drain=False)
@@ -107,11 +113,11 @@ async def test_a_waiting_client_gets_room_as_soon_as_its_own_image_finishes() ->
     b = Batcher(rec, max_batch_size=1, max_queue=8, client_share=0.25, client_wait_s=5.0)
     loop = asyncio.get_running_loop()
     token = CLIENT.set(Client("c"))
-    first = b.submit_many("k", [1, 2])
+    first = b.submit_many("k", [1, 2, 3, 4, 5, 6])
     started = loop.time()
     await b.admit(1)
     assert loop.time() - started == pytest.approx(0.2)  # item 1 finished: one image of room
-    assert len(b.submit_many("k", [3])) == 1
+    assert len(b.submit_many("k", [7])) == 1
     CLIENT.reset(token)
     await b.close()
     assert first[0].done()

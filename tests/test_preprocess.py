@@ -310,8 +310,11 @@ def test_squash_resizes_to_the_crop_shape_like_pil(name: str, interp: str) -> No
         240, (224, 224), (0.5,) * 3, (0.25,) * 3, interp, True, "float", resize_mode="squash"
     )
     resized = F.resize(img, [240, 240], interpolation=InterpolationMode(interp), antialias=True)
-    ref = F.normalize(F.convert_image_dtype(F.center_crop(resized, [224, 224]), torch.float),
-                      [0.5] * 3, [0.25] * 3)
+    ref = F.normalize(
+        F.convert_image_dtype(F.center_crop(resized, [224, 224]), torch.float),
+        [0.5] * 3,
+        [0.25] * 3,
+    )
     assert torch.equal(preprocess(img, spec), ref)
     resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[interp]
     pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((240, 240), resample)
@@ -358,9 +361,7 @@ def test_floor_crop_offset_is_hugging_faces(size: tuple[int, int]) -> None:
     padded = F.pad(img, pads)
     want = padded[:, max(0, top) : max(0, top) + 224, max(0, left) : max(0, left) + 224]
     assert torch.equal(out, want)
-    assert (top, left) == tuple(
-        (s - 224) // 2 if s >= 224 else -((224 - s) // 2) for s in (h, w)
-    )
+    assert (top, left) == tuple((s - 224) // 2 if s >= 224 else -((224 - s) // 2) for s in (h, w))
     rounded = preprocess_module.geometry(h, w, dataclasses.replace(spec, crop_offset="round"))
     assert rounded.offset == tuple(
         float(round((s - 224) / 2)) if s >= 224 else geo.offset[i] for i, s in enumerate((h, w))

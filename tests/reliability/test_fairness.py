@@ -1,15 +1,19 @@
-"""Fairness between clients (issue 17): one client flooding at concurrency 256, another at
-concurrency 4, against a real `layertap serve` process on loopback.
+"""Fairness between clients (issue 17): one client flooding at concurrency 256 (two images a
+request), another at concurrency 4 (one image), against a real `layertap serve` process on
+loopback.
 
-What the server does about it (server/fairness.py, server/batcher.py, server/fair_pool.py): each
-client (its token, else its connection) may hold `client_queue_share` of the batch queue, past
-which it gets RESOURCE_EXHAUSTED with the retryable trailer; within what it holds, weighted fair
-queuing orders the batcher, and decodes take turns between clients.
+What the server does about it (server/fairness.py, server/batcher.py, server/queue_room.py,
+server/fair_pool.py): each client (its token, else its connection) may hold its
+`client_queue_share` of the batch queue, more while the others hold little, but never the
+share kept free for a newcomer (384 of 512 images by default: the flood's 512 do not fit);
+past that it waits `client_wait_ms` for its own images, then gets RESOURCE_EXHAUSTED with the
+retryable trailer. Within what it holds, weighted fair queuing orders the batcher, and decodes
+take turns between clients.
 
 The test pins counts, never a speed: the flooder is refused (RESOURCE_EXHAUSTED, retryable) while
 every call of the other client succeeds, and the other client still completes round trips while
 the flood runs. The latency figures (the victim's p50 alone and under the flood, the flooder's
-throughput) are what `bench/reliability_figures.py --fairness` writes to docs/RELIABILITY.md;
+throughput) are what `bench/reliability_figures.py` writes to docs/RELIABILITY.md;
 `run_fairness` is the scenario both run.
 
 The flooder runs in a process of its own, so its client-side work does not stall the victim's
@@ -54,17 +58,17 @@ def image() -> bytes:
     return encode(photo("astronaut")[::2, ::2], "JPEG")
 
 
-def request(model: str, data: bytes) -> pb.ExtractRequest:
+def request(model: str, data: bytes, images: int = 1) -> pb.ExtractRequest:
     return pb.ExtractRequest(
         model=model,
-        images=[pb.Image(encoded=data)],
+        images=[pb.Image(encoded=data)] * images,
         nodes=["layer4"],
         output=pb.OutputOptions(pool=pb.POOLING_AVG),
     )
 
 
 async def closed_loop(
-    target: str, model: str, concurrency: int, seconds: float, backoff_s: float
+    target: str, model: str, concurrency: int, seconds: float, backoff_s: float, images: int = 1
 ) -> dict[str, Any]:
     """`concurrency` callers on one channel (one connection: one client), each sending the next
     call when the last is answered (after `backoff_s` when it was refused); returns the OK
@@ -76,7 +80,7 @@ async def closed_loop(
     retryable = 0
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.FeatureServiceStub(channel)
-        message = request(model, data)
+        message = request(model, data, images)
         stop = time.monotonic() + seconds
 
         async def caller() -> None:
@@ -111,7 +115,7 @@ async def closed_loop(
 def _flood(
     target: str, model: str, concurrency: int, seconds: float, backoff_s: float, out: Any
 ) -> None:
-    out.put(asyncio.run(closed_loop(target, model, concurrency, seconds, backoff_s)))
+    out.put(asyncio.run(closed_loop(target, model, concurrency, seconds, backoff_s, images=2)))
 
 
 def run_fairness(

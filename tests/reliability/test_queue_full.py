@@ -109,31 +109,36 @@ def test_a_full_queue_refuses_before_decoding_and_recovers() -> None:
 
 
 def test_a_client_past_its_share_waits_its_turn_then_others_still_get_in() -> None:
-    """One client may hold client_queue_share of the queue (here 1 image of 4): its next
-    request waits client_wait_ms for its own image to finish, then is refused (retryable),
-    decoding nothing; another client's request is taken at once."""
+    """One client may hold client_queue_share of the queue (here 1 image of 4), and while
+    alone up to the queue less one share (3). Past that its next request waits client_wait_ms
+    for its own images, then is refused (retryable), decoding nothing; another client's
+    request is taken at once."""
     settings = _probe_settings(max_queue_images=4, client_queue_share=0.25, client_wait_ms=300)
     running = start_server(settings)
     hold = factories.hold_probe(TAG)  # type: ignore[attr-defined]
     other = grpc.insecure_channel(f"127.0.0.1:{running.port}")  # another connection
     try:
         stub = running.stub()
-        computing = stub.Extract.future(_tensor_request(1.0), timeout=60)
         batcher = running.server.batcher
+        mine = [stub.Extract.future(_tensor_request(1.0), timeout=60)]
         _until(lambda: batcher.load == 1 and batcher.queued == 0, "the held forward")
+        for count, value in enumerate((2.0, 3.0), start=1):
+            mine.append(stub.Extract.future(_tensor_request(value), timeout=60))
+            _until(lambda count=count: batcher.queued == count, f"{count} queued images")
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             stub.Extract(_encoded_request(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64), timeout=30)
         waited = time.monotonic() - started
         error = info.value
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
-        assert "one client may hold 1" in (error.details() or "")  # not decoded: no INVALID
+        assert "one client may hold 3 now" in (error.details() or "")  # not decoded: no INVALID
         assert ("layertap-retryable", "true") in tuple(error.trailing_metadata() or ())
         assert waited >= 0.3, waited  # it waited its turn first
-        queued = pb_grpc.FeatureServiceStub(other).Extract.future(_tensor_request(2.0), timeout=60)
-        _until(lambda: batcher.queued == 1, "the other client's image queued")
+        queued = pb_grpc.FeatureServiceStub(other).Extract.future(_tensor_request(4.0), timeout=60)
+        _until(lambda: batcher.queued == 3, "the other client's image queued")
         hold.set()
-        assert len(computing.result(60).results) == 1 and len(queued.result(60).results) == 1
+        for future in (*mine, queued):
+            assert len(future.result(60).results) == 1
     finally:
         hold.set()
         other.close()
