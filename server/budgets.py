@@ -108,7 +108,7 @@ def response_size_ok(size: int, settings: Settings) -> None:
 # A forward holds, besides the outputs asked for, the tensors still live at its widest point
 # (a block's input, its output, a residual or a concat): about this many times the largest
 # activation up to the deepest node. Calibrated against measured RSS by bench/memory_estimate.py.
-WORKING_FACTOR = 3
+WORKING_FACTOR = 4
 FLOAT_BYTES = 4
 
 

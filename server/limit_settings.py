@@ -18,9 +18,11 @@ class LimitSettings:
     )
     client_queue_share: float = setting(
         0.25,
-        "the share of max_queue_images one client (its bearer token, else its connection) may "
-        "hold queued or running; past it that client gets RESOURCE_EXHAUSTED while others are "
-        "served (1: no per-client bound)",
+        "the share of max_queue_images (and of the memory budget) one client, its bearer token "
+        "else its connection, may always hold queued or running; more of the queue while the "
+        "others hold little, never the share kept free for a newcomer; past it that client "
+        "waits client_wait_ms, then gets RESOURCE_EXHAUSTED while others are served (1: no "
+        "per-client bound)",
         minimum=0.01,
         maximum=1.0,
     )

@@ -122,12 +122,12 @@ def test_what_the_refusal_says_fits_does_fit(budget_server: RunningServer) -> No
 def test_past_the_free_budget_a_request_is_retryable_and_others_finish(
     budget_server: RunningServer,
 ) -> None:
-    """A native 2600x2600 image is estimated at about 1.9 GiB: under the 2 GiB cap, but two do
+    """A native 2200x2200 image is estimated at about 1.8 GiB: under the 2 GiB cap, but two do
     not fit the 3 GiB budget. While the first runs, a second one from the same client is past
     that client's share, and from another client past the free budget: both retryable; the
     first completes and everything is given back."""
     stub = budget_server.stub()
-    request = _extract(flat_jpeg(2600, 2600))
+    request = _extract(flat_jpeg(2200, 2200))
     first = stub.Extract.future(request, timeout=300)
     pipeline = budget_server.server.pipeline
     assert pipeline is not None
