@@ -64,6 +64,7 @@ async def compare(pipeline: Pipeline, request: pb.CompareRequest) -> pb.CompareR
     peak = await pipeline.estimate(
         request.model, inputs, _RAW, full_nodes, native, keep_maps=True, answer=False
     )
+    await pipeline.admit(inputs, _RAW)  # a wait for queue room holds no memory
     with pipeline.memory.reserve(peak, CLIENT.get().key, native):
         # the same batch key as Extract's: compare images batch with extraction traffic
         ran = await pipeline.run_images(

@@ -201,6 +201,12 @@ class Pipeline:
         while len(known) > KNOWN_SETS * self.settings.extractor_cache_size:
             known.popitem(last=False)
 
+    async def admit(self, inputs: Sequence[ImageInput], spec: OutputSpec) -> None:
+        """The calling client's wait for queue room (server/queue_room.py), before its memory
+        is reserved; run_images checks again and holds the room."""
+        views = len(spec.scales) * (2 if spec.flip else 1)
+        await self.batcher.admit(len(inputs) * views)
+
     def check_build(self, model: str) -> None:
         """A node set new to the server (neither served lately nor cached) costs a build:
         refused (retryable) once the client has used its builds of the minute
@@ -254,6 +260,7 @@ class Pipeline:
         decode pool."""
         keep = job.spec.pool == "raw"
         peak = await self.estimate(job.model, job.inputs, job.spec, job.nodes, job.native, keep)
+        await self.admit(job.inputs, job.spec)  # a wait for queue room holds no memory
         with self.memory.reserve(peak, CLIENT.get().key, job.native):
             return await self._extract(job)
 
