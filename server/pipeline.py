@@ -35,16 +35,21 @@ from .settings import Settings, batch_limit
 from .spec import Box, DecodeLimits, ImageInput, OutputSpec
 from .worker import Item, ModelRuntime
 
+# A raw answer's size is known before compute only up to the convolutions' rounding: it is
+# refused early only when even this much smaller it would not fit (the exact check follows).
+ESTIMATE_SLACK = 1.1
 KNOWN_SETS = 8  # node sets remembered as served, per model: this many times the cache's size
 
 
-def tensors_fit(size: int, max_bytes: int) -> None:
+def tensors_fit(size: int, max_bytes: int, estimated: bool = False) -> None:
     """The tensors' bytes alone are a lower bound of the answer's message: over the limit, refuse
-    before the message is built (responses.check_message_size then checks its exact size)."""
+    before the message is built (responses.check_message_size then checks its exact size), or,
+    `estimated` from the inputs' sizes, before any compute."""
     if size > max_bytes:
+        are = "would be at least" if estimated else "are"
         raise LimitExceeded(
-            f"the answer's tensors alone are {size} bytes, over max_message_bytes={max_bytes}; "
-            "request pooled outputs, fewer nodes or fewer images"
+            f"the answer's tensors alone {are} {size} bytes, over max_message_bytes={max_bytes}; "
+            "request pooled outputs, fewer nodes, fewer or smaller images"
         )
 
 
@@ -260,6 +265,9 @@ class Pipeline:
         decode pool."""
         keep = job.spec.pool == "raw"
         peak = await self.estimate(job.model, job.inputs, job.spec, job.nodes, job.native, keep)
+        if keep and not any(job.regions):  # raw maps of a known size: refuse before compute
+            estimate = int(peak.parts["answer"] / 2 / ESTIMATE_SLACK)
+            tensors_fit(estimate, self.settings.max_message_bytes, estimated=True)
         await self.admit(job.inputs, job.spec)  # a wait for queue room holds no memory
         with self.memory.reserve(peak, CLIENT.get().key, job.native):
             return await self._extract(job)

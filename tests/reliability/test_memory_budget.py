@@ -155,6 +155,28 @@ def test_past_the_free_budget_a_request_is_retryable_and_others_finish(
     assert budget.used == 0  # everything given back
 
 
+def test_a_raw_native_answer_over_the_message_limit_is_refused_before_compute(
+    budget_server: RunningServer,
+) -> None:
+    """Raw maps of a native 3000x3000 image at features.1 (16 x 1500 x 1500 float32, 144 MB)
+    cannot fit the 64 MiB message limit: known from the header, refused before any forward
+    (before, the forward ran and then the answer was refused)."""
+    stub = budget_server.stub()
+    batches = budget_server.server.batcher.batches_run
+    request = pb.ExtractRequest(
+        model="mnv2",
+        images=[pb.Image(encoded=flat_jpeg(3000, 3000))],
+        nodes=["features.1"],
+        output=pb.OutputOptions(pool=pb.POOLING_RAW),
+        native_resolution=True,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Extract(request, timeout=60)
+    assert info.value.code() == EXHAUSTED, info.value.details()
+    assert "max_message_bytes" in (info.value.details() or "")
+    assert budget_server.server.batcher.batches_run == batches  # no forward ran
+
+
 def test_compare_reserves_its_kept_maps(budget_server: RunningServer) -> None:
     """Compare keeps every raw map until the distances are done: 64 native 1600x1600 pairs on
     early, wide nodes would hold gigabytes; refused before any decode."""
