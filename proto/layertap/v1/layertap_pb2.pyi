@@ -266,7 +266,7 @@ class OutputOptions(_message.Message):
     def __init__(self, pool: _Optional[_Union[Pooling, str]] = ..., gem_p: _Optional[float] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[str] = ..., post: _Optional[_Iterable[_Union[PostStep, _Mapping]]] = ..., concat: _Optional[bool] = ..., concat_key: _Optional[str] = ..., tta: _Optional[_Union[TestTimeAugmentation, _Mapping]] = ..., rmac_levels: _Optional[int] = ..., roi_size: _Optional[int] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
-    __slots__ = ("model", "images", "nodes", "aliases", "output", "priority", "native_resolution")
+    __slots__ = ("model", "images", "nodes", "aliases", "output", "priority", "native_resolution", "bypass_result_cache")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -281,6 +281,7 @@ class ExtractRequest(_message.Message):
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     NATIVE_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    BYPASS_RESULT_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
     nodes: _containers.RepeatedScalarFieldContainer[str]
@@ -288,7 +289,8 @@ class ExtractRequest(_message.Message):
     output: OutputOptions
     priority: Priority
     native_resolution: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., native_resolution: _Optional[bool] = ...) -> None: ...
+    bypass_result_cache: bool
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., native_resolution: _Optional[bool] = ..., bypass_result_cache: _Optional[bool] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("key", "node", "tensor")
