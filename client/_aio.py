@@ -231,6 +231,7 @@ class AsyncFeatureClient:
         regions: RegionsArg = None,
         priority: str = "normal",
         native_resolution: bool = False,
+        bypass_result_cache: bool = False,
         timeout: Timeout = UNSET,
     ) -> ExtractResult:
         """Activations of ``nodes`` for one image or a list of images; see
@@ -279,6 +280,7 @@ class AsyncFeatureClient:
         errors: ErrorMode = "raise",
         priority: str = "low",
         native_resolution: bool = False,
+        bypass_result_cache: bool = False,
         timeout: Timeout = UNSET,
     ) -> AsyncIterator[tuple[Any, BulkResult]]:
         """Async iterator of ``(id, result)`` over many images; see FeatureClient.extract_many.

@@ -43,6 +43,7 @@ def build_request_template(
     nodes: NodesArg,
     priority: str = "normal",
     native_resolution: bool = False,
+    bypass_result_cache: bool = False,
     **output: Any,
 ) -> pb.ExtractRequest:
     """Validate every option client-side and build an ExtractRequest without images.
@@ -54,6 +55,8 @@ def build_request_template(
     options = build_output_options(**output)
     if not isinstance(native_resolution, bool):
         raise TypeError(f"native_resolution must be a bool, got {native_resolution!r}")
+    if not isinstance(bypass_result_cache, bool):
+        raise TypeError(f"bypass_result_cache must be a bool, got {bypass_result_cache!r}")
     return pb.ExtractRequest(
         model=model,
         nodes=names,
@@ -61,6 +64,7 @@ def build_request_template(
         output=options,
         priority=parse_priority(priority),
         native_resolution=native_resolution,
+        bypass_result_cache=bypass_result_cache,
     )
 
 
@@ -69,6 +73,7 @@ EXTRACT_OPTIONS = (
     "nodes",
     "priority",
     "native_resolution",
+    "bypass_result_cache",
     "pool",
     "gem_p",
     "normalize",

@@ -264,6 +264,7 @@ class FeatureClient:
         regions: RegionsArg = None,
         priority: str = "normal",
         native_resolution: bool = False,
+        bypass_result_cache: bool = False,
         timeout: Timeout = UNSET,
     ) -> ExtractResult:
         """Activations of ``nodes`` for one image or a list of images.
@@ -278,6 +279,8 @@ class FeatureClient:
         (np.int8 arrays of round(127 x): divide by 127 for [-1, 1]). ``priority``: "normal"
         (interactive) or "low" (batched only when no normal-priority image waits).
         ``native_resolution``: skip the resize and centre crop (normalise only).
+        ``bypass_result_cache``: compute every image afresh on a server with a result cache
+        (``result_cache_bytes``), neither reading it nor storing into it.
         Returns output key -> [N, ...].
 
         Descriptor options (pooled outputs only):
@@ -340,6 +343,7 @@ class FeatureClient:
         errors: ErrorMode = "raise",
         priority: str = "low",
         native_resolution: bool = False,
+        bypass_result_cache: bool = False,
         timeout: Timeout = UNSET,
     ) -> Iterator[tuple[Any, BulkResult]]:
         """Extract from many images (a list, or a lazy generator of any length) with bounded
@@ -371,6 +375,7 @@ class FeatureClient:
           sent, and covers its retries: images that failed with UNAVAILABLE or a transient
           RESOURCE_EXHAUSTED are resent with backoff up to ``retries`` times.
         - ``priority`` defaults to "low" so a bulk job does not delay interactive calls.
+        - ``bypass_result_cache``: as in :meth:`extract`, for every image.
         - ``progress``: a tqdm bar on stderr; ``None`` shows it only when stderr is a TTY.
 
         Arguments are checked, and the server's limits read (once per client), at the call.

@@ -103,3 +103,10 @@ class LimitSettings:
         "minute, refilled evenly; past it RESOURCE_EXHAUSTED (retryable); 0: no bound",
         minimum=0,
     )
+    result_cache_bytes: int = setting(
+        0,
+        "bytes of finished per-image Extract results kept, keyed by the image's sha256, the "
+        "model's weights and every option, so a repeated image is answered without decode or "
+        "forward (least recently used evicted first; held outside memory_budget_bytes); 0: off",
+        minimum=0,
+    )

@@ -150,6 +150,33 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.result_cache_hits = Counter(
+            "layertap_result_cache_hits",
+            "Images answered from the result cache (no decode, no forward)",
+            ["model"],
+            registry=r,
+        )
+        self.result_cache_misses = Counter(
+            "layertap_result_cache_misses",
+            "Images looked up in the result cache and not found (computed, then stored)",
+            ["model"],
+            registry=r,
+        )
+        self.result_cache_evictions = Counter(
+            "layertap_result_cache_evictions",
+            "Results evicted from the result cache (the least recently used, past "
+            "result_cache_bytes)",
+            ["model"],
+            registry=r,
+        )
+        self.result_cache_bytes = Gauge(
+            "layertap_result_cache_bytes",
+            "Bytes held by the result cache (of result_cache_bytes)",
+            registry=r,
+        )
+        self.result_cache_entries = Gauge(
+            "layertap_result_cache_entries", "Per-image results in the result cache", registry=r
+        )
         self.memory_reserved = Gauge(
             "layertap_memory_reserved_bytes",
             "Estimated peak bytes reserved by the requests in progress (memory_budget_bytes)",

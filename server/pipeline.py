@@ -31,6 +31,7 @@ from .prepare import (
     prepare_image,
 )
 from .requests import ExtractJob
+from .result_cache import ResultCache, image_keys, merge, only
 from .settings import Settings, batch_limit
 from .spec import Box, DecodeLimits, ImageInput, OutputSpec
 from .worker import Item, ModelRuntime
@@ -67,8 +68,8 @@ class Ran:
 class Extracted:
     """One Extract's finished, encoded outputs (a row per image) and what it cost."""
 
-    rows: list[dict[str, EncodedTensor]]
-    ran: Ran
+    rows: Sequence[Mapping[str, EncodedTensor]]  # some from the result cache
+    ran: Ran  # of the images computed: none when the cache held them all
     encode_s: float
 
 
@@ -95,6 +96,7 @@ class Pipeline:
         self.heads: Mapping[str, Head] = dict(heads or {})  # loaded at start-up (app.load_heads)
         self.memory = memory or memory_budget(settings)  # every request reserves its peak
         self.builds = BuildBudget(settings.max_builds_per_client_per_minute)
+        self.results = ResultCache(settings.result_cache_bytes, metrics)  # 0 bytes: off
         # per model, node sets served lately (KNOWN_SETS x the cache size), least recent first
         self._known: dict[str, OrderedDict[tuple[str, ...], None]] = {}
         self._costs: dict[str, ModelCost] = {}
@@ -260,9 +262,25 @@ class Pipeline:
         return peak_bytes(cost, views, nodes, keep_maps, itemsize, batch, decoded)
 
     async def extract(self, job: ExtractJob) -> Extracted:
-        """Run a validated Extract: its memory reserved, its images' views through the worker,
-        then the finish stage (TTA average, concat, post chain, dtype) and encoding in the
-        decode pool."""
+        """Run a validated Extract: images the result cache holds (server/result_cache.py;
+        keys hashed in the decode pool) cost no decode, forward or memory; the others are
+        computed (`compute`) and then stored."""
+        if not self.results.enabled or job.bypass_result_cache:
+            return await self.compute(job)
+        weights = self.runtime.model(job.model).weights
+        keys = await self.in_pool(image_keys, job, weights.sha256, weights.preprocessing)
+        cached = self.results.get(job.model, keys)
+        missing = [i for i, row in enumerate(cached) if row is None]
+        if not missing:
+            return Extracted(merge(cached, []), Ran([], [], []), 0.0)
+        done = await self.compute(only(job, missing))  # a failure raises: nothing stored
+        self.results.put(job.model, [keys[i] for i in missing], done.rows)
+        return Extracted(merge(cached, done.rows), done.ran, done.encode_s)
+
+    async def compute(self, job: ExtractJob) -> Extracted:
+        """Compute a validated Extract: its memory reserved, its images' views through the
+        worker, then the finish stage (TTA average, concat, post chain, dtype) and encoding in
+        the decode pool."""
         keep = job.spec.pool == "raw"
         peak = await self.estimate(job.model, job.inputs, job.spec, job.nodes, job.native, keep)
         if keep and not any(job.regions):  # raw maps of a known size: refuse before compute

@@ -91,6 +91,7 @@ class ExtractJob:
     regions: list[list[Box]]
     native: bool
     priority: int
+    bypass_result_cache: bool = False  # neither read nor store the result cache
 
 
 def check_names(names: Sequence[str], what: str, hint: str, total: int = 0) -> int:
@@ -220,6 +221,7 @@ def extract_job(
         regions,
         request.native_resolution,
         int(priority),
+        request.bypass_result_cache,
     )
 
 

@@ -195,13 +195,14 @@ def extract_response(
         nodes=[pb.ResolvedNode(key=k, requested=n, node=node_of[n]) for k, n in plan],
         preprocessing=preprocessing_pb(preprocessing),
         timings=pb.Timings(
-            queue_ms=1000 * max(i.queue_s for i in infos),
+            queue_ms=1000 * max((i.queue_s for i in infos), default=0.0),
             decode_ms=1000 * sum(p.decode_s for p in images),
             compute_ms=1000 * sum({i.batch_id: i.run_s for i in infos}.values()),
             total_ms=1000 * (time.perf_counter() - received),
         ),
-        batch_size=max(i.batch_size for i in infos),
-        device=infos[0].device or default_device,  # the one that served
+        # every image from the result cache: no batch (0) and no device of its own
+        batch_size=max((i.batch_size for i in infos), default=0),
+        device=(infos[0].device if infos else "") or default_device,  # the one that served
     )
     size = extract_response_size(sizes, metadata.ByteSize())
     return SizedResponse(pb.ExtractResponse(results=results, metadata=metadata), size)

@@ -54,6 +54,12 @@ def register(subcommands: Subcommands) -> None:
     )
     add_descriptor_arguments(ext)
     ext.add_argument(
+        "--bypass-result-cache",
+        action="store_true",
+        help="compute every image afresh on a server with a result cache (result_cache_bytes): "
+        "it is neither read nor stored into",
+    )
+    ext.add_argument(
         "-o",
         "--output",
         type=Path,
@@ -188,6 +194,7 @@ def command(client: FeatureClient, args: argparse.Namespace) -> int:
             normalize=args.normalize,
             dtype=args.dtype,
             checkpoint_every=args.checkpoint_every,
+            bypass_result_cache=args.bypass_result_cache,
             **descriptor_options(args),
         )
         try:
@@ -202,6 +209,7 @@ def command(client: FeatureClient, args: argparse.Namespace) -> int:
         gem_p=args.gem_p,
         normalize=args.normalize,
         dtype=args.dtype,
+        bypass_result_cache=args.bypass_result_cache,
         **descriptor_options(args),
     )
     rows = summary_rows(result)

@@ -137,6 +137,7 @@ class Options:
     concat_key: str | None = None
     tta: dict[str, Any] | None = None
     rmac_levels: int = 0
+    bypass_result_cache: bool = False  # not recorded in the file: it changes no result
 
     def descriptor(self) -> dict[str, Any]:
         """The descriptor options that differ from the defaults, as ``extract`` keywords.
@@ -288,6 +289,7 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
         stream = client.extract_many(
             items(),
             **options,
+            bypass_result_cache=opts.bypass_result_cache,
             batch_size=opts.batch_size,
             concurrency=opts.concurrency,
             ordered=True,
