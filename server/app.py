@@ -9,6 +9,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Hashable, Sequence
@@ -168,6 +169,8 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     # any thread starts
     credentials = security.server_credentials(settings)
     heads = load_heads(settings)
+    if settings.compile_cache_dir:  # read by inductor at its first compile, after this
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(settings.compile_cache_dir)
     metrics = Metrics(m.name for m in settings.models) if settings.metrics else None
     # the token check first: refused calls are never counted by admission
     gate = admission.interceptor(settings, metrics)

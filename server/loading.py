@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import auto_compile
 from . import models as model_loading
 from .catalog import Catalog, build_catalog, default_prefix_tokens, module_tree
 from .errors import LayertapError
@@ -155,7 +156,10 @@ class ModelLoader:
         if key not in self._layouts:  # decided once per base model
             self._layouts[key] = self._pick_channels_last(result)
         result.channels_last = self._layouts[key]
+        auto_compile.choose(result, self.device, self.settings, self._extractor)
         self._warm_up(result)
+        if self.metrics is not None:
+            self.metrics.compile_seconds.labels(cfg.name).inc(result.compile_seconds)
         log.info("loaded %s (%s) in %.1fs", cfg.name, loaded.weights_id, time.monotonic() - started)
         return result
 
@@ -170,7 +174,8 @@ class ModelLoader:
         cfg, module = loaded.config, loaded.weights.module
         if cfg.channels_last is not None:
             return cfg.channels_last
-        if self.device.type != "cpu" or cfg.submodule or cfg.compile or not loaded.catalog.nodes:
+        compiled = cfg.compile not in ("", "auto")  # auto is decided after the layout
+        if self.device.type != "cpu" or cfg.submodule or compiled or not loaded.catalog.nodes:
             return False
         if not self.settings.warmup:  # no forward at load was asked for: nothing is timed
             return False
@@ -265,7 +270,7 @@ class ModelLoader:
                     else "torch.fx traced the eval graph (extraction = 'auto')"
                 )
                 return catalog
-        if cfg.compile:
+        if cfg.compile not in ("", "auto"):
             reason += "; compile is ignored in hooks mode"
         try:
             return build_hook_catalog(module, input_size, self.device, reason)

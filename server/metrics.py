@@ -189,6 +189,13 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.compile_seconds = Counter(
+            "layertap_compile_seconds",
+            "Seconds spent compiling extractors at load (compile = 'auto'; 0 when they stay "
+            "eager); node sets compiled later compile in the background",
+            ["model"],
+            registry=r,
+        )
         self.build_seconds = Histogram(
             "layertap_extractor_build_seconds",
             "Time to build an extractor",

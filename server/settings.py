@@ -183,6 +183,17 @@ class Settings(LimitSettings):
         True, "gRPC server reflection (grpcurl and friends list and describe services)"
     )
     warmup: bool = setting(True, "run one real forward per model before health says SERVING")
+    compile_budget_s: float = setting(
+        300.0,
+        "compile = 'auto': seconds one model may spend compiling at load (sizes past it stay "
+        "eager) and per node set compiled in the background; 0 keeps every model eager",
+        minimum=0,
+    )
+    compile_cache_dir: str = setting(
+        "",
+        "inductor's cache of compiled code (TORCHINDUCTOR_CACHE_DIR), kept between restarts "
+        "(a volume in deploy/); empty: torch's default, /tmp/torchinductor_$USER",
+    )
     max_connection_age_s: float = setting(
         0.0, "close connections after this age so clients re-resolve; 0 = never"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,12 @@ import pytest
 from layertap.server.app import Server, channel_options, create_server
 from layertap.server.settings import ModelConfig, Settings
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
+
+# compile = "auto" (every model's default) compiles real models at load, 20-60 s each on this
+# CPU: the tests' servers stay eager unless a test sets its own compile_budget_s (start_server
+# below) or its own LAYERTAP_COMPILE_BUDGET_S (`layertap serve` subprocesses inherit this one).
+# tests/test_compile.py checks automatic compilation itself.
+os.environ.setdefault("LAYERTAP_COMPILE_BUDGET_S", "0")
 
 
 @dataclass
@@ -54,9 +61,12 @@ class RunningServer:
 def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServer:
     """Start a server in a thread and wait until all its models have loaded.
 
-    Tests never bind fixed ports: a default metrics port becomes 0 (any free port)."""
+    Tests never bind fixed ports: a default metrics port becomes 0 (any free port). A default
+    compile_budget_s becomes 0: no automatic compilation unless the test asks for it."""
     if settings.metrics_port == Settings().metrics_port:
         settings = dataclasses.replace(settings, metrics_port=0)
+    if settings.compile_budget_s == Settings().compile_budget_s:  # see the top of this file
+        settings = dataclasses.replace(settings, compile_budget_s=0)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-server", daemon=True)
     thread.start()

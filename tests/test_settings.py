@@ -162,7 +162,7 @@ def test_config_values_of_the_right_type_are_kept(tmp_path: Path) -> None:
         ("[server]\nport = 65536\n", "setting 'port' must be in 0..65535, got 65536"),
         (M + "max_batch_size = -1\n", "model 'a': max_batch_size must be >= 0, got -1"),
         (M + "max_wait_ms = -1\n", "model 'a': max_wait_ms must be >= 0, got -1"),
-        (M + 'compile = "fast"\n', "model 'a': compile must be one of ('', 'default'"),
+        (M + 'compile = "fast"\n', "model 'a': compile must be one of ('auto', '', 'default'"),
         (M + 'autocast = "fp16"\n', "model 'a': autocast must be one of ('', 'float16'"),
     ],
 )
