@@ -26,6 +26,7 @@ from layertap.v1 import layertap_pb2
 
 from . import admission, logs, process, security
 from .admission import Admission
+from .auto_compile import BACKGROUND
 from .batcher import Batcher
 from .batching import BatchPolicy
 from .devices import cuda_memory, default_torch_threads, pick_device, torch_versions
@@ -179,6 +180,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     runtime = runtimes[0]
     if metrics is not None:
         metrics.set_build_info(str(runtime.device), torch_versions(), cuda_memory)
+        metrics.compiles_pending.set_function(lambda: BACKGROUND.pending)
     batchers = [_batcher(settings, rt, metrics, name) for rt, name in _names(runtimes)]
     batcher: Batcher | Dispatcher = batchers[0] if len(batchers) == 1 else Dispatcher(batchers)
     if metrics is not None and len(batchers) > 1:  # one gauge: the total over devices

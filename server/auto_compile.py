@@ -4,11 +4,12 @@ shows it wins, the way channels-last is chosen.
 Static shapes, a bounded set of them: each compiled extractor holds one graph per batch size the
 batcher forms (on the CPU every size up to the batch limit; past 8, powers of two and the limit),
 at the model's input size. A batch of any other shape (native resolution, TTA scales, a size
-not compiled yet) runs the eager extractor, so no forward ever waits for a compile. At load the
-model's warm-up node sets are compiled before it reports ready, within `compile_budget_s`; a node
-set first asked for later is served eager at once and compiled on one background thread, its
-sizes switching over as each is ready. torch.compile keeps its generated code in inductor's
-cache directory (`compile_cache_dir`), so a restart with a warm cache skips code generation.
+not compiled yet) runs the eager extractor, so no forward ever waits for a compile. At load one
+graph is compiled, to decide; every other size, and every node set built later (warm-up sets
+included), compiles on one background thread for the process while the extractor serves eager,
+each size switching over as it is ready, within `compile_budget_s` per node set. So the cold
+start pays one compile per model. torch.compile keeps its generated code in inductor's cache
+directory (`compile_cache_dir`), so a restart with a warm cache skips code generation.
 
 Why not dynamic shapes: on the 2-core CPU a dynamic-batch graph compiled about 8 times slower
 and ran no faster than eager at batch 4 (docs/BENCHMARKS.md, "Compiled extractors").
@@ -179,9 +180,10 @@ def choose(
 ) -> None:
     """compile = "auto", at load, after the layout is chosen: compile the deepest-node extractor
     at the batch limit and keep it compiled when it is at least 1/GAIN times faster than eager;
-    then compile its other sizes, and set `loaded.compile_job` so the model's later extractors
-    are compiled too. Eager, with a log line saying why, when there is no compiler, warm-up is
-    off, the budget is 0, the forward is tiny, compiling fails or it does not win."""
+    then queue its other sizes for the background thread, and set `loaded.compile_job` so the
+    model's later extractors are compiled there too. Eager, with a log line saying why, when
+    there is no compiler, warm-up is off, the budget is 0, the forward is tiny, compiling fails
+    or it does not win."""
     cfg, catalog = loaded.config, loaded.catalog
     if cfg.compile != "auto" or catalog.mode != "fx" or not catalog.nodes:
         return
@@ -209,7 +211,6 @@ def choose(
     if timed_ms(lambda: run(eager, x), sync) < SMALL_FORWARD_MS:
         log.info("model %s: eager extractors (forward under %.0f ms)", cfg.name, SMALL_FORWARD_MS)
         return
-    deadline = time.monotonic() + settings.compile_budget_s
     started = time.monotonic()
     extractor = CompiledExtractor(eager)
     try:
@@ -220,32 +221,30 @@ def choose(
         return
     if wins:
         loaded.extractors[nodes] = extractor
-        compile_shapes(extractor, shapes[1:], run, make, deadline)
     loaded.compile_seconds = time.monotonic() - started
     log.info(
-        "model %s: %s extractors (batch-%d forward %.1f ms eager, %.1f ms compiled; "
-        "%d batch sizes compiled in %.1f s)",
+        "model %s: %s extractors (batch-%d forward %.1f ms eager, %.1f ms compiled; compiled "
+        "in %.1f s%s)",
         cfg.name,
         "compiled" if wins else "eager",
         shapes[0][0],
         eager_ms,
         compiled_ms,
-        len(extractor.ready) if wins else 0,
         loaded.compile_seconds,
+        f"; {len(shapes) - 1} more batch sizes compile in the background" if wins else "",
     )
     if not wins:
         return
+    budget = settings.compile_budget_s
 
-    def job(eager: torch.nn.Module, warm_up: bool) -> torch.nn.Module:
-        new = CompiledExtractor(eager)
-        if warm_up:  # before ready: within what is left of the load's budget
-            try:
-                loaded.compile_seconds += compile_shapes(new, shapes, run, make, deadline)
-            except Exception as exc:
-                log.warning("model %s: a node set stays eager (compile failed: %s)", cfg.name, exc)
-            return new
-        budget = settings.compile_budget_s
+    def compile_later(new: CompiledExtractor) -> None:
         BACKGROUND.submit(lambda: compile_shapes(new, shapes, run, make, time.monotonic() + budget))
+
+    compile_later(extractor)
+
+    def job(eager: torch.nn.Module, _warm_up: bool) -> torch.nn.Module:
+        new = CompiledExtractor(eager)  # eager until each size is compiled, so nobody waits
+        compile_later(new)
         return new
 
     loaded.compile_job = job

@@ -196,6 +196,11 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.compiles_pending = Gauge(
+            "layertap_compiles_pending",
+            "Node sets queued for or being compiled by the background compile thread",
+            registry=r,
+        )
         self.build_seconds = Histogram(
             "layertap_extractor_build_seconds",
             "Time to build an extractor",

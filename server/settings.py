@@ -185,8 +185,8 @@ class Settings(LimitSettings):
     warmup: bool = setting(True, "run one real forward per model before health says SERVING")
     compile_budget_s: float = setting(
         300.0,
-        "compile = 'auto': seconds one model may spend compiling at load (sizes past it stay "
-        "eager) and per node set compiled in the background; 0 keeps every model eager",
+        "compile = 'auto': seconds each node set's background compile may take (batch sizes "
+        "past it stay eager); 0 keeps every model eager without timing it",
         minimum=0,
     )
     compile_cache_dir: str = setting(

@@ -131,6 +131,8 @@ def test_a_winning_compile_serves_every_batch_size_compiled(
     assert loaded.compile_job is not None and loaded.compile_seconds > 0
     (warmed,) = loaded.extractors.values()
     assert isinstance(warmed, CompiledExtractor)
+    assert (2, 3, SIZE, SIZE) in warmed.ready  # the size timed at load; batch 1 follows
+    assert BACKGROUND.wait_idle(timeout=300), "the background compile did not finish"
     assert warmed.ready == {(2, 3, SIZE, SIZE), (1, 3, SIZE, SIZE)}
     from torch._dynamo.utils import counters
 
@@ -145,6 +147,7 @@ def test_a_winning_compile_serves_every_batch_size_compiled(
     assert metrics is not None
     seconds = metrics.registry.get_sample_value("layertap_compile_seconds_total", {"model": "m"})
     assert seconds == pytest.approx(loaded.compile_seconds)
+    assert metrics.registry.get_sample_value("layertap_compiles_pending") == 0
 
 
 def test_a_later_node_set_is_served_eager_then_compiled_in_the_background(
@@ -156,6 +159,10 @@ def test_a_later_node_set_is_served_eager_then_compiled_in_the_background(
     loaded = compiled.server.runtime.model("m")
     extractor = loaded.extractors[("stem.2", "mean")]
     assert isinstance(extractor, CompiledExtractor)
+    metrics = compiled.server.metrics
+    assert metrics is not None
+    pending = metrics.registry.get_sample_value("layertap_compiles_pending")
+    assert pending in (0, 1)  # this set, unless it already compiled
     assert BACKGROUND.wait_idle(timeout=300), "the background compile did not finish"
     assert extractor.ready == {(2, 3, SIZE, SIZE), (1, 3, SIZE, SIZE)}
     eager = extractor.eager
