@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import datetime
 import importlib.util
+import json
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from bench.config import (
     DEFAULT_MODELS,
     MIXED_CLIENTS,
     SYSTEMS,
+    VARIANTS,
     LayertapOptions,
     RunConfig,
     timing_for,
@@ -24,7 +26,7 @@ from bench.inputs import parse_model, photos
 from bench.machine import loadavg, machine_line
 from bench.node_sets import phase_memory, phase_mixed
 from bench.report import kept_analysis, render
-from bench.results import Report, log
+from bench.results import Report, log, report_dict
 from bench.systems import phase_inprocess, phase_layertap, phase_litserve, phase_naive
 from bench.targets import evaluate
 
@@ -44,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
         "(bench/compare.py's docstring says what is measured)."
     )
     p.add_argument("--out", help="write the Markdown report here (default: print it)")
+    p.add_argument("--json", help="also write the run's figures here as JSON (every point)")
     p.add_argument("--quick", action="store_true", help="short smoke run (noisy figures)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (all systems)")
     p.add_argument(
@@ -67,6 +70,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-mixed", action="store_true")
     p.add_argument(
+        "--inprocess-variants",
+        default=",".join(VARIANTS),
+        help="in-process pipelines to measure; the fastest is the targets' baseline "
+        f"(default: all of {','.join(VARIANTS)})",
+    )
+    p.add_argument(
         "--layertap-arg",
         action="append",
         default=[],
@@ -86,6 +95,14 @@ def parser() -> argparse.ArgumentParser:
         "(e.g. channels_last=true)",
     )
     return p
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    chosen = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or not chosen:
+        raise SystemExit(f"--inprocess-variants {text!r}: choose from {','.join(VARIANTS)}")
+    return chosen
 
 
 def config_from(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
@@ -115,6 +132,8 @@ def config_from(args: argparse.Namespace, argv: Sequence[str]) -> RunConfig:
         models=tuple(models.split(",")), aux_model=args.aux_model, systems=systems,
         naive_threads=args.naive_threads, mixed_inflight=args.mixed_inflight,
         skip_memory=args.skip_memory, skip_mixed=args.skip_mixed, layertap=layertap, out=args.out,
+        inprocess_variants=_variants(args.inprocess_variants),
+        json_out=args.json,
     )  # fmt: skip
 
 
@@ -156,6 +175,9 @@ async def run(cfg: RunConfig) -> int:
         log(f"wrote {cfg.out}")
     else:
         print(text)
+    if cfg.json_out:
+        Path(cfg.json_out).write_text(json.dumps(report_dict(report, targets), indent=1))
+        log(f"wrote {cfg.json_out}")
     print()
     for t in targets:
         print(f"TARGET {t.verdict}: {t.model}: {t.what}: {t.measured} (required {t.required})")

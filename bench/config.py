@@ -8,6 +8,9 @@ from dataclasses import dataclass, field, replace
 DEFAULT_MODELS = ("mobilenet_v2:features.18", "resnet50:layer4")
 SYSTEMS = ("inprocess", "layertap", "naive", "litserve")
 MIXED_CLIENTS = 4
+# The in-process pipelines (bench/systems.py): torchvision's graph; BatchNorms folded (as
+# layertap's extractors); folded and channels-last; folded, channels-last and compiled by inductor.
+VARIANTS = ("eager", "folded", "channels-last", "compiled")
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,10 @@ class RunConfig:
     mixed_inflight: int = 4
     skip_memory: bool = False
     skip_mixed: bool = False
+    inprocess_variants: tuple[str, ...] = VARIANTS
     layertap: LayertapOptions = field(default_factory=LayertapOptions)
     out: str | None = None
+    json_out: str | None = None  # the figures as JSON too (bench/gpu_report.py reads them)
 
     @property
     def mode(self) -> str:

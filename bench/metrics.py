@@ -65,3 +65,19 @@ def stage_breakdown(before: Samples, after: Samples, model: str) -> dict[str, fl
     s = delta("layertap_request_duration_seconds_sum", method="Extract")
     out["server_request_ms"] = 1000 * s / n if n else float("nan")
     return out
+
+
+async def compiled(url: str, timeout: float = 900.0) -> float:
+    """Wait until layertap's background compile thread is idle (`layertap_compiles_pending`
+    0: every batch size of every node set served so far runs compiled, where compile = "auto"
+    chose it), so no point measures a compile. Returns the seconds waited."""
+    import asyncio
+    import time
+
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        samples = await asyncio.to_thread(scrape, url)
+        if metric(samples, "layertap_compiles_pending") == 0:
+            break
+        await asyncio.sleep(1.0)
+    return time.monotonic() - started

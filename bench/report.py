@@ -88,24 +88,18 @@ def _model_tables(report: Report, spec: ModelSpec) -> list[str]:
     add("| system | in flight | images/s | p50 ms | p99 ms | errors | server CPU ms/img "
         "| client CPU ms/img | config |")  # fmt: skip
     add("|---|---|---|---|---|---|---|---|---|")
-    for label, b1_label, sweeps, batch1 in (
-        ("in-process", "in-process batch-1 latency", report.inprocess, report.batch1),
-        (
-            "in-process, folded",
-            "in-process, folded, batch-1 latency",
-            report.inprocess_folded,
-            report.batch1_folded,
-        ),
-    ):
-        sweep = sweeps.get(m, [])
+    fastest, fastest_b1 = report.fastest(m), report.fastest_batch1(m)
+    for variant, sweep in report.variants.get(m, {}).items():
         if sweep:
             best = max(sweep, key=lambda p: p.images_per_s)
-            add(f"| {label} (best batch) | – | {fmt(best.images_per_s)} | – | – | 0 "
-                f"| {fmt(best.server_cpu_ms)} | – | {best.config} |")  # fmt: skip
-        b1 = batch1.get(m)
+            mark = " **(fastest)**" if best is fastest else ""
+            add(f"| in-process, {variant} (best batch){mark} | – | {fmt(best.images_per_s)} | – "
+                f"| – | 0 | {fmt(best.server_cpu_ms)} | – | {best.config} |")  # fmt: skip
+        b1 = report.batch1_variants.get(m, {}).get(variant)
         if b1:
-            add(f"| {b1_label} | 1 | {fmt(b1.images_per_s)} | {fmt(b1.p50_ms)} "
-                f"| {fmt(b1.p99_ms)} | 0 | – | – | {b1.config} |")  # fmt: skip
+            mark = " **(fastest)**" if b1 is fastest_b1 else ""
+            add(f"| in-process, {variant}, batch-1 latency{mark} | 1 | {fmt(b1.images_per_s)} "
+                f"| {fmt(b1.p50_ms)} | {fmt(b1.p99_ms)} | 0 | – | – | {b1.config} |")  # fmt: skip
     for system in ("layertap", "naive gRPC", "LitServe"):
         for p in sorted(
             (p for p in report.points if p.system == system and p.model == m),
@@ -115,10 +109,11 @@ def _model_tables(report: Report, spec: ModelSpec) -> list[str]:
                 f"| {fmt(p.p99_ms)} | {p.errors} | {fmt(p.server_cpu_ms)} "
                 f"| {fmt(p.client_cpu_ms)} | {p.config} |")  # fmt: skip
     add("")
-    for label, sweeps in (("", report.inprocess), (", folded", report.inprocess_folded)):
-        if sweeps.get(m):
-            add(f"In-process batch sweep{label} ({m}): "
-                + ", ".join(f"{p.config}: {fmt(p.images_per_s)}" for p in sweeps[m])
+    for variant, sweep in report.variants.get(m, {}).items():
+        if sweep:
+            add(f"In-process batch sweep, {variant} ({m}): "
+                + ", ".join(f"batch {p.config.split('batch ')[1].split(',')[0]}: "
+                            f"{fmt(p.images_per_s)}" for p in sweep)
                 + " images/s.")  # fmt: skip
             add("")
     ls_sweep = report.litserve_sweep.get(m, [])

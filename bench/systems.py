@@ -7,11 +7,35 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bench.inputs import ModelSpec
 from bench.loadgen import close_all, grpc_calls, http_calls, measure, server_warmup
+from bench.metrics import compiled
 from bench.processes import layertap_server, litserve_server, naive_server
 from bench.results import Point, Report, log, percentile
+
+
+def _inprocess_extractor(spec: ModelSpec, device: str, variant: str) -> tuple[Any, bool, str]:
+    """The variant's extractor (config.VARIANTS; "compiled": static shapes, one graph per batch
+    size, compiled in the untimed warm-up), whether its inputs go channels-last, and its label
+    suffix. The fastest variant, at its best batch size, is the baseline the targets name."""
+    import torch
+
+    from bench.pipeline import feature_extractor, load_model
+
+    extractor = feature_extractor(load_model(spec.arch, spec.weights, device), spec.node)
+    suffix = ""
+    if variant != "eager":
+        from layertap.server.fusion import fold_batchnorms
+
+        suffix = f", {fold_batchnorms(extractor, {})} BatchNorms folded"  # type: ignore[arg-type]
+    channels_last = variant in ("channels-last", "compiled")
+    if channels_last:
+        extractor = extractor.to(memory_format=torch.channels_last)
+    if variant == "compiled":
+        extractor = torch.compile(extractor, backend="inductor", dynamic=False)
+    return extractor, channels_last, suffix
 
 
 def run_inprocess(
@@ -20,32 +44,33 @@ def run_inprocess(
     device: str,
     batch_sizes: Sequence[int],
     seconds: float,
-    fold: bool = False,
+    variant: str = "eager",
 ) -> tuple[list[Point], Point]:
     """decode + preprocess + forward + GeM in a plain loop, per batch size; then batch-1 latency.
-    With `fold`, the graph has its BatchNorms folded as layertap's extractors do (the same
-    forward as the server's, so the difference is what serving costs)."""
+    `variant` (config.VARIANTS) picks the forward; "folded" is the server's own eager forward,
+    so the difference is what serving costs."""
     import torch
 
-    from bench.pipeline import feature_extractor, gem, load_model, preprocess_jpeg
+    from bench.pipeline import gem, preprocess_jpeg
 
-    extractor = feature_extractor(load_model(spec.arch, spec.weights, device), spec.node)
-    suffix = ""
-    if fold:
-        from layertap.server.fusion import fold_batchnorms
-
-        suffix = f", {fold_batchnorms(extractor, {})} BatchNorms folded"  # type: ignore[arg-type]
+    extractor, channels_last, suffix = _inprocess_extractor(spec, device, variant)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     n = len(jpegs)
 
     def step(start: int, batch: int) -> None:
         x = torch.stack([preprocess_jpeg(jpegs[(start + k) % n]) for k in range(batch)])
         with torch.inference_mode():
-            gem(extractor(x.to(device))["feat"]).float().cpu()
+            x = x.to(device).contiguous(memory_format=layout)
+            gem(extractor(x)["feat"]).float().cpu()
 
     sweep = []
     for batch in batch_sizes:
-        step(0, batch)  # warm-up (allocator, kernels for this batch shape)
+        started = time.perf_counter()
+        step(0, batch)  # warm-up (allocator, kernels for this batch shape; the compile)
         step(batch, batch)
+        note = (
+            f", compiled in {time.perf_counter() - started:.0f} s" if variant == "compiled" else ""
+        )
         done, i = 0, 0
         cpu0, started = time.process_time(), time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -58,10 +83,11 @@ def run_inprocess(
         sweep.append(
             Point(
                 "in-process", spec.arch, 0, rate, float("nan"), float("nan"), float("nan"),
-                done, 0, server_cpu_ms=1000 * cpu / done, config=f"batch {batch}{suffix}",
+                done, 0, server_cpu_ms=1000 * cpu / done,
+                config=f"{variant}, batch {batch}{suffix}{note}",
             )
         )  # fmt: skip
-        log(f"  in-process {spec.arch} batch {batch}: {rate:.1f} images/s")
+        log(f"  in-process {spec.arch} {variant} batch {batch}: {rate:.1f} images/s{note}")
     latencies: list[float] = []
     step(0, 1)
     started = time.perf_counter()
@@ -75,20 +101,21 @@ def run_inprocess(
     b1 = Point(
         "in-process", spec.arch, 1, 1000 / statistics.mean(ms), percentile(ms, 50),
         percentile(ms, 99), statistics.mean(ms), len(ms), 0,
-        config=f"batch 1, sequential{suffix}",
+        config=f"{variant}, batch 1, sequential{suffix}",
     )  # fmt: skip
-    log(f"  in-process {spec.arch} batch-1 latency p50 {b1.p50_ms:.1f} ms")
+    log(f"  in-process {spec.arch} {variant} batch-1 latency p50 {b1.p50_ms:.1f} ms")
     return sweep, b1
 
 
 def phase_inprocess(report: Report, spec: ModelSpec, jpegs: list[bytes]) -> None:
-    """The plain loop, then the same with BatchNorms folded (the server's own forward)."""
+    """Every in-process variant of the run (config.VARIANTS by default): the plain loop, the
+    server's own eager forward (folded), channels-last, compiled."""
     cfg = report.config
     half = cfg.timing.seconds / 2
-    sweep, b1 = run_inprocess(spec, jpegs, cfg.device, cfg.timing.batch_sizes, half)
-    report.inprocess[spec.arch], report.batch1[spec.arch] = sweep, b1
-    sweep, b1 = run_inprocess(spec, jpegs, cfg.device, cfg.timing.batch_sizes, half, fold=True)
-    report.inprocess_folded[spec.arch], report.batch1_folded[spec.arch] = sweep, b1
+    for variant in cfg.inprocess_variants:
+        sweep, b1 = run_inprocess(spec, jpegs, cfg.device, cfg.timing.batch_sizes, half, variant)
+        report.variants.setdefault(spec.arch, {})[variant] = sweep
+        report.batch1_variants.setdefault(spec.arch, {})[variant] = b1
 
 
 async def _grpc_points(
@@ -109,6 +136,11 @@ async def _grpc_points(
     async with AsyncFeatureClient(target) as client:
         make = grpc_calls(client, spec.arch, spec.node, jpegs)
         await server_warmup(make, timing.warmup)
+        if metrics_url:  # the warm-up built the node set; its compile runs in the background
+            waited = await compiled(metrics_url)
+            if waited > 1:
+                log(f"  {system} {spec.arch}: waited {waited:.0f} s for background compiles")
+                await server_warmup(make, timing.warmup)
         for c in timing.concurrency:
             p = await measure(
                 system, spec.arch, pid, make, c, timing.warmup, timing.seconds, config=config,
