@@ -61,6 +61,11 @@ def stage_breakdown(before: Samples, after: Samples, model: str) -> dict[str, fl
     images = delta("layertap_batch_size_sum", model=model)
     out["forwards"] = batches
     out["mean_batch"] = images / batches if batches else float("nan")
+    # CPU per image by thread role (server/thread_roles.py): where the server's CPU goes
+    roles = {s.labels["role"] for s in after if s.name == "layertap_thread_cpu_seconds_total"}
+    for role in sorted(roles):
+        cpu = delta("layertap_thread_cpu_seconds_total", role=role)
+        out[f"cpu_ms/{role}"] = 1000 * cpu / images if images else float("nan")
     n = delta("layertap_request_duration_seconds_count", method="Extract")
     s = delta("layertap_request_duration_seconds_sum", method="Extract")
     out["server_request_ms"] = 1000 * s / n if n else float("nan")

@@ -150,6 +150,21 @@ def _model_tables(report: Report, spec: ModelSpec) -> list[str]:
                 f"| {fmt(e.get('server_request_ms'))} | {fmt(p.p50_ms)}/{fmt(p.mean_ms)} "
                 f"| {fmt(p.mean_ms - e.get('t_total_ms', float('nan')))} |")  # fmt: skip
         add("")
+        roles = sorted({k.split("/", 1)[1] for p in lt for k in p.extra if k.startswith("cpu_ms/")})
+        if roles:
+            add(f"CPU ms per image by server thread role ({m}; `layertap_thread_cpu_seconds_total`"
+                ", server/thread_roles.py: event loop = gRPC parse and write and validation, "
+                "decode = decode, preprocess, finish and encode, worker = forward and pooling on "
+                "OpenMP's thread 0, other = torch's other intra-op threads and the rest), against "
+                "the server process tree's and the client's total:")  # fmt: skip
+            add("")
+            add("| in flight | " + " | ".join(roles) + " | server total | client |")
+            add("|---|" + "---|" * (len(roles) + 2))
+            for p in lt:
+                cells = " | ".join(fmt(p.extra.get(f"cpu_ms/{r}"), 2) for r in roles)
+                add(f"| {p.concurrency} | {cells} | {fmt(p.server_cpu_ms, 2)} "
+                    f"| {fmt(p.client_cpu_ms, 2)} |")  # fmt: skip
+            add("")
     return lines
 
 

@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from layertap.v1 import layertap_pb2
 
-from . import admission, logs, process, security
+from . import admission, logs, process, security, thread_roles
 from .admission import Admission
 from .auto_compile import BACKGROUND
 from .batcher import Batcher
@@ -169,6 +169,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     # settings problems (bad PEM files, unreadable token file, bad head files) surface before
     # any thread starts
     credentials = security.server_credentials(settings)
+    thread_roles.register("event loop")  # create_server runs on the server's loop
     heads = load_heads(settings)
     if settings.compile_cache_dir:  # read by inductor at its first compile, after this
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(settings.compile_cache_dir)

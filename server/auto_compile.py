@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from . import thread_roles
 from .extractors import run_extractor
 from .loaded import LoadedModel
 from .settings import Settings, batch_limit
@@ -151,6 +152,7 @@ class BackgroundCompiler:
         self._jobs.put(job)
 
     def _run(self) -> None:
+        thread_roles.register("compile")
         while True:
             job = self._jobs.get()
             try:

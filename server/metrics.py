@@ -23,6 +23,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .thread_roles import ThreadCpuCollector
+
 log = logging.getLogger(__name__)
 
 STAGES = ("queue", "decode", "compute", "encode")
@@ -74,6 +76,7 @@ class Metrics:
 
     def __init__(self, models: Iterable[str]) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(ThreadCpuCollector())  # layertap_thread_cpu_seconds_total{role}
         self._models = frozenset(models)
         r = self.registry
         self.build_info = Gauge(

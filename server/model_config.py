@@ -127,7 +127,7 @@ class ModelConfig:
     compile: str = setting(
         "auto",
         '"auto": compiled with inductor where a timing at load shows >= 10 % gain (static '
-        "shapes, every batch size; server/auto_compile.py), else eager; \"\" (off); or "
+        'shapes, every batch size; server/auto_compile.py), else eager; "" (off); or '
         '"default", "reduce-overhead", "max-autotune": torch.compile each extractor lazily on '
         "the worker",
         choices=COMPILE_MODES,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import codec
+from . import codec, thread_roles
 from .errors import ImageLimitExceeded, InvalidImage, LayertapError
 from .heads import Head
 from .pooling import average_views, concat_parts, finish
@@ -64,6 +64,7 @@ def init_decode_thread(gpu_decode_device: str | None = None) -> None:
     """ThreadPoolExecutor initializer of the decode pool. torch runs single-threaded here: the
     pool itself is the parallelism, and the worker's intra-op threads own the cores."""
     pin_torch_threads(1)
+    thread_roles.register("decode")
     _thread.device = torch.device(gpu_decode_device) if gpu_decode_device else None
     _thread.stream = torch.cuda.Stream(_thread.device) if _thread.device is not None else None
 

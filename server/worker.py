@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import thread_roles
 from .catalog import NodeSpec
 from .devices import pick_device, stack_batch
 from .errors import InvalidArgument, LimitExceeded, ModelNotFound, Unavailable, without_paths
@@ -104,7 +105,10 @@ class ModelRuntime:
         self.device = pick_device(device or settings.device)
         self.torch_threads = torch_threads
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"worker-{self.device}"
+            max_workers=1,
+            thread_name_prefix=f"worker-{self.device}",
+            initializer=thread_roles.register,
+            initargs=("worker",),
         )
         self._models: dict[str, LoadedModel] = {}
         self._errors: dict[str, str] = {}

@@ -54,11 +54,18 @@ DOCUMENTED = {
     "layertap_extractor_cache_misses_total": "counter",
     "layertap_extractor_cache_evictions_total": "counter",
     "layertap_extractor_build_seconds": "histogram",
+    "layertap_compile_seconds_total": "counter",
+    "layertap_compiles_pending": "gauge",
+    "layertap_thread_cpu_seconds_total": "counter",
     "layertap_memory_reserved_bytes": "gauge",
     "layertap_model_memory_bytes": "gauge",
     "layertap_model_ready": "gauge",
 }
-LABEL_KEYS = {"method", "model", "code", "stage", "le", "version", "torch", "torchvision", "device"}
+LABEL_KEYS = {
+    *("method", "model", "code", "stage", "le", "version", "torch", "torchvision", "device"),
+    "role",  # layertap_thread_cpu_seconds_total: a thread role, from a fixed set
+}
+ROLES = {"event loop", "decode", "worker", "compile", "grpc core", "other"}
 METHODS = {"ListModels", "DescribeModel", "Extract"}
 # every RPC name is a bounded label value (clients may call the others too)
 ALL_METHODS = {m.name for m in pb.DESCRIPTOR.services_by_name["FeatureService"].methods}
@@ -327,6 +334,7 @@ def test_requests_images_bytes_and_histograms(server: RunningServer) -> None:
         assert labels.get("method", "Extract") in ALL_METHODS, (name, labels)
         assert labels.get("code", "OK") in CODES, (name, labels)
         assert labels.get("stage", "queue") in STAGES, (name, labels)
+        assert labels.get("role", "other") in ROLES, (name, labels)
 
 
 def test_in_flight_and_queue_depth_while_busy(server: RunningServer) -> None:
