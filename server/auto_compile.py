@@ -9,7 +9,8 @@ graph is compiled, to decide; every other size, and every node set built later (
 included), compiles on one background thread for the process while the extractor serves eager,
 each size switching over as it is ready, within `compile_budget_s` per node set. So the cold
 start pays one compile per model. torch.compile keeps its generated code in inductor's cache
-directory (`compile_cache_dir`), so a restart with a warm cache skips code generation.
+directory (`compile_cache_dir`), so a restart with a warm cache skips code generation, and the
+timing's verdict is kept beside it, so that restart skips the timing too.
 
 Why not dynamic shapes: on the 2-core CPU a dynamic-batch graph compiled about 8 times slower
 and ran no faster than eager at batch 4 (docs/BENCHMARKS.md, "Compiled extractors").
@@ -17,14 +18,17 @@ and ran no faster than eager at batch 4 (docs/BENCHMARKS.md, "Compiled extractor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
 import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -38,6 +42,7 @@ log = logging.getLogger("layertap.compile")
 GAIN = 0.9  # compiled is kept when its forward takes at most this share of eager's
 SMALL_FORWARD_MS = 20.0  # faster eager forwards are not worth a compile (as for channels-last)
 ROUNDS = 3  # interleaved timing rounds, median of each
+LONG_FORWARD_MS = 200.0  # longer forwards are timed in one round of two calls each
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -105,10 +110,10 @@ def compile_shapes(
     return time.monotonic() - started
 
 
-def timed_ms(run: Callable[[], object], sync: Callable[[], None]) -> float:
-    """Median ms of three calls after one untimed."""
+def timed_ms(run: Callable[[], object], sync: Callable[[], None], calls: int = 3) -> float:
+    """Median ms of `calls` calls after one untimed."""
     times = []
-    for i in range(4):
+    for i in range(calls + 1):
         started = time.perf_counter()
         run()
         sync()
@@ -122,13 +127,15 @@ def compiled_wins(
     x: torch.Tensor,
     run: Callable[[torch.nn.Module, torch.Tensor], object],
     sync: Callable[[], None],
+    rounds: int = ROUNDS,
+    calls: int = 3,
 ) -> tuple[bool, float, float]:
     """Whether the compiled forward of `x` (compiled already) beats eager by GAIN: interleaved
     rounds, medians. Returns (wins, eager ms, compiled ms)."""
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
-    for _ in range(ROUNDS):
-        times["eager"].append(timed_ms(lambda: run(extractor.eager, x), sync))
-        times["compiled"].append(timed_ms(lambda: run(extractor.compiled, x), sync))
+    for _ in range(rounds):
+        times["eager"].append(timed_ms(lambda: run(extractor.eager, x), sync, calls))
+        times["compiled"].append(timed_ms(lambda: run(extractor.compiled, x), sync, calls))
     eager, compiled = (statistics.median(times[k]) for k in ("eager", "compiled"))
     return compiled <= GAIN * eager, eager, compiled
 
@@ -173,6 +180,66 @@ class BackgroundCompiler:
 
 BACKGROUND = BackgroundCompiler()
 
+VERDICTS = "layertap-compile-verdicts.json"  # in inductor's cache directory
+_verdicts_lock = threading.Lock()
+
+
+def _verdicts_path() -> str:
+    """Beside inductor's own cache (compile_cache_dir), so a warm cache means warm verdicts."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return os.path.join(cache_dir(), VERDICTS)
+
+
+def verdict_key(loaded: LoadedModel, device: torch.device, shape: tuple[int, ...]) -> str:
+    """What a timing depends on: the model and its weights, the graph timed, its input, layout
+    and compute dtype, torch, the processor and the threads."""
+    if device.type == "cuda":
+        chip = torch.cuda.get_device_name(device)
+    else:
+        chip = next(
+            (line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+            "cpu",
+        )
+    w, catalog = loaded.weights, loaded.catalog
+    parts = (
+        w.weights_id, w.sha256, catalog.nodes[-1].name, len(catalog.nodes), shape,
+        loaded.channels_last, loaded.autocast, torch.__version__, chip, torch.get_num_threads(),
+    )  # fmt: skip
+    return "|".join(map(str, parts))
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read(20000).splitlines()
+    except OSError:
+        return []
+
+
+def read_verdicts() -> dict[str, dict[str, Any]]:
+    """Earlier starts' timings on this cache; none when it is missing or unreadable."""
+    try:
+        with open(_verdicts_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def remember(key: str, verdict: dict[str, Any]) -> None:
+    """Keep a timing's verdict for the next start (atomically; best effort)."""
+    with _verdicts_lock:
+        data = read_verdicts()
+        data[key] = verdict
+        path = _verdicts_path()
+        try:
+            with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as f:
+                json.dump(data, f)
+            os.replace(f.name, path)
+        except OSError as exc:
+            log.info("could not keep the compile verdict in %s: %s", path, exc)
+
 
 def choose(
     loaded: LoadedModel,
@@ -208,16 +275,32 @@ def choose(
         return torch.zeros(shape, device=device)
 
     nodes = (catalog.nodes[-1].name,)
+    key = verdict_key(loaded, device, shapes[0])
+    remembered = read_verdicts().get(key)
+    if remembered is not None and not remembered["wins"]:
+        log.info(
+            "model %s: eager extractors (an earlier start here timed batch-%d forwards at %.1f ms "
+            "eager, %.1f ms compiled)",
+            cfg.name, shapes[0][0], remembered["eager_ms"], remembered["compiled_ms"],
+        )  # fmt: skip
+        return
     eager = build(loaded, nodes)
     x = make(shapes[0])
-    if timed_ms(lambda: run(eager, x), sync) < SMALL_FORWARD_MS:
+    first = timed_ms(lambda: run(eager, x), sync, calls=1) if remembered is None else 1e9
+    if first < SMALL_FORWARD_MS:
         log.info("model %s: eager extractors (forward under %.0f ms)", cfg.name, SMALL_FORWARD_MS)
         return
+    # a long forward varies less: fewer of them decide (vgg16 at batch 4 on 2 cores: ~1.5 s)
+    rounds, calls = (ROUNDS, 3) if first < LONG_FORWARD_MS else (1, 2)
     started = time.monotonic()
     extractor = CompiledExtractor(eager)
     try:
         compile_shapes(extractor, shapes[:1], run, make, float("inf"))
-        wins, eager_ms, compiled_ms = compiled_wins(extractor, x, run, sync)
+        if remembered is not None:  # a won verdict of an earlier start: not timed again
+            wins, eager_ms, compiled_ms = True, remembered["eager_ms"], remembered["compiled_ms"]
+        else:
+            wins, eager_ms, compiled_ms = compiled_wins(extractor, x, run, sync, rounds, calls)
+            remember(key, {"wins": wins, "eager_ms": eager_ms, "compiled_ms": compiled_ms})
     except Exception as exc:  # a model inductor cannot compile stays eager
         log.warning("model %s: eager extractors (compiling failed: %s)", cfg.name, exc)
         return
@@ -225,13 +308,14 @@ def choose(
         loaded.extractors[nodes] = extractor
     loaded.compile_seconds = time.monotonic() - started
     log.info(
-        "model %s: %s extractors (batch-%d forward %.1f ms eager, %.1f ms compiled; compiled "
+        "model %s: %s extractors (batch-%d forward %.1f ms eager, %.1f ms compiled%s; compiled "
         "in %.1f s%s)",
         cfg.name,
         "compiled" if wins else "eager",
         shapes[0][0],
         eager_ms,
         compiled_ms,
+        ", timed by an earlier start here" if remembered else "",
         loaded.compile_seconds,
         f"; {len(shapes) - 1} more batch sizes compile in the background" if wins else "",
     )

@@ -185,9 +185,14 @@ def test_compiled_code_lands_in_the_cache_directory(compiled: RunningServer) -> 
 
 @pytest.mark.parametrize("why", ["loses", "budget", "no compiler", "warmup off"])
 def test_eager_with_a_log_line_saying_why(
-    why: str, weights: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    why: str,
+    weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     _verdict(monkeypatch, wins=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # no earlier verdicts
     compiles: list[object] = []
     real = auto_compile.compile_shapes
 
@@ -230,3 +235,35 @@ def test_no_compiler_is_detected(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert "no C++ compiler" in (auto_compile.compiler_missing(torch.device("cpu")) or "")
     monkeypatch.setenv("CXX", "g++")
     assert auto_compile.compiler_missing(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("wins", [True, False])
+def test_a_later_start_on_the_same_cache_keeps_the_verdict_without_timing(
+    wins: bool,
+    weights: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    _verdict(monkeypatch, wins=wins)
+    settings = Settings(port=0, compile_budget_s=600, metrics=False, models=(_entry("m", weights),))
+    start_server(settings).stop()  # times (the fixed verdict) and remembers it
+    assert BACKGROUND.wait_idle(timeout=300)
+    assert (tmp_path / auto_compile.VERDICTS).is_file()
+
+    def never(*args: object) -> object:
+        raise AssertionError("timed again despite a remembered verdict")
+
+    monkeypatch.setattr(auto_compile, "compiled_wins", never)
+    caplog.set_level(logging.INFO, logger="layertap.compile")
+    running = start_server(settings)
+    try:
+        loaded = running.server.runtime.model("m")
+        assert (loaded.compile_job is not None) is wins
+        if wins:
+            assert isinstance(next(iter(loaded.extractors.values())), CompiledExtractor)
+        assert "earlier start here" in caplog.text
+    finally:
+        running.stop()
+    assert BACKGROUND.wait_idle(timeout=300)
