@@ -238,11 +238,12 @@ def _gpu_and_notes(report: Report) -> list[str]:
         gpu = ("This run was on CUDA: every table above is GPU figures (the CPU targets are "
                "reported for information).")  # fmt: skip
     else:
-        gpu = ("Not measured here: no GPU was available to this run. Where CUDA exists, fill it "
-               "with `.venv/bin/python bench/compare.py --device cuda "
-               "--out docs/BENCHMARKS_GPU.md`; servers then run on `cuda`, the memory table adds "
-               "CUDA memory (the server's `layertap_cuda_memory_allocated_bytes` and nvidia-smi "
-               "per process).")  # fmt: skip
+        gpu = ("Not measured here: no GPU was available to this run. GPU figures and the "
+               "GPU target (layertap ≥ 3× the naive server at 64 in flight) are in "
+               "[BENCHMARKS_GPU.md](BENCHMARKS_GPU.md), written by `bash bench/gpu_check.sh` on a "
+               "CUDA machine in one short run (prepare `.whl/` first with `bash "
+               "bench/gpu_wheels.sh` and carry it); its \"How to run\" section gives the steps, "
+               "and `bash bench/gpu_check.sh --dry-run` proves the script on the CPU.")  # fmt: skip
     lines = _section("GPU", [gpu])
     if report.notes:
         lines += _section("Notes", [f"- {note}" for note in report.notes])
