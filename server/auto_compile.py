@@ -294,6 +294,10 @@ def choose(
     rounds, calls = (ROUNDS, 3) if first < LONG_FORWARD_MS else (1, 2)
     started = time.monotonic()
     extractor = CompiledExtractor(eager)
+    log.info(
+        "model %s: compiling its batch-%d forward with inductor%s (compile = '' skips this)",
+        cfg.name, shapes[0][0], "" if remembered else " to time it against eager",
+    )  # fmt: skip
     try:
         compile_shapes(extractor, shapes[:1], run, make, float("inf"))
         if remembered is not None:  # a won verdict of an earlier start: not timed again
