@@ -63,7 +63,10 @@ def _conditions(report: Report, targets: list[Target]) -> list[str]:
         "closed loop with N requests in flight. CPU ms/image: CPU time of the server's process "
         "tree, and of this benchmark process (the client), per completed image.")  # fmt: skip
     add("")
-    add("## Targets (issue: batching engine and performance)")
+    add(
+        "## Targets (issue 18: against the fastest in-process pipeline; against LitServe and "
+        "the naive server since the batching issue)"
+    )
     add("")
     add("| target | model | measured (layertap vs peer) | required | result |")
     add("|---|---|---|---|---|")
