@@ -48,9 +48,18 @@ lint: setup
 	$(BIN)/mypy server client common
 	$(BIN)/lint-imports
 
-# Regenerate the committed stubs (tests/test_proto.py fails when they differ).
-proto: setup
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
+# Regenerate the committed stubs (tests/test_proto.py fails when they differ). An old
+# grpcio-tools, in a venv of its own (its protobuf<6 cannot sit beside the server's), so the
+# generated code asks only grpcio>=1.64.3 and protobuf>=5.26.1 of the client's environment.
+PROTO_TOOLS := grpcio-tools==1.64.3
+PROTO_VENV := build/proto-tools
+$(PROTO_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/pip install -q '$(PROTO_TOOLS)'
+	touch $@
+
+proto: $(PROTO_VENV)/.installed
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
 		--pyi_out=proto proto/layertap/v1/layertap.proto
 
 clean:

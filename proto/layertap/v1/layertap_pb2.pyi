@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -71,7 +70,7 @@ class Preprocessing(_message.Message):
     resize_kernel: str
     resize_mode: str
     crop_offset: str
-    def __init__(self, resize_size: _Optional[int] = ..., crop_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., interpolation: _Optional[str] = ..., antialias: _Optional[bool] = ..., resize_kernel: _Optional[str] = ..., resize_mode: _Optional[str] = ..., crop_offset: _Optional[str] = ...) -> None: ...
+    def __init__(self, resize_size: _Optional[int] = ..., crop_size: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., interpolation: _Optional[str] = ..., antialias: bool = ..., resize_kernel: _Optional[str] = ..., resize_mode: _Optional[str] = ..., crop_offset: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "architecture", "weights", "weights_sha256", "input_size", "preprocessing", "device", "ready", "status_message", "random_weights", "compute_dtype", "prefix_tokens", "extraction_mode", "source")
@@ -103,7 +102,7 @@ class ModelInfo(_message.Message):
     prefix_tokens: int
     extraction_mode: str
     source: str
-    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., ready: _Optional[bool] = ..., status_message: _Optional[str] = ..., random_weights: _Optional[bool] = ..., compute_dtype: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., extraction_mode: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., weights: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., input_size: _Optional[_Iterable[int]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., device: _Optional[str] = ..., ready: bool = ..., status_message: _Optional[str] = ..., random_weights: bool = ..., compute_dtype: _Optional[str] = ..., prefix_tokens: _Optional[int] = ..., extraction_mode: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -239,7 +238,7 @@ class TestTimeAugmentation(_message.Message):
     SCALES_FIELD_NUMBER: _ClassVar[int]
     flip: bool
     scales: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, flip: _Optional[bool] = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, flip: bool = ..., scales: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OutputOptions(_message.Message):
     __slots__ = ("pool", "gem_p", "normalize", "dtype", "post", "concat", "concat_key", "tta", "rmac_levels", "roi_size")
@@ -263,7 +262,7 @@ class OutputOptions(_message.Message):
     tta: TestTimeAugmentation
     rmac_levels: int
     roi_size: int
-    def __init__(self, pool: _Optional[_Union[Pooling, str]] = ..., gem_p: _Optional[float] = ..., normalize: _Optional[bool] = ..., dtype: _Optional[str] = ..., post: _Optional[_Iterable[_Union[PostStep, _Mapping]]] = ..., concat: _Optional[bool] = ..., concat_key: _Optional[str] = ..., tta: _Optional[_Union[TestTimeAugmentation, _Mapping]] = ..., rmac_levels: _Optional[int] = ..., roi_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, pool: _Optional[_Union[Pooling, str]] = ..., gem_p: _Optional[float] = ..., normalize: bool = ..., dtype: _Optional[str] = ..., post: _Optional[_Iterable[_Union[PostStep, _Mapping]]] = ..., concat: bool = ..., concat_key: _Optional[str] = ..., tta: _Optional[_Union[TestTimeAugmentation, _Mapping]] = ..., rmac_levels: _Optional[int] = ..., roi_size: _Optional[int] = ...) -> None: ...
 
 class ExtractRequest(_message.Message):
     __slots__ = ("model", "images", "nodes", "aliases", "output", "priority", "native_resolution", "bypass_result_cache")
@@ -290,7 +289,7 @@ class ExtractRequest(_message.Message):
     priority: Priority
     native_resolution: bool
     bypass_result_cache: bool
-    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., native_resolution: _Optional[bool] = ..., bypass_result_cache: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., output: _Optional[_Union[OutputOptions, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., native_resolution: bool = ..., bypass_result_cache: bool = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("key", "node", "tensor")
@@ -442,7 +441,7 @@ class CompareRequest(_message.Message):
     nodes: _containers.RepeatedScalarFieldContainer[str]
     style: bool
     native_resolution: bool
-    def __init__(self, model: _Optional[str] = ..., a: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., b: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., style: _Optional[bool] = ..., native_resolution: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., a: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., b: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., nodes: _Optional[_Iterable[str]] = ..., style: bool = ..., native_resolution: bool = ...) -> None: ...
 
 class PairDistance(_message.Message):
     __slots__ = ("distance", "layer_distances", "style_distance", "style_layer_distances")
