@@ -3,6 +3,8 @@ per-stage means over a measured window (the difference of two scrapes)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import urllib.request
 from dataclasses import dataclass
 
@@ -76,9 +78,6 @@ async def compiled(url: str, timeout: float = 900.0) -> float:
     """Wait until layertap's background compile thread is idle (`layertap_compiles_pending`
     0: every batch size of every node set served so far runs compiled, where compile = "auto"
     chose it), so no point measures a compile. Returns the seconds waited."""
-    import asyncio
-    import time
-
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         samples = await asyncio.to_thread(scrape, url)

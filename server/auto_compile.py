@@ -111,7 +111,7 @@ def compile_shapes(
 
 
 def timed_ms(run: Callable[[], object], sync: Callable[[], None], calls: int = 3) -> float:
-    """Median ms of `calls` calls after one untimed."""
+    """Median ms of `calls` calls after one untimed (allocator, kernel choice, caches)."""
     times = []
     for i in range(calls + 1):
         started = time.perf_counter()
@@ -332,7 +332,7 @@ def choose(
 
     compile_later(extractor)
 
-    def job(eager: torch.nn.Module, _warm_up: bool) -> torch.nn.Module:
+    def job(eager: torch.nn.Module) -> torch.nn.Module:
         new = CompiledExtractor(eager)  # eager until each size is compiled, so nobody waits
         compile_later(new)
         return new

@@ -60,7 +60,7 @@ def cached_extractor(
             fold_batchnorms(graph_module, loaded.folded)
         extractor = graph_module
     cfg = loaded.config
-    if cfg.compile not in ("", "auto") and loaded.catalog.mode == "fx":
+    if cfg.explicit_compile and loaded.catalog.mode == "fx":
         # compiled lazily by its first call, on this thread (torch.compile is not
         # thread-safe); each new batch size compiles again, hence warmup_batch_sizes
         options: dict[str, Any] = {"backend": cfg.compile_backend}
@@ -68,7 +68,7 @@ def cached_extractor(
             options["mode"] = cfg.compile
         extractor = torch.compile(extractor, **options)  # type: ignore[assignment]
     elif loaded.compile_job is not None and loaded.catalog.mode == "fx":
-        extractor = loaded.compile_job(extractor, warm_up)  # compile = "auto" chose compiled
+        extractor = loaded.compile_job(extractor)  # compile = "auto" chose compiled
     cache[nodes] = extractor
     evicted = 0
     uses = loaded.extractor_uses

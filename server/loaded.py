@@ -33,8 +33,8 @@ class LoadedModel:
     folded: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict)
     # weights and input batches in channels-last memory format (config, or chosen at load)
     channels_last: bool = False
-    # compile = "auto" chose compiled (server/auto_compile.py): takes each new eager extractor
-    # and whether it is a warm-up build (compiled now) or not (in the background), and returns
-    # the extractor to cache (eager until each batch size is compiled)
-    compile_job: Callable[[torch.nn.Module, bool], torch.nn.Module] | None = None
+    # compile = "auto" chose compiled (server/auto_compile.py): takes each new eager extractor,
+    # queues its compile on the background thread and returns the extractor to cache (eager
+    # until each batch size is compiled)
+    compile_job: Callable[[torch.nn.Module], torch.nn.Module] | None = None
     compile_seconds: float = 0.0  # spent compiling at load

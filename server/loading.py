@@ -41,14 +41,12 @@ SMALL_FORWARD_MS = 20.0
 def _forward_ms(module: torch.nn.Module, x: torch.Tensor, runs: int = 3) -> float:
     """Median ms of `runs` forwards after one untimed (allocator, kernel choice); the caller
     sets the compute mode."""
-    times = []
-    for i in range(runs + 1):
-        started = time.perf_counter()
+
+    def forward() -> None:
         with forwarding():
             module(x)
-        if i:
-            times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+
+    return auto_compile.timed_ms(forward, lambda: None, runs)
 
 
 def _import_all(specs: Sequence[str]) -> list[Any]:
@@ -174,8 +172,12 @@ class ModelLoader:
         cfg, module = loaded.config, loaded.weights.module
         if cfg.channels_last is not None:
             return cfg.channels_last
-        compiled = cfg.compile not in ("", "auto")  # auto is decided after the layout
-        if self.device.type != "cpu" or cfg.submodule or compiled or not loaded.catalog.nodes:
+        if (
+            self.device.type != "cpu"
+            or cfg.submodule
+            or cfg.explicit_compile  # "auto" is decided after the layout
+            or not loaded.catalog.nodes
+        ):
             return False
         if not self.settings.warmup:  # no forward at load was asked for: nothing is timed
             return False
@@ -270,7 +272,7 @@ class ModelLoader:
                     else "torch.fx traced the eval graph (extraction = 'auto')"
                 )
                 return catalog
-        if cfg.compile not in ("", "auto"):
+        if cfg.explicit_compile:
             reason += "; compile is ignored in hooks mode"
         try:
             return build_hook_catalog(module, input_size, self.device, reason)

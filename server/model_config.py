@@ -162,6 +162,12 @@ class ModelConfig:
         if not self.source:
             object.__setattr__(self, "source", "factory" if self.factory else "torchvision")
 
+    @property
+    def explicit_compile(self) -> bool:
+        """An explicit torch.compile mode ("default", "reduce-overhead", "max-autotune"):
+        compiled lazily on the worker. "auto" is decided at load (server/auto_compile.py)."""
+        return self.compile not in ("", "auto")
+
 
 @dataclass(frozen=True)
 class HeadConfig:

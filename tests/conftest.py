@@ -81,6 +81,45 @@ def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServe
     return RunningServer(server, port, loop, thread)
 
 
+def probe_config(
+    name: str, size: int = 32, probe: dict[str, Any] | None = None, **config: Any
+) -> ModelConfig:
+    """A factories.probe_net model tagged `name` (so a test can hold or fail its forwards),
+    random init, input size × size; `probe` goes to the factory, `config` to ModelConfig."""
+    return ModelConfig(
+        name=name,
+        factory="factories:probe_net",
+        kwargs={"tag": name, **(probe or {})},
+        weights="none",
+        allow_random=True,
+        input_size=(size, size),
+        leaf_modules=("factories:Probe",),
+        **config,
+    )
+
+
+def tiny_weights(path: Path, width: int, seed: int) -> Path:
+    """A two-convolution factories.tiny_net of `width`, seeded, saved to `path`."""
+    import factories
+    import torch
+
+    torch.manual_seed(seed)
+    torch.save(factories.tiny_net(width=width, convs=2).state_dict(), path)
+    return path
+
+
+def tiny_config(name: str, weights: Path, width: int, size: int = 32, **config: Any) -> ModelConfig:
+    """The tiny_net of `tiny_weights` served from its file at input size × size."""
+    return ModelConfig(
+        name=name,
+        factory="factories:tiny_net",
+        kwargs={"width": width, "convs": 2},
+        weights=str(weights),
+        input_size=(size, size),
+        **config,
+    )
+
+
 def save_random_weights(arch: str, path: Path, **kwargs: Any) -> Path:
     """Random-init weights saved to a file, so the server and the test share the exact model.
 

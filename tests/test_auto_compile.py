@@ -18,7 +18,7 @@ import factories
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, start_server
+from conftest import RunningServer, start_server, tiny_config, tiny_weights
 
 from layertap.server import auto_compile
 from layertap.server.auto_compile import BACKGROUND, CompiledExtractor, compiled_sizes
@@ -31,22 +31,12 @@ WIDTH = 6  # not test_compile.py's width: its graphs are not in inductor's in-me
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(2)
-    path = tmp_path_factory.mktemp("auto") / "tiny.pth"
-    torch.save(factories.tiny_net(width=WIDTH, convs=2).state_dict(), path)
-    return path
+    return tiny_weights(tmp_path_factory.mktemp("auto") / "tiny.pth", WIDTH, seed=2)
 
 
 def _entry(name: str, weights: Path, **kwargs: object) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        factory="factories:tiny_net",
-        kwargs={"width": WIDTH, "convs": 2},
-        weights=str(weights),
-        input_size=(SIZE, SIZE),
-        max_batch_size=2,  # compiled sizes 2 and 1: two compiles per node set
-        **kwargs,  # type: ignore[arg-type]
-    )
+    # compiled sizes 2 and 1: two compiles per node set
+    return tiny_config(name, weights, WIDTH, SIZE, max_batch_size=2, **kwargs)
 
 
 def _verdict(monkeypatch: pytest.MonkeyPatch, wins: bool) -> None:

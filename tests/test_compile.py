@@ -19,7 +19,7 @@ import factories
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, photo, start_server
+from conftest import RunningServer, photo, start_server, tiny_config, tiny_weights
 
 from layertap.client import FeatureClient
 from layertap.server.settings import ModelConfig, Settings
@@ -38,21 +38,11 @@ def _inductor_compiles() -> int:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("compile") / "tiny.pth"
-    torch.save(factories.tiny_net(width=WIDTH, convs=2).state_dict(), path)
-    return path
+    return tiny_weights(tmp_path_factory.mktemp("compile") / "tiny.pth", WIDTH, seed=1)
 
 
 def _entry(name: str, weights: Path, **kwargs: object) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        factory="factories:tiny_net",
-        kwargs={"width": WIDTH, "convs": 2},
-        weights=str(weights),
-        input_size=(SIZE, SIZE),
-        **kwargs,  # type: ignore[arg-type]
-    )
+    return tiny_config(name, weights, WIDTH, SIZE, **kwargs)
 
 
 @pytest.fixture(scope="module")

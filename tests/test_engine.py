@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, photo, start_server
+from conftest import RunningServer, photo, probe_config, start_server
 
 from layertap.client import FeatureClient
 from layertap.server.settings import ModelConfig, Settings
@@ -46,16 +46,7 @@ def _tiny(name: str, **kwargs: object) -> ModelConfig:
 
 
 def _probe(name: str, **kwargs: object) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        factory="factories:probe_net",
-        kwargs={"tag": name},
-        weights="none",
-        allow_random=True,
-        input_size=(SIZE, SIZE),
-        leaf_modules=("factories:Probe",),
-        **kwargs,  # type: ignore[arg-type]
-    )
+    return probe_config(name, SIZE, **kwargs)
 
 
 def _image(value: float, seed: int = 0) -> np.ndarray:

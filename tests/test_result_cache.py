@@ -19,7 +19,7 @@ import factories
 import grpc
 import numpy as np
 import pytest
-from conftest import RunningServer, encode, photo, start_server
+from conftest import RunningServer, encode, photo, probe_config, start_server
 
 from layertap.client import FeatureClient
 from layertap.client.cli import main
@@ -47,15 +47,7 @@ DECODES = "layertap_stage_duration_seconds_count"
 
 
 def _probe(name: str, **probe: object) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        factory="factories:probe_net",
-        kwargs={"tag": name, **probe},
-        weights="none",
-        allow_random=True,
-        input_size=(SIZE, SIZE),
-        leaf_modules=("factories:Probe",),
-    )
+    return probe_config(name, SIZE, probe)
 
 
 def _raw(marker: float, seed: int = 0) -> pb.Image:

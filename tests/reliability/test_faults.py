@@ -27,14 +27,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer, start_server
+from conftest import RunningServer, probe_config, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from layertap.server.settings import ModelConfig, Settings
 from layertap.v1 import layertap_pb2 as pb
 
 SIZE = 32  # every probe model's input size
-PROBE = ("factories:Probe",)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -43,15 +42,7 @@ BAD_WEIGHTS = ("corrupt.pth", "truncated.pth", "missing.pth", "corrupt.safetenso
 
 
 def _probe_model(name: str, **kwargs: Any) -> ModelConfig:
-    return ModelConfig(
-        name=name,
-        factory="factories:probe_net",
-        kwargs={"tag": name, **kwargs},
-        weights="none",
-        allow_random=True,
-        input_size=(SIZE, SIZE),
-        leaf_modules=PROBE,
-    )
+    return probe_config(name, SIZE, kwargs)
 
 
 def _write_bad_weights(folder: Path) -> dict[str, Path]:
