@@ -217,6 +217,13 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         codec.RAW_INPUT_DTYPES,
     )
     add_to_server(service, grpc_server)
+    from layertap.kserve.v2 import open_inference_pb2
+
+    from .kserve_grpc import InferenceService
+
+    add_to_server(
+        InferenceService(service), grpc_server, open_inference_pb2, "GRPCInferenceService"
+    )
     health = HealthServicer()
     for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in settings.models)):
         await health.set(name, NOT_SERVING)

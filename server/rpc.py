@@ -112,15 +112,17 @@ def tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def add_to_server(servicer: Any, server: grpc.aio.Server) -> None:
-    """Register the FeatureService like the generated helper does, with tolerant parsing
-    (each message of a request stream is parsed on its own, so one bad message is one bad
-    item)."""
-    service = pb.DESCRIPTOR.services_by_name["FeatureService"]
+def add_to_server(
+    servicer: Any, server: grpc.aio.Server, module: Any = pb, name: str = "FeatureService"
+) -> None:
+    """Register a service (the FeatureService, or another protocol's from its generated
+    `module`) like the generated helper does, with tolerant parsing (each message of a request
+    stream is parsed on its own, so one bad message is one bad item)."""
+    service = module.DESCRIPTOR.services_by_name[name]
     handlers = {}
     for method in service.methods:
-        request_cls = getattr(pb, method.input_type.name)
-        response_cls = getattr(pb, method.output_type.name)
+        request_cls = getattr(module, method.input_type.name)
+        response_cls = getattr(module, method.output_type.name)
         if method.client_streaming and method.server_streaming:
             make = grpc.stream_stream_rpc_method_handler
         elif method.client_streaming or method.server_streaming:
