@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from layertap.common.option_parsing import NodesArg, PostArg, RegionsArg, TtaArg
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
@@ -17,7 +18,6 @@ from ._bulk import BulkRun
 from ._bulk_options import BulkOptions, BulkResult, ErrorMode, Transport, bulk_options
 from ._compare import CompareResult, compare_requests, parse_compare_responses, several_pairs
 from ._images import ImageLike, images_to_proto
-from ._option_parsing import NodesArg, PostArg, RegionsArg, TtaArg
 from ._options import (
     DEFAULT_LOAD_BALANCING,
     DEFAULT_MAX_MESSAGE_BYTES,

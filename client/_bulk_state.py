@@ -17,11 +17,11 @@ from typing import Any
 
 import grpc
 
+from layertap.common.option_parsing import parse_boxes
 from layertap.v1 import layertap_pb2 as pb
 
 from ._bulk_options import BulkOptions, BulkResult, Transport
 from ._images import image_to_proto
-from ._option_parsing import parse_boxes
 from ._requests import check_image, image_budget, image_wire_bytes, images_per_request
 from ._retry import backoff_delay
 from .errors import FeatureServiceError

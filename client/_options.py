@@ -10,16 +10,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from layertap.common.options import (
+from layertap.common.options import (  # the client's views of the tables, re-exported
     FLOAT_DTYPES,
-    MAP_ONLY_POOLS,
-    POOL_ALIASES,
-    POOL_NAMES,
-    POST_OP_NAMES,
-    PRIORITY_NAMES,
-    UNIT_POST_OPS,
 )
-from layertap.v1 import layertap_pb2 as pb
+
+PARAMETER_DTYPES = FLOAT_DTYPES
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 30.0
@@ -37,27 +32,6 @@ KEEPALIVE_TIME_MS = 30_000
 KEEPALIVE_TIMEOUT_MS = 10_000
 
 # --------------------------------------------------------------------------- extract options
-
-# The tables are layertap.common.options (the server validates against the same rows); these
-# are the client's views of them: name -> wire enum, as callers and the CLI spell them.
-POOLING: dict[str, pb.Pooling] = {
-    **{name: value for value, name in POOL_NAMES.items()},
-    **POOL_ALIASES,
-}
-PARAMETER_DTYPES = FLOAT_DTYPES
-
-POST_OPS: dict[str, pb.PostStep.Op] = {
-    name: value for value, name in POST_OP_NAMES.items()
-}
-POST_FORMS = (
-    "'l2', 'power', 'power:ALPHA', 'center:HEAD', 'pca:HEAD', 'pca:HEAD:DIM', 'whiten:HEAD', "
-    "'whiten:HEAD:DIM', or a dict {'op': ..., 'alpha': ..., 'head': ..., 'dim': ...}"
-)
-ENDS_IN_L2 = frozenset(POST_OPS[name] for name in UNIT_POST_OPS)
-"""Post ops whose output is L2-normalised (what dtype='int8' needs last)."""
-MAP_POOLS = frozenset(POOLING[name] for name in MAP_ONLY_POOLS)
-"""Pools over regions of the map: the ones rmac_levels applies to."""
-PRIORITIES: dict[str, pb.Priority] = {name: value for value, name in PRIORITY_NAMES.items()}
 
 
 # --------------------------------------------------------------------------- channel

@@ -10,10 +10,7 @@ from typing import Any
 
 import grpc
 
-from layertap.v1 import layertap_pb2 as pb
-
-from ._images import ImageLike, images_to_proto
-from ._option_parsing import (
+from layertap.common.option_parsing import (
     NodesArg,
     RegionsArg,
     build_output_options,
@@ -21,6 +18,9 @@ from ._option_parsing import (
     parse_priority,
     parse_regions,
 )
+from layertap.v1 import layertap_pb2 as pb
+
+from ._images import ImageLike, images_to_proto
 from ._options import PARAMETER_DTYPES
 from .errors import FeatureServiceError
 from .types import ServerInfo

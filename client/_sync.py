@@ -11,6 +11,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from layertap.common.option_parsing import NodesArg, PostArg, RegionsArg, TtaArg
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 
@@ -18,7 +19,6 @@ from ._bulk_loop import BulkLoop
 from ._bulk_options import BulkOptions, BulkResult, ErrorMode, Transport, bulk_options
 from ._compare import CompareResult, compare_requests, parse_compare_responses, several_pairs
 from ._images import ImageLike, images_to_proto
-from ._option_parsing import NodesArg, PostArg, RegionsArg, TtaArg
 from ._options import (
     DEFAULT_LOAD_BALANCING,
     DEFAULT_MAX_MESSAGE_BYTES,

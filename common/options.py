@@ -63,3 +63,19 @@ WIRE_DTYPES: dict[str, np.dtype[Any]] = {
 }
 """Wire dtype -> numpy dtype of the raw little-endian bytes. bfloat16 has no numpy dtype: it is
 read as uint16 and widened to float32."""
+
+# The tables as callers, the CLI and the v2 protocols' parameters spell them: name -> wire enum.
+POOLING: dict[str, pb.Pooling] = {
+    **{name: value for value, name in POOL_NAMES.items()},
+    **POOL_ALIASES,
+}
+POST_OPS: dict[str, pb.PostStep.Op] = {name: value for value, name in POST_OP_NAMES.items()}
+POST_FORMS = (
+    "'l2', 'power', 'power:ALPHA', 'center:HEAD', 'pca:HEAD', 'pca:HEAD:DIM', 'whiten:HEAD', "
+    "'whiten:HEAD:DIM', or a dict {'op': ..., 'alpha': ..., 'head': ..., 'dim': ...}"
+)
+ENDS_IN_L2 = frozenset(POST_OPS[name] for name in UNIT_POST_OPS)
+"""Post ops whose output is L2-normalised (what dtype='int8' needs last)."""
+MAP_POOLS = frozenset(POOLING[name] for name in MAP_ONLY_POOLS)
+"""Pools over regions of the map: the ones rmac_levels applies to."""
+PRIORITIES: dict[str, pb.Priority] = {name: value for value, name in PRIORITY_NAMES.items()}

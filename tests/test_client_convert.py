@@ -14,9 +14,9 @@ import pytest
 
 from layertap.client import ExtractResult, FeatureServiceError, bfloat16_to_float32
 from layertap.client._images import as_image_list, image_to_proto, images_to_proto
-from layertap.client._option_parsing import normalize_nodes, parse_pool
 from layertap.client._requests import build_extract_request
 from layertap.client._responses import decode_tensor, parse_extract_response
+from layertap.common.option_parsing import normalize_nodes, parse_pool
 from layertap.v1 import layertap_pb2 as pb
 
 PIL_Image = pytest.importorskip("PIL.Image")

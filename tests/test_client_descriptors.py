@@ -29,15 +29,15 @@ from layertap.client import (
     FeatureClient,
     HeadInfo,
 )
-from layertap.client._option_parsing import (
+from layertap.client._requests import build_extract_request
+from layertap.client.cli import main
+from layertap.common.option_parsing import (
     build_output_options,
     parse_post,
     parse_post_step,
     parse_regions,
     parse_tta,
 )
-from layertap.client._requests import build_extract_request
-from layertap.client.cli import main
 from layertap.v1 import layertap_pb2 as pb
 from layertap.v1 import layertap_pb2_grpc as pb_grpc
 

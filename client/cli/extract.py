@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from layertap.common.options import OUTPUT_DTYPES
+from layertap.common.option_parsing import parse_post_step
+from layertap.common.options import OUTPUT_DTYPES, POOLING, POST_FORMS
 
-from .._option_parsing import parse_post_step
-from .._options import POOLING, POST_FORMS
 from . import extract_dir
 from .common import (
     Subcommands,

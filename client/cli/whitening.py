@@ -18,8 +18,9 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from layertap.common.options import POOLING
+
 from .. import _whitening
-from .._options import POOLING
 from . import extract_dir
 from .common import Subcommands, add_bulk_arguments, add_input_arguments, positive_float
 from .stores import atomic_write

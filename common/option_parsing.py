@@ -1,6 +1,8 @@
 """Each extract option from the form a caller gives (str, dict, list, array) to its protocol
-piece, checked client-side with errors that say what to change: nodes, pool, priority, post
-steps, TTA, region boxes, and the output options as a whole. The server checks them again.
+piece, with errors that say what to change: nodes, pool, priority, post steps, TTA, region
+boxes, and the output options as a whole. The client SDK checks its arguments with these, and
+the server reads the KServe v2 protocols' request parameters with them (the same names and
+forms), then checks the result again like any Extract.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from layertap.common.options import DEFAULT_POWER_ALPHA, DIM_OPS, HEAD_OPS, OUTPUT_DTYPES
 from layertap.v1 import layertap_pb2 as pb
 
-from ._options import (
+from .options import (
+    DEFAULT_POWER_ALPHA,
+    DIM_OPS,
     ENDS_IN_L2,
+    HEAD_OPS,
     MAP_POOLS,
+    OUTPUT_DTYPES,
     POOLING,
     POST_FORMS,
     POST_OPS,
