@@ -60,7 +60,7 @@ $(PROTO_VENV)/.installed: Makefile
 
 proto: $(PROTO_VENV)/.installed
 	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=proto --grpc_python_out=proto \
-		--pyi_out=proto proto/layertap/v1/layertap.proto
+		--pyi_out=proto proto/layertap/v1/layertap.proto proto/layertap/kserve/v2/open_inference.proto
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -199,7 +199,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
     # Health.Watch streams could take every slot; admission counts each kind apart
     grpc_server = grpc.aio.server(options=server_options(settings), interceptors=interceptors)
     # imported here: the servicer module pulls in protobuf stubs and codec
-    from . import codec
+    from . import codec, kserve_grpc
     from .compare import compare
     from .pipeline import Pipeline
     from .rpc import add_to_server
@@ -217,13 +217,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         codec.RAW_INPUT_DTYPES,
     )
     add_to_server(service, grpc_server)
-    from layertap.kserve.v2 import open_inference_pb2
-
-    from .kserve_grpc import InferenceService
-
-    add_to_server(
-        InferenceService(service), grpc_server, open_inference_pb2, "GRPCInferenceService"
-    )
+    kserve_grpc.register(service, grpc_server)  # inference.GRPCInferenceService (KServe v2)
     health = HealthServicer()
     for name in ("", SERVICE_NAME, *(model_health_name(m.name) for m in settings.models)):
         await health.set(name, NOT_SERVING)

@@ -1,133 +1,91 @@
 """The Open Inference Protocol (KServe v2) over gRPC, on the server's own port: a protocol
 adapter beside service.py. Each ModelInfer becomes a layertap Extract (the same validation,
-budgets, batcher, metrics and auth, through `FeatureService._extract`), and its answer a
-ModelInferResponse. Torch-free.
+budgets, batcher, metrics and auth, through `FeatureService._extract`); the conversions both
+v2 transports share are kserve_tensors.py. Torch-free.
 
-- ModelMetadata lists the input `images` (BYTES, one encoded image per element) and, as outputs,
-  every node of the model's catalogue with its shape (batch dimension -1) and FP32.
-- ModelInfer's requested `outputs` are node names (full or truncated); request `parameters`
-  carry the output options by their layertap names: `pool` (string), `gem_p` (double),
-  `normalize` (bool), `dtype` (string). Results travel in `raw_output_contents`, one entry per
-  output, the images' tensors stacked along a leading batch dimension.
-
-WIP (issue 19): raw UINT8 / FP32 tensor inputs, post steps, TTA and the rest of the options,
-the HTTP/REST side and ModelStreamInfer are not done yet.
+- ModelMetadata lists the inputs `images` (BYTES), `pixels` (UINT8 [N, H, W, 3]) and
+  `normalized` (FP32 [N, 3, H, W]), and every node of the model as an output.
+- ModelInfer's requested `outputs` are node names; request `parameters` carry the output
+  options by their layertap names. Results travel in `raw_output_contents`.
+- ModelStreamInfer (Triton's streaming extension) runs up to max_stream_in_flight inferences
+  of one stream at once and answers each, in the order they finish, with its response or its
+  error message.
 """
 
 from __future__ import annotations
 
-import struct
-from typing import TYPE_CHECKING
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from layertap.common.options import POOL_ALIASES, POOL_NAMES
 from layertap.kserve.v2 import open_inference_pb2 as kpb
 from layertap.kserve.v2 import open_inference_pb2_grpc as kpb_grpc
-from layertap.v1 import layertap_pb2 as pb
 
-from .errors import InvalidArgument
+from .batching import set_request_deadline
+from .errors import InvalidArgument, LayertapError, ModelNotFound
+from .kserve_tensors import V2Input, extract_request, images_of, model_metadata, outputs_of
 from .metrics import layertap_version
-from .rpc import rpc
+from .rpc import MAX_DETAILS, Undecodable, add_to_server, rpc
 
 if TYPE_CHECKING:
-    from .service import FeatureService
+    from .service import FeatureService, Visible
 
-IMAGES = "images"
-DATATYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int8": "INT8"}
-POOLS = {name: value for value, name in POOL_NAMES.items()} | POOL_ALIASES
+EXTENSIONS = ("binary_tensor_data", "parameters", "model_stream_infer")
+# which typed contents field carries each input datatype's values
+CONTENTS = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_contents"}
 
 
-def bytes_elements(raw: bytes, count: int) -> list[bytes]:
-    """The protocol's BYTES tensor in raw form: each element a 4-byte little-endian length
-    and its bytes. Refuses a length that runs past the end or a count that does not match."""
-    out, at = [], 0
-    while at < len(raw):
-        if at + 4 > len(raw):
-            raise InvalidArgument("a BYTES element's 4-byte length is cut short")
-        (size,) = struct.unpack_from("<I", raw, at)
-        at += 4
-        if at + size > len(raw):
-            raise InvalidArgument(f"a BYTES element says {size} bytes but fewer remain")
-        out.append(raw[at : at + size])
-        at += size
-    if len(out) != count:
-        raise InvalidArgument(f"input {IMAGES!r} has shape [{count}] but holds {len(out)} images")
+def register(features: FeatureService, server: grpc.aio.Server) -> None:
+    """Serve inference.GRPCInferenceService on `server`, through `features`' path."""
+    add_to_server(InferenceService(features), server, kpb, "GRPCInferenceService")
+
+
+def parameters(params: Any) -> dict[str, object]:
+    """A protocol parameter map as plain values."""
+    out: dict[str, object] = {}
+    for key, value in params.items():
+        kind = value.WhichOneof("parameter_choice")
+        out[key] = getattr(value, kind) if kind else None
     return out
 
 
-def _param(value: kpb.InferParameter) -> object:
-    kind = value.WhichOneof("parameter_choice")
-    return getattr(value, kind) if kind else None
-
-
-def output_options(parameters: dict[str, kpb.InferParameter]) -> pb.OutputOptions:
-    options = pb.OutputOptions()
-    for key, value in parameters.items():
-        v = _param(value)
-        if key == "pool":
-            if not isinstance(v, str) or v not in POOLS:
-                raise InvalidArgument(f"parameter pool must be one of {sorted(POOLS)}, got {v!r}")
-            options.pool = POOLS[v]
-        elif key == "gem_p" and isinstance(v, (int, float)) and not isinstance(v, bool):
-            options.gem_p = float(v)
-        elif key == "normalize" and isinstance(v, bool):
-            options.normalize = v
-        elif key == "dtype" and isinstance(v, str):
-            options.dtype = v
-        else:
-            raise InvalidArgument(
-                f"unknown or mistyped parameter {key!r}; this server takes pool (string), "
-                "gem_p (double), normalize (bool) and dtype (string)"
-            )
-    return options
-
-
-def extract_request(request: kpb.ModelInferRequest) -> pb.ExtractRequest:
-    """ModelInferRequest → layertap's ExtractRequest (the same checks follow in Extract's)."""
-    if len(request.inputs) != 1 or request.inputs[0].name != IMAGES:
-        raise InvalidArgument(f"send one input named {IMAGES!r} (BYTES, one encoded image each)")
-    tensor = request.inputs[0]
-    if tensor.datatype != "BYTES" or len(tensor.shape) != 1:
+def v2_input(request: kpb.ModelInferRequest) -> V2Input:
+    """The request's one input tensor, raw or as typed contents."""
+    if len(request.inputs) != 1:
         raise InvalidArgument(
-            f"input {IMAGES!r} must be BYTES of shape [N], got {tensor.datatype} {list(tensor.shape)}"
+            f"send exactly one input (images, pixels or normalized), got {len(request.inputs)}"
         )
-    count = int(tensor.shape[0])
+    tensor = request.inputs[0]
+    given = V2Input(tensor.name, tensor.datatype, list(tensor.shape))
     if request.raw_input_contents:
-        images = bytes_elements(request.raw_input_contents[0], count)
-    else:
-        images = list(tensor.contents.bytes_contents)
-        if len(images) != count:
-            raise InvalidArgument(f"input {IMAGES!r} has shape [{count}] but holds {len(images)}")
-    if not request.outputs:
-        raise InvalidArgument("name at least one output: a node of the model (ModelMetadata)")
-    return pb.ExtractRequest(
-        model=request.model_name,
-        images=[pb.Image(encoded=data) for data in images],
-        nodes=[o.name for o in request.outputs],
-        output=output_options(dict(request.parameters)),
-    )
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument("raw_input_contents must hold one entry, for the one input")
+        given.raw = request.raw_input_contents[0]
+    elif tensor.datatype in CONTENTS:
+        given.elements = getattr(tensor.contents, CONTENTS[tensor.datatype])
+    return given
 
 
-def infer_response(
-    request: kpb.ModelInferRequest, answer: pb.ExtractResponse
-) -> kpb.ModelInferResponse:
+def check_outputs(request: kpb.ModelInferRequest) -> list[str]:
+    for output in request.outputs:
+        for key, value in parameters(output.parameters).items():
+            if key != "binary_data" and not (key == "classification" and not value):
+                raise InvalidArgument(
+                    f"output {output.name[:80]!r}: parameter {key[:40]!r} is not served; "
+                    "output options go in the request's parameters (pool, normalize, ...)"
+                )
+    return [output.name for output in request.outputs]
+
+
+def infer_response(request: kpb.ModelInferRequest, answer: Any) -> kpb.ModelInferResponse:
     response = kpb.ModelInferResponse(
-        model_name=request.model_name, model_version=request.model_version, id=request.id
+        model_name=request.model_name, model_version=request.model_version or "1", id=request.id
     )
-    for index, wanted in enumerate(request.outputs):
-        tensors = [result.outputs[index].tensor for result in answer.results]
-        shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) != 1:
-            raise InvalidArgument(
-                f"output {wanted.name!r} has a different shape per image; send one image per request"
-            )
-        response.outputs.add(
-            name=wanted.name,
-            datatype=DATATYPES.get(tensors[0].dtype, tensors[0].dtype.upper()),
-            shape=[len(tensors), *tensors[0].shape],
-        )
-        response.raw_output_contents.append(b"".join(t.data for t in tensors))
+    for out in outputs_of(answer):
+        response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        response.raw_output_contents.append(out.data)
     return response
 
 
@@ -143,6 +101,12 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     def identify(self, context: grpc.aio.ServicerContext) -> object:
         return self.features.identify(context)
 
+    def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> Any:
+        self.features._allow(name, self.features._visible(context))
+        if version not in ("", "1"):
+            raise ModelNotFound(f"model {name!r} has one version, '1' (asked for {version[:20]!r})")
+        return self.runtime.model(name)
+
     @rpc
     async def ServerLive(
         self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -153,40 +117,100 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
     async def ServerReady(
         self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ServerReadyResponse:
-        names = self.runtime.names()
-        return kpb.ServerReadyResponse(ready=all(self.runtime.status(n).ready for n in names))
+        return kpb.ServerReadyResponse(ready=bool(self.runtime.ready_models()))
 
     @rpc
     async def ModelReady(
         self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelReadyResponse:
         self.features._allow(request.name, self.features._visible(context))
-        return kpb.ModelReadyResponse(ready=self.runtime.status(request.name).ready)
+        ready = self.runtime.status(request.name).ready and request.version in ("", "1")
+        return kpb.ModelReadyResponse(ready=ready)
 
     @rpc
     async def ServerMetadata(
         self, request: kpb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ServerMetadataResponse:
-        return kpb.ServerMetadataResponse(name="layertap", version=layertap_version())
+        return kpb.ServerMetadataResponse(
+            name="layertap", version=layertap_version(), extensions=EXTENSIONS
+        )
 
     @rpc
     async def ModelMetadata(
         self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelMetadataResponse:
-        self.features._allow(request.name, self.features._visible(context))
-        loaded = self.runtime.model(request.name)
+        loaded = self._model(request.name, request.version, context)
+        meta = model_metadata(request.name, loaded.catalog.nodes)
         response = kpb.ModelMetadataResponse(
-            name=request.name, versions=["1"], platform="layertap_pytorch"
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"]
         )
-        response.inputs.add(name=IMAGES, datatype="BYTES", shape=[-1])
-        for node in loaded.catalog.nodes:
-            response.outputs.add(name=node.name, datatype="FP32", shape=[-1, *node.shape])
+        for entry in meta["inputs"]:
+            response.inputs.add(**entry)
+        for entry in meta["outputs"]:
+            response.outputs.add(**entry)
         return response
+
+    async def _infer(
+        self, request: kpb.ModelInferRequest, visible: Visible
+    ) -> kpb.ModelInferResponse:
+        """One inference as an Extract; failures raise LayertapError."""
+        if isinstance(request, Undecodable):
+            raise InvalidArgument(
+                f"the request is not a valid ModelInferRequest ({request.reason})"
+            )
+        self.features._allow(request.model_name, visible)
+        if request.model_version not in ("", "1"):
+            raise ModelNotFound(f"model {request.model_name!r} has one version, '1'")
+        given = v2_input(request)
+        if given.elements is not None and given.datatype != "BYTES":
+            images = await self.features.pipeline.in_pool(images_of, given)  # a list: off loop
+        else:
+            images = images_of(given)
+        extract = extract_request(
+            request.model_name, images, check_outputs(request), parameters(request.parameters)
+        )
+        answer = await self.features._extract(extract, visible)
+        return infer_response(request, answer)
 
     @rpc
     async def ModelInfer(
         self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> kpb.ModelInferResponse:
-        extract = extract_request(request)
-        answer = await self.features._extract(extract, self.features._visible(context))
-        return infer_response(request, answer)
+        set_request_deadline(context.time_remaining())  # the batcher tells deadline from cancel
+        return await self._infer(request, self.features._visible(context))
+
+    @rpc
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> None:
+        set_request_deadline(context.time_remaining())
+        visible = self.features._visible(context)  # one token for the whole stream
+        room = asyncio.Semaphore(max(1, self.settings.max_stream_in_flight))
+        writing = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: Any) -> None:
+            try:
+                try:
+                    reply = kpb.ModelStreamInferResponse(
+                        infer_response=await self._infer(request, visible)
+                    )
+                except LayertapError as exc:
+                    reply = kpb.ModelStreamInferResponse(error_message=str(exc)[:MAX_DETAILS])
+                    reply.infer_response.id = getattr(request, "id", "")
+                async with writing:
+                    await context.write(reply)
+            finally:
+                room.release()
+
+        try:
+            async for request in requests:
+                await room.acquire()  # hold the reader back while the stream has enough work
+                task = asyncio.get_running_loop().create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()

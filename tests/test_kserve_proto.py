@@ -83,5 +83,5 @@ def test_wire_compatible_with_tritonclient(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     counts, verdict = out.stdout.strip().split("\n", 1)
-    assert counts == "6 14", counts  # six RPCs, fourteen top-level messages: all compared
+    assert counts == "7 15", counts  # seven RPCs, fifteen top-level messages: all compared
     assert verdict == "compatible", verdict

@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ("layertap_pb2.py", "layertap_pb2.pyi", "layertap_pb2_grpc.py")
+PROTOS = {  # .proto -> its generated stubs
+    "layertap/v1/layertap.proto": ("layertap_pb2.py", "layertap_pb2.pyi", "layertap_pb2_grpc.py"),
+    "layertap/kserve/v2/open_inference.proto": (
+        "open_inference_pb2.py",
+        "open_inference_pb2.pyi",
+        "open_inference_pb2_grpc.py",
+    ),
+}
 TOOLS_VENV = ROOT / "build" / "proto-tools"
 
 
@@ -43,14 +50,16 @@ def test_generated_stubs_match_proto(tmp_path: Path) -> None:
             f"--python_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
-            str(ROOT / "proto/layertap/v1/layertap.proto"),
+            *(str(ROOT / "proto" / proto) for proto in PROTOS),
         ],
         check=True,
     )
-    for name in GENERATED:
-        fresh = (tmp_path / "layertap/v1" / name).read_text()
-        committed = (ROOT / "proto/layertap/v1" / name).read_text()
-        assert fresh == committed, f"{name} is stale: run `make proto` and commit the result"
+    for proto, names in PROTOS.items():
+        folder = Path(proto).parent
+        for name in names:
+            fresh = (tmp_path / folder / name).read_text()
+            committed = (ROOT / "proto" / folder / name).read_text()
+            assert fresh == committed, f"{name} is stale: run `make proto` and commit the result"
 
 
 def test_client_floors_follow_the_generated_code() -> None:

@@ -69,6 +69,11 @@ class GRPCInferenceServiceStub(object):
                 request_serializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStreamInfer = channel.stream_stream(
+                '/inference.GRPCInferenceService/ModelStreamInfer',
+                request_serializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelStreamInferResponse.FromString,
+                _registered_method=True)
 
 
 class GRPCInferenceServiceServicer(object):
@@ -116,6 +121,15 @@ class GRPCInferenceServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStreamInfer(self, request_iterator, context):
+        """Triton's streaming extension: many inferences on one call, each answered (in the order
+        they finish, matched by `id`) with a response or an error message; one failed inference
+        does not end the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +162,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferRequest.FromString,
                     response_serializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModelStreamInfer,
+                    request_deserializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferRequest.FromString,
+                    response_serializer=layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelStreamInferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +331,33 @@ class GRPCInferenceService(object):
             '/inference.GRPCInferenceService/ModelInfer',
             layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
             layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStreamInfer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inference.GRPCInferenceService/ModelStreamInfer',
+            layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelInferRequest.SerializeToString,
+            layertap_dot_kserve_dot_v2_dot_open__inference__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
