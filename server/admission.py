@@ -147,25 +147,30 @@ class Admission(grpc.aio.ServerInterceptor):
 
     # ------------------------------------------------------------------ unary calls
 
+    async def unary_call(self, method: str, inner: Handler, request: Any, context: Any) -> Any:
+        """Run one unary call in a max_concurrent_rpcs slot, or refuse it (the context's abort
+        raises). gRPC calls come through the interceptor; HTTP calls call this directly."""
+        if self.unary >= self.limits.unary:
+            await self._refuse(
+                context,
+                method,
+                "max_concurrent_rpcs",
+                f"the server is serving its limit of {self.limits.unary} unary calls at "
+                "once (max_concurrent_rpcs, HTTP and gRPC together); retry with backoff",
+                retryable=True,
+            )
+        self.unary += 1
+        try:
+            result = inner(request, context)
+            return await result if inspect.isawaitable(result) else result
+        finally:
+            self.unary -= 1
+
     def _unary(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         inner: Handler = handler.unary_unary
 
         async def serve(request: Any, context: Any) -> Any:
-            if self.unary >= self.limits.unary:
-                await self._refuse(
-                    context,
-                    method,
-                    "max_concurrent_rpcs",
-                    f"the server is serving its limit of {self.limits.unary} unary calls at "
-                    "once (max_concurrent_rpcs); retry with backoff",
-                    retryable=True,
-                )
-            self.unary += 1
-            try:
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
-            finally:
-                self.unary -= 1
+            return await self.unary_call(method, inner, request, context)
 
         return grpc.unary_unary_rpc_method_handler(
             serve,

@@ -44,7 +44,9 @@ from .settings import (
 from .worker import Item, ModelRuntime, SharedWeights
 
 if TYPE_CHECKING:
+    from .http_app import HttpServer
     from .pipeline import Pipeline
+    from .service import FeatureService
 
 log = logging.getLogger("layertap.server")
 
@@ -95,6 +97,8 @@ class Server:
     runtimes: list[ModelRuntime] = field(default_factory=list)
     admission: Admission | None = None  # the calls counted in, by kind
     pipeline: Pipeline | None = None  # its memory budget, fair pool
+    service: FeatureService | None = None
+    http: HttpServer | None = None  # started by start() when settings.http
 
     def __post_init__(self) -> None:
         if not self.runtimes:
@@ -107,6 +111,10 @@ class Server:
             host = self.settings.metrics_host or self.settings.host
             self.metrics_port = self.metrics.serve(host, self.settings.metrics_port)
         await self.grpc_server.start()
+        if self.settings.http and self.service is not None and self.admission is not None:
+            from . import http_app
+
+            self.http = await http_app.start(self.settings, self.service, self.admission)
         self.batcher.start()
         self._load_task = asyncio.get_running_loop().create_task(self._load())
 
@@ -141,7 +149,8 @@ class Server:
         finish within `grace`, then release threads."""
         grace = self.settings.shutdown_grace_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)
+        http = [self.http.stop()] if self.http is not None else []
+        await asyncio.gather(self.grpc_server.stop(grace), *http)
         await self.batcher.close(drain=False)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
@@ -251,6 +260,7 @@ async def create_server(settings: Settings) -> tuple[Server, int]:
         runtimes=runtimes,
         admission=gate,
         pipeline=pipeline,
+        service=service,
     )
     return server, port
 

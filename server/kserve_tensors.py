@@ -337,7 +337,7 @@ def model_metadata(name: str, nodes: Sequence[Any]) -> dict[str, Any]:
             {
                 "name": node.name,
                 "datatype": DATATYPE_OF.get(node.dtype, "FP32"),
-                "shape": [-1, *node.shape],
+                "shape": [-1, *node.shape[1:]],  # the catalogue's shapes are for a batch of 1
             }
             for node in nodes
         ],

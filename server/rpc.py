@@ -151,10 +151,12 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
 def rpc(handler: H) -> H:
     """Map domain errors to statuses (anything else is a bug: INTERNAL, logged with traceback),
     and give every RPC a request id, a log line and its metrics."""
-    method = handler.__name__
+    name = handler.__name__
 
     @functools.wraps(handler)
     async def wrapper(self: HasMetrics, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # the HTTP transport's calls carry their own label (http_server.HttpCall.layertap_method)
+        method = getattr(context, "layertap_method", None) or name
         rid = request_id(context)
         REQUEST_ID.set(rid)
         CLIENT.set(self.identify(context))  # what this call queues is tagged with its client

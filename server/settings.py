@@ -179,6 +179,18 @@ class Settings(LimitSettings):
     metrics_port: int = setting(
         9464, "HTTP port for /metrics; 0 picks a free one", minimum=0, maximum=65535
     )
+    http: bool = setting(
+        True,
+        "serve HTTP/REST on http_port: the KServe v2 REST endpoints (tritonclient.http, KServe) "
+        "and /v1/models, /v1/extract for curl; the same tokens, TLS, limits and batcher as gRPC",
+    )
+    http_host: str = setting("", "interface for the HTTP API; empty uses host")
+    http_port: int = setting(
+        8000,
+        "HTTP/REST port (8000, as Triton and KServe); 0 picks a free one",
+        minimum=0,
+        maximum=65535,
+    )
     reflection: bool = setting(
         True, "gRPC server reflection (grpcurl and friends list and describe services)"
     )

@@ -29,6 +29,8 @@ from layertap.v1 import layertap_pb2_grpc as pb_grpc
 # below) or its own LAYERTAP_COMPILE_BUDGET_S (`layertap serve` subprocesses inherit this one).
 # tests/test_compile.py checks automatic compilation itself.
 os.environ.setdefault("LAYERTAP_COMPILE_BUDGET_S", "0")
+# Tests never bind fixed ports: `layertap serve` subprocesses get a free HTTP port too.
+os.environ.setdefault("LAYERTAP_HTTP_PORT", "0")
 
 
 @dataclass
@@ -41,6 +43,12 @@ class RunningServer:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The HTTP API's base URL (the server's http_port, bound at start)."""
+        assert self.server.http is not None, "this server runs without HTTP (http = false)"
+        return f"http://127.0.0.1:{self.server.http.port}"
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target, options=channel_options(self.server.settings))
@@ -61,10 +69,12 @@ class RunningServer:
 def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServer:
     """Start a server in a thread and wait until all its models have loaded.
 
-    Tests never bind fixed ports: a default metrics port becomes 0 (any free port). A default
+    Tests never bind fixed ports: a default metrics or HTTP port becomes 0 (any free port). A default
     compile_budget_s becomes 0: no automatic compilation unless the test asks for it."""
     if settings.metrics_port == Settings().metrics_port:
         settings = dataclasses.replace(settings, metrics_port=0)
+    if settings.http_port == Settings().http_port:
+        settings = dataclasses.replace(settings, http_port=0)
     if settings.compile_budget_s == Settings().compile_budget_s:  # see the top of this file
         settings = dataclasses.replace(settings, compile_budget_s=0)
     loop = asyncio.new_event_loop()
