@@ -41,7 +41,12 @@ async def start(settings: Settings, features: FeatureService, admission: Admissi
     gate = HttpGate(settings, admission)
     http_v2.add_routes(app, gate, features)
     http_v1.add_routes(app, gate, features)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=True,  # a client that leaves cancels its call (and its batch items)
+        shutdown_timeout=settings.shutdown_grace_s,  # in-flight calls finish, like gRPC's
+    )
     await runner.setup()
     host = settings.http_host or settings.host
     site = web.TCPSite(
@@ -49,7 +54,6 @@ async def start(settings: Settings, features: FeatureService, admission: Admissi
         host,
         settings.http_port,
         ssl_context=ssl_context(settings),
-        shutdown_timeout=settings.shutdown_grace_s,  # in-flight calls finish, like gRPC's
     )
     try:
         await site.start()

@@ -159,6 +159,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
                 f"the request is not a valid ModelInferRequest ({request.reason})"
             )
         self.features._allow(request.model_name, visible)
+        self.runtime.model(request.model_name)  # NOT_FOUND / UNAVAILABLE before the inputs
         if request.model_version not in ("", "1"):
             raise ModelNotFound(f"model {request.model_name!r} has one version, '1'")
         given = v2_input(request)

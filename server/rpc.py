@@ -173,7 +173,7 @@ def rpc(handler: H) -> H:
             if isinstance(request, Undecodable):
                 raise InvalidArgument(
                     f"the request is not a valid {method} message ({request.reason}); "
-                    "check the client's generated code matches layertap.v1"
+                    "check the client's generated code matches the service's .proto"
                 )
             response = await handler(self, request, context)
             context.set_trailing_metadata(trailer)

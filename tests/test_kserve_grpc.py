@@ -1,48 +1,29 @@
-"""KServe v2 / Open Inference Protocol over gRPC, called by the real tritonclient (PyPI, in a
-venv of its own: its stubs and layertap's both define inference.*): live, ready, model
-metadata listing the nodes, and ModelInfer giving, for the same photo, the same descriptor
-bytes as Extract; a bad output name is INVALID_ARGUMENT with layertap's message."""
+"""KServe v2 / Open Inference Protocol over gRPC, served on the layertap port: called here with
+layertap's own generated v2 stubs (the real tritonclient is tests/test_kserve_clients.py).
+Every input form and the output options give the same bytes as layertap's Extract for the same
+image; bad requests get precise statuses with layertap's messages, never INTERNAL, and the
+server answers the next call; streams answer each inference; tokens and metrics apply."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import subprocess
-import venv
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 from conftest import RunningServer, photo, start_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from layertap.client import FeatureClient
+from layertap.kserve.v2 import open_inference_pb2 as kpb
+from layertap.kserve.v2 import open_inference_pb2_grpc as kpb_grpc
 from layertap.server.settings import ModelConfig, Settings
 
-SCRIPT = r"""
-import hashlib, json, sys
-import numpy as np
-import tritonclient.grpc as g
-c = g.InferenceServerClient(sys.argv[1])
-jpeg = open(sys.argv[2], "rb").read()
-md = c.get_model_metadata("m")
-inp = g.InferInput("images", [2], "BYTES")
-inp.set_data_from_numpy(np.array([jpeg, jpeg], dtype=np.object_))
-res = c.infer("m", [inp], outputs=[g.InferRequestedOutput("features.18")], parameters={"pool": "gem"})
-out = res.as_numpy("features.18")
-try:
-    c.infer("m", [inp], outputs=[g.InferRequestedOutput("no.such.node")])
-    bad = "no error"
-except g.InferenceServerException as e:
-    bad = f"{e.status()} {e.message()}"
-print(json.dumps({
-    "live": c.is_server_live(), "ready": c.is_server_ready(), "model_ready": c.is_model_ready("m"),
-    "inputs": [[i.name, i.datatype, list(i.shape)] for i in md.inputs],
-    "outputs": [o.name for o in md.outputs],
-    "shape": list(out.shape), "dtype": str(out.dtype),
-    "sha256": hashlib.sha256(out.tobytes()).hexdigest(), "bad": bad,
-}))
-"""
+NODE = "features.18"
+Tensor = kpb.ModelInferRequest.InferInputTensor
+Wanted = kpb.ModelInferRequest.InferRequestedOutputTensor
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +34,239 @@ def server() -> Iterator[RunningServer]:
     running.stop()
 
 
-@pytest.mark.slow
-def test_tritonclient_grpc(tmp_path: Path, server: RunningServer) -> None:
+@pytest.fixture(scope="module")
+def stub(server: RunningServer) -> kpb_grpc.GRPCInferenceServiceStub:
+    return kpb_grpc.GRPCInferenceServiceStub(server.channel())
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(photo("astronaut")).save(buf, "JPEG", quality=90)
-    jpeg = tmp_path / "astronaut.jpg"
-    jpeg.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def framed(*elements: bytes) -> bytes:
+    """BYTES elements in the protocol's raw form: a 4-byte little-endian length before each."""
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
+def infer_request(
+    name: str,
+    datatype: str,
+    shape: list[int],
+    raw: bytes | None = None,
+    outputs: tuple[str, ...] = (NODE,),
+    **parameters: Any,
+) -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(
+        model_name="m",
+        id="req-1",
+        inputs=[Tensor(name=name, datatype=datatype, shape=shape)],
+        outputs=[Wanted(name=o) for o in outputs],
+    )
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    for key, value in parameters.items():
+        field = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}
+        setattr(request.parameters[key], field[type(value)], value)
+    return request
+
+
+def as_array(response: kpb.ModelInferResponse, index: int = 0) -> np.ndarray:
+    out = response.outputs[index]
+    dtype = {"FP32": "<f4", "INT8": "i1", "FP16": "<f2"}[out.datatype]
+    return np.frombuffer(response.raw_output_contents[index], dtype).reshape(list(out.shape))
+
+
+def reference(server: RunningServer, images: list[Any], **options: Any) -> np.ndarray:
     with FeatureClient(server.target) as client:
-        want = client.extract([buf.getvalue()] * 2, model="m", nodes="features.18", pool="gem")
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]"], check=True, timeout=900
+        got = client.extract(images, model="m", nodes=NODE, **options)
+    return np.ascontiguousarray(got[next(iter(got))])
+
+
+def test_health_and_metadata(server: RunningServer, stub: Any) -> None:
+    assert stub.ServerLive(kpb.ServerLiveRequest()).live
+    assert stub.ServerReady(kpb.ServerReadyRequest()).ready
+    assert stub.ModelReady(kpb.ModelReadyRequest(name="m")).ready
+    assert not stub.ModelReady(kpb.ModelReadyRequest(name="m", version="2")).ready
+    meta = stub.ServerMetadata(kpb.ServerMetadataRequest())
+    assert meta.name == "layertap" and "model_stream_infer" in meta.extensions
+    md = stub.ModelMetadata(kpb.ModelMetadataRequest(name="m"))
+    assert [(i.name, i.datatype, list(i.shape)) for i in md.inputs] == [
+        ("images", "BYTES", [-1]),
+        ("pixels", "UINT8", [-1, -1, -1, 3]),
+        ("normalized", "FP32", [-1, 3, -1, -1]),
+    ]
+    shapes = {o.name: list(o.shape) for o in md.outputs}
+    assert shapes[NODE] == [-1, 1280, 7, 7]  # what a raw ModelInfer of one image returns
+    raw = stub.ModelInfer(infer_request("images", "BYTES", [1], framed(photo_jpeg(server))))
+    assert list(raw.outputs[0].shape) == [1, 1280, 7, 7]
+
+
+def photo_jpeg(server: RunningServer) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(photo("coffee")).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_encoded_images_raw_and_typed_contents(
+    server: RunningServer, stub: Any, jpeg: bytes
+) -> None:
+    want = reference(server, [jpeg, jpeg], pool="gem", normalize=True)
+    raw = stub.ModelInfer(
+        infer_request("images", "BYTES", [2], framed(jpeg, jpeg), pool="gem", normalize=True)
     )
-    out = subprocess.run(
-        [str(python), "-c", SCRIPT, server.target, str(jpeg)], capture_output=True, text=True
+    assert raw.id == "req-1" and raw.model_name == "m" and raw.outputs[0].name == NODE
+    assert raw.outputs[0].datatype == "FP32" and list(raw.outputs[0].shape) == [2, 1280]
+    assert as_array(raw).tobytes() == want.tobytes()
+    typed = infer_request("images", "BYTES", [2], pool="gem", normalize=True)
+    typed.inputs[0].contents.bytes_contents.extend([jpeg, jpeg])
+    assert as_array(stub.ModelInfer(typed)).tobytes() == want.tobytes()
+
+
+def test_pixels_and_normalized_inputs(server: RunningServer, stub: Any) -> None:
+    pixels = photo("chelsea")[:200, :240].copy()  # uint8 [H, W, 3]
+    want = reference(server, [pixels], pool="avg")
+    raw = infer_request("pixels", "UINT8", [1, *pixels.shape], pixels.tobytes(), pool="avg")
+    assert as_array(stub.ModelInfer(raw)).tobytes() == want.tobytes()
+    listed = infer_request("pixels", "UINT8", [1, *pixels.shape], pool="avg")
+    listed.inputs[0].contents.uint_contents.extend(pixels.ravel().tolist())
+    assert as_array(stub.ModelInfer(listed)).tobytes() == want.tobytes()
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    want = reference(server, [x[0]], pool="max")
+    raw = infer_request("normalized", "FP32", list(x.shape), x.tobytes(), pool="max")
+    assert as_array(stub.ModelInfer(raw)).tobytes() == want.tobytes()
+
+
+def test_every_option_rides_in_parameters(server: RunningServer, stub: Any, jpeg: bytes) -> None:
+    cases: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        ({"pool": "gem", "gem_p": 4.0, "normalize": True, "dtype": "int8"},
+         {"pool": "gem", "gem_p": 4.0, "normalize": True, "dtype": "int8"}),
+        ({"pool": "rmac", "rmac_levels": 2, "post": "power:0.5,l2"},
+         {"pool": "rmac", "rmac_levels": 2, "post": ["power:0.5", "l2"]}),
+        ({"pool": "avg", "tta": '{"flip": true, "scales": [1, 0.75]}', "dtype": "float16"},
+         {"pool": "avg", "tta": {"flip": True, "scales": [1, 0.75]}, "dtype": "float16"}),
+        ({"pool": "gem", "post": '[{"op": "l2"}]', "priority": "low", "bypass_result_cache": True},
+         {"pool": "gem", "post": [{"op": "l2"}], "priority": "low"}),
+    ]  # fmt: skip
+    for params, options in cases:
+        want = reference(server, [jpeg], **options)
+        got = stub.ModelInfer(infer_request("images", "BYTES", [1], framed(jpeg), **params))
+        assert as_array(got).tobytes() == want.tobytes(), params
+    concat = stub.ModelInfer(
+        infer_request(
+            "images", "BYTES", [1], framed(jpeg), ("features.14", NODE), pool="gem", concat=True
+        )
     )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    assert (got["live"], got["ready"], got["model_ready"]) == (True, True, True)
-    assert got["inputs"] == [["images", "BYTES", [-1]]]
-    assert "features.18" in got["outputs"] and len(got["outputs"]) > 50  # every node
-    assert got["shape"] == [2, 1280] and got["dtype"] == "float32"
-    assert got["sha256"] == hashlib.sha256(want["features.18"].tobytes()).hexdigest()
-    assert got["bad"].startswith("StatusCode.INVALID_ARGUMENT") and "no.such.node" in got["bad"]
+    assert [o.name for o in concat.outputs] == ["descriptor"]
+    assert list(concat.outputs[0].shape) == [1, 160 + 1280]
+
+
+BAD: list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, str]] = [
+    ("datatype", infer_request("images", "FP32", [1], b"\0" * 4), grpc.StatusCode.INVALID_ARGUMENT, "must be BYTES"),
+    ("rank", infer_request("pixels", "UINT8", [2, 2, 3], b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT, "shape [N, *, *, 3]"),
+    ("bytes vs shape", infer_request("pixels", "UINT8", [1, 4, 4, 3], b"\0" * 47), grpc.StatusCode.INVALID_ARGUMENT, "needs 48 bytes"),
+    ("count vs shape", infer_request("images", "BYTES", [2], framed(b"x")), grpc.StatusCode.INVALID_ARGUMENT, "holds 1 element"),
+    ("cut length", infer_request("images", "BYTES", [1], b"\x10\0\0\0abc"), grpc.StatusCode.INVALID_ARGUMENT, "says 16 bytes"),
+    ("not an image", infer_request("images", "BYTES", [1], framed(b"not an image")), grpc.StatusCode.INVALID_ARGUMENT, "image 0"),
+    ("unknown input", infer_request("img", "BYTES", [1], framed(b"x")), grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'img'"),
+    ("unknown output", infer_request("images", "BYTES", [1], framed(b"x"), ("no.such",)), grpc.StatusCode.INVALID_ARGUMENT, "no.such"),
+    ("no output", infer_request("images", "BYTES", [1], framed(b"x"), ()), grpc.StatusCode.INVALID_ARGUMENT, "name at least one output"),
+    ("unknown parameter", infer_request("images", "BYTES", [1], framed(b"x"), pooling="gem"), grpc.StatusCode.INVALID_ARGUMENT, "'pooling'"),
+    ("mistyped parameter", infer_request("images", "BYTES", [1], framed(b"x"), normalize="yes"), grpc.StatusCode.INVALID_ARGUMENT, "must be a bool"),
+    ("bad pool", infer_request("images", "BYTES", [1], framed(b"x"), pool="median"), grpc.StatusCode.INVALID_ARGUMENT, "unknown pool 'median'"),
+    ("int8 unnormalised", infer_request("images", "BYTES", [1], framed(b"x"), pool="gem", dtype="int8"), grpc.StatusCode.INVALID_ARGUMENT, "normalize"),
+    ("sequence", infer_request("images", "BYTES", [1], framed(b"x"), sequence_id=7), grpc.StatusCode.INVALID_ARGUMENT, "stateless"),
+    ("uint8 range", infer_request("pixels", "UINT8", [1, 1, 1, 3]), grpc.StatusCode.INVALID_ARGUMENT, "needs 3 values"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "request_", "code", "words"), BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_precise_statuses(
+    server: RunningServer, stub: Any, jpeg: bytes, case: str, request_: Any, code: Any, words: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request_)
+    assert info.value.code() == code, info.value.details()
+    assert words in info.value.details()
+    ok = stub.ModelInfer(infer_request("images", "BYTES", [1], framed(jpeg), pool="gem"))
+    assert list(ok.outputs[0].shape) == [1, 1280]  # the server goes on
+
+
+def test_unknown_model_version_and_bytes(server: RunningServer, stub: Any) -> None:
+    for request in (
+        kpb.ModelInferRequest(model_name="nope"),
+        kpb.ModelInferRequest(model_name="m", model_version="3"),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelMetadata(kpb.ModelMetadataRequest(name="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "available: m" in info.value.details()
+    garbage = server.channel().unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        garbage(b"\xff\xff\xff")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stream_answers_each_inference(server: RunningServer, stub: Any, jpeg: bytes) -> None:
+    requests = []
+    for i in range(5):
+        request = infer_request("images", "BYTES", [1], framed(jpeg), pool="gem")
+        request.id = f"item-{i}"
+        requests.append(request)
+    requests[2] = infer_request("images", "BYTES", [1], framed(b"junk"), pool="gem")
+    requests[2].id = "bad"
+    answers = list(stub.ModelStreamInfer(iter(requests), timeout=120))
+    assert len(answers) == 5
+    by_id = {a.infer_response.id: a for a in answers}
+    assert set(by_id) == {"item-0", "item-1", "bad", "item-3", "item-4"}
+    assert "image 0" in by_id["bad"].error_message
+    want = reference(server, [jpeg], pool="gem")
+    for i in (0, 1, 3, 4):  # items batch together: equal up to float rounding across batch sizes
+        assert not by_id[f"item-{i}"].error_message
+        got = as_array(by_id[f"item-{i}"].infer_response)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_and_metrics_apply(jpeg: bytes) -> None:
+    cfg = ModelConfig(name="m", arch="mobilenet_v2", weights="IMAGENET1K_V1")
+    running = start_server(Settings(port=0, models=(cfg,), auth_tokens="s3cret"))
+    try:
+        v2 = kpb_grpc.GRPCInferenceServiceStub(running.channel())
+        request = infer_request("images", "BYTES", [1], framed(jpeg), pool="gem")
+        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
+                               ((("authorization", "Bearer nope"),), grpc.StatusCode.PERMISSION_DENIED)):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as info:
+                v2.ModelInfer(request, metadata=metadata)
+            assert info.value.code() == code
+        good = (("authorization", "Bearer s3cret"), ("x-request-id", "v2-abc"))
+        reply, call = v2.ModelInfer.with_call(request, metadata=good)
+        assert list(reply.outputs[0].shape) == [1, 1280]
+        assert ("x-request-id", "v2-abc") in call.trailing_metadata()
+        assert running.server.metrics is not None
+        port = running.server.metrics_port
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        counted = {
+            (s.labels["method"], s.labels["code"]): s.value
+            for f in text_string_to_metric_families(text)
+            if f.name == "layertap_requests"
+            for s in f.samples
+            if s.name == "layertap_requests_total"
+        }
+        assert counted[("ModelInfer", "OK")] == 1
+    finally:
+        running.stop()
