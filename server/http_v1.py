@@ -143,7 +143,7 @@ async def read_fields(request: web.Request, call: ExtractCall) -> None:
         body = await read_body(request)
         try:
             given = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidArgument(
                 f"the body is neither a form nor JSON ({exc}); send a multipart form "
                 "(curl -F image=@photo.jpg) or a JSON object"

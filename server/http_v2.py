@@ -134,7 +134,7 @@ def parse_infer(call: InferCall) -> Parsed:
         body, binary = body[:length], body[length:]
     try:
         header = _object(json.loads(body), "the request body")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise InvalidArgument(f"the request body is not JSON: {exc}") from None
     parameters = _object(header.get("parameters", {}), "'parameters'")
     binary_default = parameters.pop("binary_data_output", False) is True

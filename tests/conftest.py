@@ -69,8 +69,8 @@ class RunningServer:
 def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServer:
     """Start a server in a thread and wait until all its models have loaded.
 
-    Tests never bind fixed ports: a default metrics or HTTP port becomes 0 (any free port). A default
-    compile_budget_s becomes 0: no automatic compilation unless the test asks for it."""
+    Tests never bind fixed ports: a default metrics or HTTP port becomes 0 (any free port). A
+    default compile_budget_s becomes 0: no automatic compilation unless the test asks for it."""
     if settings.metrics_port == Settings().metrics_port:
         settings = dataclasses.replace(settings, metrics_port=0)
     if settings.http_port == Settings().http_port:
@@ -255,3 +255,23 @@ def encode(array: np.ndarray, fmt: str = "JPEG", **save_kwargs: Any) -> bytes:
 @pytest.fixture(scope="session")
 def jpegs() -> dict[str, bytes]:
     return {n: encode(photo(n)) for n in ("astronaut", "chelsea", "coffee", "china")}
+
+
+@pytest.fixture(scope="session")
+def triton_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv with the real Triton clients (PyPI tritonclient[grpc,http]) and layertap's own
+    client, built once per run: tritonclient's stubs and layertap's v2 stubs both define
+    inference.*, so the v2 tests call from this venv, never from the server's process."""
+    import subprocess
+    import venv
+
+    env_dir = tmp_path_factory.mktemp("triton") / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", str(root), "tritonclient[grpc,http]"],
+        check=True,
+        timeout=900,
+    )
+    return python

@@ -99,8 +99,7 @@ def test_the_oldest_supported_grpcio_and_protobuf(tmp_path: Path, server: Runnin
 
 
 @pytest.mark.slow
-def test_one_venv_with_tritonclient(tmp_path: Path, server: RunningServer) -> None:
-    python = _venv_with(tmp_path, "tritonclient[grpc,http]")
-    got = _call(python, server, "triton")
+def test_one_venv_with_tritonclient(server: RunningServer, triton_python: Path) -> None:
+    got = _call(triton_python, server, "triton")  # conftest: layertap + tritonclient[grpc,http]
     assert got["triton"] == "m"  # tritonclient's own stubs work beside layertap's
     assert got["sha256"] == _want(server)

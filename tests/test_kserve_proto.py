@@ -11,7 +11,6 @@ pool from `protoc --descriptor_set_out` (the pinned proto tools of tests/test_pr
 from __future__ import annotations
 
 import subprocess
-import venv
 from pathlib import Path
 
 import pytest
@@ -63,7 +62,7 @@ print("\\n".join(problems) or "compatible")
 
 
 @pytest.mark.slow
-def test_wire_compatible_with_tritonclient(tmp_path: Path) -> None:
+def test_wire_compatible_with_tritonclient(tmp_path: Path, triton_python: Path) -> None:
     descriptors = tmp_path / "ours.pb"
     subprocess.run(
         [
@@ -72,14 +71,8 @@ def test_wire_compatible_with_tritonclient(tmp_path: Path) -> None:
         ],
         check=True,
     )  # fmt: skip
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", "tritonclient[grpc]"], check=True, timeout=900
-    )
     out = subprocess.run(
-        [str(python), "-c", CHECK, str(descriptors), PROTO], capture_output=True, text=True
+        [str(triton_python), "-c", CHECK, str(descriptors), PROTO], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
     counts, verdict = out.stdout.strip().split("\n", 1)
