@@ -129,7 +129,8 @@ def parse_infer(call: InferCall) -> Parsed:
             length = -1
         if not 0 <= length <= len(body):
             raise InvalidArgument(
-                f"{HEADER_LENGTH} must be 0..{len(body)} (the JSON header's size)"
+                f"{HEADER_LENGTH} is {call.header_length[:20]!r}; it must be the JSON header's "
+                f"size, 0..{len(body)}"
             )
         body, binary = body[:length], body[length:]
     try:
