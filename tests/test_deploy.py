@@ -197,6 +197,26 @@ def test_image_is_multi_stage_non_root_and_compiler_free(dockerfile: Path) -> No
         assert _build_arg(dockerfile, "TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
 
 
+def _exposed(dockerfile: Path) -> set[int]:
+    """The ports the runtime stage EXPOSEs (the image's own settings pick them)."""
+    lines = [line.split()[1:] for line in _stages(dockerfile)[-1] if line.startswith("EXPOSE ")]
+    return {int(port.split("/")[0]) for words in lines for port in words}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_exposes_the_grpc_http_and_metrics_ports(
+    dockerfile: Path, rendered: dict[str, list[Obj]]
+) -> None:
+    """The images set no LAYERTAP_*PORT: the server's defaults are what they listen on, and the
+    Deployment's container ports are the same numbers."""
+    settings = load_settings(["--config", str(K8S / "base/layertap.toml")], env={})
+    assert settings.http, "the HTTP API is on by default"
+    wanted = {settings.port, settings.http_port, settings.metrics_port}
+    assert _exposed(dockerfile) == wanted == {50051, 8000, 9464}, dockerfile.name
+    for name, objects in rendered.items():
+        assert set(container_ports(objects).values()) == wanted, name
+
+
 def _docker_ignored(path: str, patterns: list[str]) -> bool:
     """Docker's .dockerignore rule: the last pattern matching the path or a parent decides."""
     ignored = False
@@ -463,6 +483,9 @@ def test_config_map_parses_with_the_server_loader(
             assert weights == "DEFAULT" or weights in enum_cls.__members__, model
             assert not model.allow_random, f"{model.name}: production serves real weights only"
         assert settings.host == "0.0.0.0" and settings.metrics
+        # HTTP/REST beside gRPC, bound like it (http_host empty: host) on 8000
+        assert settings.http and settings.http_port == 8000, name
+        assert (settings.http_host or settings.host) == "0.0.0.0", name
 
 
 def test_every_configured_model_is_baked_into_both_images(tmp_path: Path) -> None:
@@ -504,9 +527,14 @@ def test_probes_are_grpc_on_the_server_port_with_real_health_names(
     for name, objects in rendered.items():
         settings = effective_settings(objects, tmp_path)
         container = server_container(objects)
-        assert container_ports(objects) == {"grpc": settings.port, "metrics": settings.metrics_port}
+        assert container_ports(objects) == {
+            "grpc": settings.port,
+            "http": settings.http_port,
+            "metrics": settings.metrics_port,
+        }
         valid = {"", SERVICE_NAME, *(model_health_name(m.name) for m in settings.models)}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert set(container[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
             grpc_probe = container[probe]["grpc"]
             assert grpc_probe["port"] == settings.port, f"{name} {probe}"
             assert grpc_probe.get("service", "") in valid, f"{name} {probe}"
@@ -565,7 +593,11 @@ def test_services_select_the_pods(rendered: dict[str, list[Obj]]) -> None:
             assert selects(service["spec"]["selector"], labels)
             for port in service["spec"]["ports"]:
                 assert port["targetPort"] in ports and port["port"] == ports[port["targetPort"]]
-            assert "grpc" in {p["name"] for p in service["spec"]["ports"]}
+            by_name = {p["name"]: p for p in service["spec"]["ports"]}
+            assert by_name["grpc"]["appProtocol"] == "grpc"
+            http = by_name["http"]
+            assert http["targetPort"] == "http" and http["port"] == ports["http"]
+            assert http["appProtocol"] == "http" and http["protocol"] == "TCP"
         for constraint in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]:
             assert selects(constraint["labelSelector"]["matchLabels"], labels)
         pdb = one(objects, "PodDisruptionBudget")
@@ -602,6 +634,7 @@ def test_network_policy_opens_exactly_the_container_ports(rendered: dict[str, li
         assert set(opened) == set(ports.values())
         grpc_peers = opened[ports["grpc"]]
         assert grpc_peers[0]["podSelector"]["matchLabels"] == {"layertap-client": "true"}
+        assert opened[ports["http"]] == grpc_peers, "HTTP is open to the gRPC clients, no others"
 
 
 # --- autoscaling ------------------------------------------------------------------------------
