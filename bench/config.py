@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 DEFAULT_MODELS = ("mobilenet_v2:features.18", "resnet50:layer4")
-SYSTEMS = ("inprocess", "layertap", "naive", "litserve")
+SYSTEMS = ("inprocess", "layertap", "v2", "naive", "litserve")
+"""v2: the layertap server again over its KServe v2 gRPC and HTTP endpoints (needs layertap)."""
 MIXED_CLIENTS = 4
 # The in-process pipelines (bench/systems.py): torchvision's graph; BatchNorms folded (as
 # layertap's extractors); folded and channels-last; folded, channels-last and compiled by inductor.

@@ -112,13 +112,16 @@ class HttpConnection:
         self.port = port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.headers: dict[str, str] = {}
 
-    async def post(self, path: str, body: bytes) -> bytes:
+    async def post(self, path: str, body: bytes, extra_headers: str = "") -> bytes:
+        """The response body (its headers in `self.headers`); `extra_headers`: more request
+        header lines, each ending in CRLF."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n{extra_headers}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         try:
@@ -133,6 +136,7 @@ class HttpConnection:
             if "content-length" not in headers:
                 raise RuntimeError(f"HTTP {status} without Content-Length")
             data = await self.reader.readexactly(int(headers["content-length"]))
+            self.headers = headers
             if headers.get("connection", "").lower() == "close":
                 self.close()
         except BaseException:

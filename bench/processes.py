@@ -33,6 +33,7 @@ class Proc:
         self, name: str, cmd: list[str], logdir: Path, env: dict[str, str] | None = None
     ) -> None:
         self.name = name
+        self.http_port: int | None = None  # layertap's HTTP API, where the server has one
         self.log_path = logdir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # closed in stop()
         self.popen = subprocess.Popen(
@@ -105,7 +106,7 @@ def layertap_server(
 ) -> Iterator[tuple[Proc, str, str]]:
     """`layertap serve` with a TOML config; yields (process, target, metrics URL). `extra`
     flags come after the options' own (a phase's setting under test)."""
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     lines = [
         "[server]",
         'host = "127.0.0.1"',
@@ -129,8 +130,10 @@ def layertap_server(
     config = logdir / f"layertap-{port}.toml"
     config.write_text("\n".join(lines))
     cmd = [sys.executable, "-m", "layertap.client", "serve", "--config", str(config)]
-    cmd += ["--device", device, *options.args, *extra]
+    # a flag, over any LAYERTAP_HTTP_PORT in the environment (the tests set one)
+    cmd += ["--device", device, "--http-port", str(http_port), *options.args, *extra]
     proc = Proc(f"layertap-{port}", cmd, logdir, dict(options.env))
+    proc.http_port = http_port
     target = f"127.0.0.1:{port}"
     try:
         from layertap.client import FeatureClient

@@ -53,6 +53,12 @@ def _conditions(report: Report, targets: list[Target]) -> list[str]:
         f"{' and model keys ' + ', '.join(lt.model_keys) if lt.model_keys else ''}"
         "; client "
         "`AsyncFeatureClient` with default settings, one channel.")  # fmt: skip
+    if "v2" in cfg.systems:
+        add("- **layertap v2 gRPC / v2 HTTP**: the same layertap server over its KServe v2 "
+            "endpoints (bench/v2_calls.py): ModelInfer with the JPEG as a raw BYTES element on "
+            "one grpc.aio channel, as tritonclient.grpc sends it; and POST /v2/models/{m}/infer "
+            "with the binary tensor data extension both ways (tritonclient.http's default), "
+            "HTTP/1.1 keep-alive, one connection per in-flight request.")  # fmt: skip
     add(f"- **naive gRPC**: bench/naive_server.py, `grpc.server(ThreadPoolExecutor("
         f"{cfg.naive_threads}))`, PIL + torchvision transforms, one forward per request with a "
         "forward hook; same client as layertap (it speaks the same Extract message).")  # fmt: skip
@@ -103,7 +109,7 @@ def _model_tables(report: Report, spec: ModelSpec) -> list[str]:
             mark = " **(fastest)**" if b1 is fastest_b1 else ""
             add(f"| in-process, {variant}, batch-1 latency{mark} | 1 | {fmt(b1.images_per_s)} "
                 f"| {fmt(b1.p50_ms)} | {fmt(b1.p99_ms)} | 0 | – | – | {b1.config} |")  # fmt: skip
-    for system in ("layertap", "naive gRPC", "LitServe"):
+    for system in ("layertap", "layertap v2 gRPC", "layertap v2 HTTP", "naive gRPC", "LitServe"):
         for p in sorted(
             (p for p in report.points if p.system == system and p.model == m),
             key=lambda p: p.concurrency,

@@ -153,6 +153,38 @@ async def phase_layertap(report: Report, spec: ModelSpec, jpegs: list[bytes], lo
     cfg = report.config
     with layertap_server([spec], cfg.device, logdir, cfg.layertap) as (proc, target, murl):
         await _grpc_points(report, spec, jpegs, "layertap", proc.pid, target, metrics_url=murl)
+        if "v2" in cfg.systems and proc.http_port is not None:
+            await _v2_points(report, spec, jpegs, proc.pid, target, proc.http_port)
+
+
+async def _v2_points(
+    report: Report, spec: ModelSpec, jpegs: list[bytes], pid: int, target: str, http_port: int
+) -> None:
+    """The same server over its KServe v2 endpoints (bench/v2_calls.py): gRPC, then HTTP."""
+    import grpc
+
+    from bench.v2_calls import v2_grpc_calls, v2_http_calls
+    from layertap.kserve.v2 import open_inference_pb2_grpc as kpb_grpc
+
+    timing = report.config.timing
+    async with grpc.aio.insecure_channel(target) as channel:
+        make = v2_grpc_calls(
+            kpb_grpc.GRPCInferenceServiceStub(channel), spec.arch, spec.node, jpegs
+        )
+        await server_warmup(make, timing.warmup / 2)
+        for c in timing.concurrency:
+            report.points.append(
+                await measure(
+                    "layertap v2 gRPC", spec.arch, pid, make, c, timing.warmup, timing.seconds
+                )
+            )
+    for c in timing.concurrency:
+        make, conns = v2_http_calls(http_port, spec.arch, spec.node, jpegs)
+        p = await measure(
+            "layertap v2 HTTP", spec.arch, pid, make, c, timing.warmup, timing.seconds
+        )
+        close_all(conns)
+        report.points.append(p)
 
 
 async def phase_naive(report: Report, spec: ModelSpec, jpegs: list[bytes], logdir: Path) -> None:

@@ -125,7 +125,7 @@ def test_quick_run_writes_the_expected_tables(tmp_path, capsys):
         [
             "--quick",
             "--models", "mobilenet_v3_small:features.12",
-            "--systems", "inprocess,layertap,naive",
+            "--systems", "inprocess,layertap,v2,naive",
             "--concurrency", "1,2",
             "--batch-sizes", "1,2",
             "--inprocess-variants", "eager,compiled",
@@ -147,6 +147,10 @@ def test_quick_run_writes_the_expected_tables(tmp_path, capsys):
         "in-process, eager, batch-1 latency/1",
         "layertap/1",
         "layertap/2",
+        "layertap v2 gRPC/1",
+        "layertap v2 gRPC/2",
+        "layertap v2 HTTP/1",
+        "layertap v2 HTTP/2",
         "naive gRPC/1",
         "naive gRPC/2",
     ):
