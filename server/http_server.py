@@ -99,7 +99,7 @@ def error_response(exc: HttpAbort) -> web.Response:
         headers["Retry-After"] = "1"
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return web.json_response({"error": exc.details}, status=status, headers=headers)
+    return json_reply({"error": exc.details}, status, headers)
 
 
 class HttpGate:
@@ -133,20 +133,18 @@ async def errors(request: web.Request, handler: Callable[[web.Request], Awaitabl
     except HttpAbort as exc:
         return error_response(exc)
     except web.HTTPRequestEntityTooLarge:
-        return web.json_response(
-            {
-                "error": f"the request body is over {request.client_max_size} bytes "
-                "(max_message_bytes); send fewer or smaller images per request"
-            },
-            status=413,
+        message = (
+            f"the request body is over {request.client_max_size} bytes (max_message_bytes); "
+            "send fewer or smaller images per request"
         )
+        return json_reply({"error": message}, 413)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = f"{exc.status} {exc.reason}: {request.method} {request.path[:200]}"
         if exc.status == 404:
-            message += "; the endpoints are /v2/..., /v1/models and /v1/extract (docs/HTTP.md)"
-        return web.json_response({"error": message}, status=exc.status)
+            message += "; the endpoints are /v2/..., /v1/models and /v1/extract (docs/PROTOCOLS.md)"
+        return json_reply({"error": message}, exc.status)
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -165,4 +163,11 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def json_body(data: Any) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode()
+    """Compact JSON, one line ending in a newline (a curl user's prompt starts on its own line)."""
+    return json.dumps(data, separators=(",", ":")).encode() + b"\n"
+
+
+def json_reply(data: Any, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json_body(data), status=status, content_type="application/json", headers=headers
+    )

@@ -269,9 +269,7 @@ def triton_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", str(root), "tritonclient[grpc,http]"],
-        check=True,
-        timeout=900,
-    )
+    # scikit-learn and pillow: README's Triton example reads its photo from sklearn's samples
+    packages = [str(root), "tritonclient[grpc,http]", "scikit-learn", "pillow"]
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True, timeout=900)
     return python

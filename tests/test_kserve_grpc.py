@@ -168,32 +168,40 @@ def test_every_option_rides_in_parameters(server: RunningServer, stub: Any, jpeg
     assert list(concat.outputs[0].shape) == [1, 160 + 1280]
 
 
-BAD: list[tuple[str, kpb.ModelInferRequest, grpc.StatusCode, str]] = [
-    ("datatype", infer_request("images", "FP32", [1], b"\0" * 4), grpc.StatusCode.INVALID_ARGUMENT, "must be BYTES"),
-    ("rank", infer_request("pixels", "UINT8", [2, 2, 3], b"\0" * 12), grpc.StatusCode.INVALID_ARGUMENT, "shape [N, *, *, 3]"),
-    ("bytes vs shape", infer_request("pixels", "UINT8", [1, 4, 4, 3], b"\0" * 47), grpc.StatusCode.INVALID_ARGUMENT, "needs 48 bytes"),
-    ("count vs shape", infer_request("images", "BYTES", [2], framed(b"x")), grpc.StatusCode.INVALID_ARGUMENT, "holds 1 element"),
-    ("cut length", infer_request("images", "BYTES", [1], b"\x10\0\0\0abc"), grpc.StatusCode.INVALID_ARGUMENT, "says 16 bytes"),
-    ("not an image", infer_request("images", "BYTES", [1], framed(b"not an image")), grpc.StatusCode.INVALID_ARGUMENT, "image 0"),
-    ("unknown input", infer_request("img", "BYTES", [1], framed(b"x")), grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'img'"),
-    ("unknown output", infer_request("images", "BYTES", [1], framed(b"x"), ("no.such",)), grpc.StatusCode.INVALID_ARGUMENT, "no.such"),
-    ("no output", infer_request("images", "BYTES", [1], framed(b"x"), ()), grpc.StatusCode.INVALID_ARGUMENT, "name at least one output"),
-    ("unknown parameter", infer_request("images", "BYTES", [1], framed(b"x"), pooling="gem"), grpc.StatusCode.INVALID_ARGUMENT, "'pooling'"),
-    ("mistyped parameter", infer_request("images", "BYTES", [1], framed(b"x"), normalize="yes"), grpc.StatusCode.INVALID_ARGUMENT, "must be a bool"),
-    ("bad pool", infer_request("images", "BYTES", [1], framed(b"x"), pool="median"), grpc.StatusCode.INVALID_ARGUMENT, "unknown pool 'median'"),
-    ("int8 unnormalised", infer_request("images", "BYTES", [1], framed(b"x"), pool="gem", dtype="int8"), grpc.StatusCode.INVALID_ARGUMENT, "normalize"),
-    ("sequence", infer_request("images", "BYTES", [1], framed(b"x"), sequence_id=7), grpc.StatusCode.INVALID_ARGUMENT, "stateless"),
-    ("uint8 range", infer_request("pixels", "UINT8", [1, 1, 1, 3]), grpc.StatusCode.INVALID_ARGUMENT, "needs 3 values"),
-]  # fmt: skip
+def one_image(raw: bytes = b"\x01\0\0\0x", outputs: tuple[str, ...] = (NODE,), **p: Any) -> Any:
+    return infer_request("images", "BYTES", [1], raw, outputs, **p)
 
 
-@pytest.mark.parametrize(("case", "request_", "code", "words"), BAD, ids=[b[0] for b in BAD])
+BAD: list[tuple[str, kpb.ModelInferRequest, str]] = [  # each is INVALID_ARGUMENT
+    ("datatype", infer_request("images", "FP32", [1], b"\0" * 4), "must be BYTES"),
+    ("rank", infer_request("pixels", "UINT8", [2, 2, 3], b"\0" * 12), "shape [N, *, *, 3]"),
+    (
+        "bytes vs shape",
+        infer_request("pixels", "UINT8", [1, 4, 4, 3], b"\0" * 47),
+        "needs 48 bytes",
+    ),
+    ("count vs shape", infer_request("images", "BYTES", [2], framed(b"x")), "holds 1 element"),
+    ("cut length", one_image(b"\x10\0\0\0abc"), "says 16 bytes"),
+    ("not an image", one_image(framed(b"not an image")), "image 0"),
+    ("unknown input", infer_request("img", "BYTES", [1], framed(b"x")), "unknown input 'img'"),
+    ("unknown output", one_image(outputs=("no.such",)), "no.such"),
+    ("no output", one_image(outputs=()), "name at least one output"),
+    ("unknown parameter", one_image(pooling="gem"), "'pooling'"),
+    ("mistyped parameter", one_image(normalize="yes"), "must be a bool"),
+    ("bad pool", one_image(pool="median"), "unknown pool 'median'"),
+    ("int8 unnormalised", one_image(pool="gem", dtype="int8"), "normalize"),
+    ("sequence", one_image(sequence_id=7), "stateless"),
+    ("listed values", infer_request("pixels", "UINT8", [1, 1, 1, 3]), "needs 3 values"),
+]
+
+
+@pytest.mark.parametrize(("case", "request_", "words"), BAD, ids=[b[0] for b in BAD])
 def test_bad_requests_get_precise_statuses(
-    server: RunningServer, stub: Any, jpeg: bytes, case: str, request_: Any, code: Any, words: str
+    server: RunningServer, stub: Any, jpeg: bytes, case: str, request_: Any, words: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         stub.ModelInfer(request_)
-    assert info.value.code() == code, info.value.details()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert words in info.value.details()
     ok = stub.ModelInfer(infer_request("images", "BYTES", [1], framed(jpeg), pool="gem"))
     assert list(ok.outputs[0].shape) == [1, 1280]  # the server goes on
@@ -246,8 +254,11 @@ def test_tokens_and_metrics_apply(jpeg: bytes) -> None:
     try:
         v2 = kpb_grpc.GRPCInferenceServiceStub(running.channel())
         request = infer_request("images", "BYTES", [1], framed(jpeg), pool="gem")
-        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
-                               ((("authorization", "Bearer nope"),), grpc.StatusCode.PERMISSION_DENIED)):  # fmt: skip
+        refusals = [
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", "Bearer nope"),), grpc.StatusCode.PERMISSION_DENIED),
+        ]
+        for metadata, code in refusals:
             with pytest.raises(grpc.RpcError) as info:
                 v2.ModelInfer(request, metadata=metadata)
             assert info.value.code() == code

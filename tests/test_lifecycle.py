@@ -165,6 +165,7 @@ def served_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], st
     )
     port, metrics_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERTAP_")}
+    env["LAYERTAP_HTTP_PORT"] = "0"  # never a fixed port in tests
     env["LAYERTAP_LOG_FORMAT"] = "json"
     stderr_path = tmp_path / "server.stderr"
     with open(stderr_path, "wb") as stderr:

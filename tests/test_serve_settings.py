@@ -53,6 +53,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]
     )
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERTAP_")}
+    env["LAYERTAP_HTTP_PORT"] = "0"  # never a fixed port in tests
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
     log = tmp_path / "server.stderr"
     with open(log, "wb") as stderr:

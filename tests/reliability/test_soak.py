@@ -125,6 +125,7 @@ class ServerProcess:
         self.port, self.metrics_port = free_port(), free_port()
         self.log_path = log_path
         env = {k: v for k, v in os.environ.items() if not k.startswith("LAYERTAP_")}
+        env["LAYERTAP_HTTP_PORT"] = "0"  # never a fixed port in tests
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(TESTS_DIR), env.get("PYTHONPATH", "")) if p
         )
