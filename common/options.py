@@ -79,3 +79,19 @@ ENDS_IN_L2 = frozenset(POST_OPS[name] for name in UNIT_POST_OPS)
 MAP_POOLS = frozenset(POOLING[name] for name in MAP_ONLY_POOLS)
 """Pools over regions of the map: the ones rmac_levels applies to."""
 PRIORITIES: dict[str, pb.Priority] = {name: value for value, name in PRIORITY_NAMES.items()}
+
+OUTPUT_OPTION_NAMES = (
+    "pool",
+    "gem_p",
+    "normalize",
+    "dtype",
+    "post",
+    "concat",
+    "concat_key",
+    "tta",
+    "rmac_levels",
+    "roi_size",
+)
+"""The output options by the names callers give them (option_parsing.build_output_options)."""
+REQUEST_OPTION_NAMES = ("priority", "native_resolution", "bypass_result_cache")
+"""The ExtractRequest fields besides the images, the model and the nodes that callers set."""

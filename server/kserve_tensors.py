@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from layertap.common.option_parsing import build_output_options, parse_priority
+from layertap.common.options import OUTPUT_OPTION_NAMES, REQUEST_OPTION_NAMES
 from layertap.v1 import layertap_pb2 as pb
 
 from .errors import InvalidArgument
@@ -51,19 +52,8 @@ DATATYPE_OF = {
     "int8": "INT8",
     "uint8": "UINT8",
 }
-OPTION_PARAMETERS = (
-    "pool",
-    "gem_p",
-    "normalize",
-    "dtype",
-    "post",
-    "concat",
-    "concat_key",
-    "tta",
-    "rmac_levels",
-    "roi_size",
-)
-REQUEST_PARAMETERS = ("native_resolution", "bypass_result_cache", "priority")
+OPTION_PARAMETERS = OUTPUT_OPTION_NAMES
+REQUEST_PARAMETERS = REQUEST_OPTION_NAMES
 # Triton's own request parameters, which its clients may send: accepted where they ask for
 # nothing layertap lacks (no sequence state; deadlines come from the transport's timeout).
 TRITON_PARAMETERS = ("timeout", "sequence_id", "sequence_start", "sequence_end")

@@ -7,6 +7,7 @@ channels and clients, exactly as users do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import os
@@ -89,6 +90,37 @@ def start_server(settings: Settings, ready_timeout: float = 600) -> RunningServe
 
     server, port = asyncio.run_coroutine_threadsafe(boot(), loop).result(ready_timeout)
     return RunningServer(server, port, loop, thread)
+
+
+MOBILENET = ModelConfig(name="m", arch="mobilenet_v2", weights="IMAGENET1K_V1")
+"""mobilenet_v2 with its real ImageNet weights, served as "m"."""
+
+
+@contextlib.contextmanager
+def serving(settings: Settings) -> Iterator[RunningServer]:
+    """start_server for a `with` block (or a fixture's yield): stopped at the end."""
+    running = start_server(settings)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def requests_counted(metrics_port: int | None) -> dict[tuple[str, str], float]:
+    """layertap_requests_total by (method, code), read from the server's /metrics page."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {
+        (s.labels["method"], s.labels["code"]): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "layertap_requests"
+        for s in family.samples
+        if s.name == "layertap_requests_total"
+    }
 
 
 def probe_config(

@@ -18,8 +18,7 @@ from typing import Any
 import factories
 import numpy as np
 import pytest
-from conftest import probe_config, start_server
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import probe_config, requests_counted, start_server
 from test_security import Pki, pki  # noqa: F401  (the certificates fixture)
 
 from layertap.client import FeatureClient
@@ -152,15 +151,7 @@ def test_http_and_grpc_share_the_unary_slots_and_metrics() -> None:
         status, headers, body = _post(url, BODY)
         assert status == 200 and body["outputs"][0]["shape"] == [1, 4], body
         assert len(headers.get("x-request-id", "")) == 32
-        port = running.server.metrics_port
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        counted = {
-            (s.labels["method"], s.labels["code"]): s.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "layertap_requests"
-            for s in family.samples
-            if s.name == "layertap_requests_total"
-        }
+        counted = requests_counted(running.server.metrics_port)
         assert counted[("http:ModelInfer", "RESOURCE_EXHAUSTED")] == 1
         assert counted[("http:ModelInfer", "OK")] == 1
         assert counted[("Extract", "OK")] == 1

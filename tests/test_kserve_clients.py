@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RunningServer, photo, start_server
+from conftest import MOBILENET, RunningServer, photo, serving
 
 from layertap.client import FeatureClient
-from layertap.server.settings import ModelConfig, Settings
+from layertap.server.settings import Settings
 
 SCRIPT = r"""
 import base64, hashlib, json, queue, sys
@@ -116,10 +116,8 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
-    cfg = ModelConfig(name="m", arch="mobilenet_v2", weights="IMAGENET1K_V1")
-    running = start_server(Settings(port=0, models=(cfg,)))
-    yield running
-    running.stop()
+    with serving(Settings(port=0, models=(MOBILENET,))) as running:
+        yield running
 
 
 @pytest.mark.slow

@@ -13,13 +13,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import RunningServer, photo, start_server
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import MOBILENET, RunningServer, photo, requests_counted, serving, start_server
 
 from layertap.client import FeatureClient
 from layertap.kserve.v2 import open_inference_pb2 as kpb
 from layertap.kserve.v2 import open_inference_pb2_grpc as kpb_grpc
-from layertap.server.settings import ModelConfig, Settings
+from layertap.server.settings import Settings
 
 NODE = "features.18"
 Tensor = kpb.ModelInferRequest.InferInputTensor
@@ -28,10 +27,8 @@ Wanted = kpb.ModelInferRequest.InferRequestedOutputTensor
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
-    cfg = ModelConfig(name="m", arch="mobilenet_v2", weights="IMAGENET1K_V1")
-    running = start_server(Settings(port=0, models=(cfg,)))
-    yield running
-    running.stop()
+    with serving(Settings(port=0, models=(MOBILENET,))) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -249,8 +246,7 @@ def test_stream_answers_each_inference(server: RunningServer, stub: Any, jpeg: b
 
 
 def test_tokens_and_metrics_apply(jpeg: bytes) -> None:
-    cfg = ModelConfig(name="m", arch="mobilenet_v2", weights="IMAGENET1K_V1")
-    running = start_server(Settings(port=0, models=(cfg,), auth_tokens="s3cret"))
+    running = start_server(Settings(port=0, models=(MOBILENET,), auth_tokens="s3cret"))
     try:
         v2 = kpb_grpc.GRPCInferenceServiceStub(running.channel())
         request = infer_request("images", "BYTES", [1], framed(jpeg), pool="gem")
@@ -266,18 +262,7 @@ def test_tokens_and_metrics_apply(jpeg: bytes) -> None:
         reply, call = v2.ModelInfer.with_call(request, metadata=good)
         assert list(reply.outputs[0].shape) == [1, 1280]
         assert ("x-request-id", "v2-abc") in call.trailing_metadata()
-        assert running.server.metrics is not None
-        port = running.server.metrics_port
-        import urllib.request
-
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
-        counted = {
-            (s.labels["method"], s.labels["code"]): s.value
-            for f in text_string_to_metric_families(text)
-            if f.name == "layertap_requests"
-            for s in f.samples
-            if s.name == "layertap_requests_total"
-        }
+        counted = requests_counted(running.server.metrics_port)
         assert counted[("ModelInfer", "OK")] == 1
     finally:
         running.stop()
