@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.inputs import ModelSpec
-from bench.loadgen import close_all, grpc_calls, http_calls, measure, server_warmup
+from bench.loadgen import Call, close_all, grpc_calls, http_calls, measure, server_warmup
 from bench.metrics import compiled
 from bench.processes import layertap_server, litserve_server, naive_server
 from bench.results import Point, Report, log, percentile
@@ -118,6 +118,19 @@ def phase_inprocess(report: Report, spec: ModelSpec, jpegs: list[bytes]) -> None
         report.batch1_variants.setdefault(spec.arch, {})[variant] = b1
 
 
+async def _warm(
+    make: Callable[[int], Call], timing: Any, system: str, arch: str, murl: str | None
+) -> None:
+    """A warm-up; then, for layertap, wait for the background compiles it started (every
+    batch size it formed) and warm up again, so the points measure the steady state."""
+    await server_warmup(make, timing.warmup)
+    if murl:
+        waited = await compiled(murl)
+        if waited > 1:
+            log(f"  {system} {arch}: waited {waited:.0f} s for background compiles")
+            await server_warmup(make, timing.warmup)
+
+
 async def _grpc_points(
     report: Report,
     spec: ModelSpec,
@@ -135,12 +148,7 @@ async def _grpc_points(
     timing = report.config.timing
     async with AsyncFeatureClient(target) as client:
         make = grpc_calls(client, spec.arch, spec.node, jpegs)
-        await server_warmup(make, timing.warmup)
-        if metrics_url:  # the warm-up built the node set; its compile runs in the background
-            waited = await compiled(metrics_url)
-            if waited > 1:
-                log(f"  {system} {spec.arch}: waited {waited:.0f} s for background compiles")
-                await server_warmup(make, timing.warmup)
+        await _warm(make, timing, system, spec.arch, metrics_url)
         for c in timing.concurrency:
             p = await measure(
                 system, spec.arch, pid, make, c, timing.warmup, timing.seconds, config=config,
@@ -152,39 +160,50 @@ async def _grpc_points(
 async def phase_layertap(report: Report, spec: ModelSpec, jpegs: list[bytes], logdir: Path) -> None:
     cfg = report.config
     with layertap_server([spec], cfg.device, logdir, cfg.layertap) as (proc, target, murl):
-        await _grpc_points(report, spec, jpegs, "layertap", proc.pid, target, metrics_url=murl)
         if "v2" in cfg.systems and proc.http_port is not None:
-            await _v2_points(report, spec, jpegs, proc.pid, target, proc.http_port)
+            await _with_v2(report, spec, jpegs, proc.pid, target, proc.http_port, murl)
+        else:
+            await _grpc_points(report, spec, jpegs, "layertap", proc.pid, target, metrics_url=murl)
 
 
-async def _v2_points(
-    report: Report, spec: ModelSpec, jpegs: list[bytes], pid: int, target: str, http_port: int
+async def _with_v2(
+    report: Report,
+    spec: ModelSpec,
+    jpegs: list[bytes],
+    pid: int,
+    target: str,
+    http_port: int,
+    murl: str,
 ) -> None:
-    """The same server over its KServe v2 endpoints (bench/v2_calls.py): gRPC, then HTTP."""
+    """The same server over its own API and its KServe v2 endpoints (bench/v2_calls.py), each
+    warmed up first (background compiles done), then at each concurrency the three in turn, so
+    no protocol is measured in another state of the server than the others."""
     import grpc
 
     from bench.v2_calls import v2_grpc_calls, v2_http_calls
+    from layertap.client import AsyncFeatureClient
     from layertap.kserve.v2 import open_inference_pb2_grpc as kpb_grpc
 
     timing = report.config.timing
-    async with grpc.aio.insecure_channel(target) as channel:
-        make = v2_grpc_calls(
-            kpb_grpc.GRPCInferenceServiceStub(channel), spec.arch, spec.node, jpegs
-        )
-        await server_warmup(make, timing.warmup / 2)
+    async with AsyncFeatureClient(target) as client, grpc.aio.insecure_channel(target) as channel:
+        own = grpc_calls(client, spec.arch, spec.node, jpegs)
+        v2 = v2_grpc_calls(kpb_grpc.GRPCInferenceServiceStub(channel), spec.arch, spec.node, jpegs)
+        http, conns = v2_http_calls(http_port, spec.arch, spec.node, jpegs)
+        await server_warmup(http, timing.warmup / 2, conns)
+        await server_warmup(v2, timing.warmup / 2)
+        await _warm(own, timing, "layertap", spec.arch, murl)
         for c in timing.concurrency:
-            report.points.append(
-                await measure(
-                    "layertap v2 gRPC", spec.arch, pid, make, c, timing.warmup, timing.seconds
+            for system, make, url in (("layertap", own, murl), ("layertap v2 gRPC", v2, None)):
+                p = await measure(
+                    system, spec.arch, pid, make, c, timing.warmup, timing.seconds, metrics_url=url
                 )
+                report.points.append(p)
+            http, conns = v2_http_calls(http_port, spec.arch, spec.node, jpegs)
+            p = await measure(
+                "layertap v2 HTTP", spec.arch, pid, http, c, timing.warmup, timing.seconds
             )
-    for c in timing.concurrency:
-        make, conns = v2_http_calls(http_port, spec.arch, spec.node, jpegs)
-        p = await measure(
-            "layertap v2 HTTP", spec.arch, pid, make, c, timing.warmup, timing.seconds
-        )
-        close_all(conns)
-        report.points.append(p)
+            close_all(conns)
+            report.points.append(p)
 
 
 async def phase_naive(report: Report, spec: ModelSpec, jpegs: list[bytes], logdir: Path) -> None:

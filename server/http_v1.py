@@ -28,7 +28,7 @@ from layertap.v1 import layertap_pb2 as pb
 from .batching import set_request_deadline
 from .errors import InvalidArgument
 from .http_server import HttpCall, HttpGate, json_body
-from .http_v2 import Reply, _element, _values, read_body, respond, too_large
+from .http_v2 import Reply, _element, _values, bounded_read, read_body, respond
 from .kserve_tensors import DATATYPE_OF, V2Output, extract_request
 from .rpc import rpc
 
@@ -63,6 +63,14 @@ def typed(name: str, text: str) -> object:
     if name == "priority" and text.isdigit():
         return int(text)
     return text
+
+
+def add_field(fields: dict[str, Any], key: str, text: str) -> None:
+    """A form or query field; `nodes` may repeat (each adds its names), others are single."""
+    if key == "nodes" and isinstance(fields.get(key), str):
+        fields[key] = f"{fields[key]},{text}"
+    else:
+        fields[key] = typed(key, text)
 
 
 def extract_of(call: ExtractCall) -> pb.ExtractRequest:
@@ -126,19 +134,18 @@ class V1Http:
 async def read_fields(request: web.Request, call: ExtractCall) -> None:
     """Query fields, then the body's: a multipart or urlencoded form, or a JSON object (parsed
     in the pool by `extract_of`'s caller)."""
-    fields: dict[str, Any] = {k: typed(k, v) for k, v in request.query.items()}
+    fields: dict[str, Any] = {}
+    for key, value in request.query.items():
+        add_field(fields, key, value)
     if request.content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        try:
-            form = await request.post()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large(request) from None
+        form = await bounded_read(request, request.post())
         for key, value in form.items():
             if isinstance(value, web.FileField):
                 call.images.append(value.file.read())
             elif key in ("image", "images") or not isinstance(value, str):
                 raise InvalidArgument(f"form field {key!r} must be a file (curl -F image=@a.jpg)")
             else:
-                fields[key] = typed(key, value)
+                add_field(fields, key, value)
     elif request.body_exists:
         body = await read_body(request)
         try:

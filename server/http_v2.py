@@ -17,10 +17,11 @@ body, base64 and the output lists are handled in the decode pool, never on the e
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ from .kserve_grpc import EXTENSIONS
 from .kserve_tensors import (
     V2Input,
     V2Output,
+    check_count,
     extract_request,
     images_of,
     model_metadata,
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from .service import FeatureService
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+BODY_TIMEOUT_S = 30.0
 NUMPY = {"FP32": "<f4", "FP16": "<f2", "INT8": "i1", "UINT8": "u1"}
 
 
@@ -67,6 +70,7 @@ class InferCall:
     version: str
     body: bytes
     header_length: str | None
+    max_images: int = 0  # max_images_per_request
 
 
 @dataclass
@@ -151,6 +155,7 @@ def parse_infer(call: InferCall) -> Parsed:
     ):
         raise InvalidArgument(f"input {name[:80]!r}: 'shape' must be a list of integers")
     tensor = V2Input(name, datatype, shape)
+    check_count(tensor, call.max_images)  # before any element is decoded
     size = _object(entry.get("parameters", {}), "an input's 'parameters'").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
@@ -166,6 +171,10 @@ def parse_infer(call: InferCall) -> Parsed:
                 "no binary_data_size"
             )
         values = _flat(entry.get("data"), name)
+        if datatype == "BYTES" and len(values) != (shape[0] if shape else 0):
+            raise InvalidArgument(
+                f"input {name[:80]!r} has shape {shape[:4]} but holds {len(values)} element(s)"
+            )
         tensor.elements = [_element(v) for v in values] if datatype == "BYTES" else values
     outputs, wants = [], {}
     for out in header.get("outputs") or []:
@@ -269,6 +278,7 @@ class V2Http:
         visible = self.features._visible(context)  # type: ignore[arg-type]
         self._model(call.model, call.version, context)
         call.body = await read_body(context.request)  # after the token check and admission
+        call.max_images = self.features.settings.max_images_per_request
         pool = self.features.pipeline.in_pool
         parsed: Parsed = await pool(parse_infer, call)
         extract = extract_request(call.model, parsed.images, parsed.outputs, parsed.parameters)
@@ -277,11 +287,22 @@ class V2Http:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole body, at most client_max_size (max_message_bytes) bytes."""
+    """The whole body, at most client_max_size (max_message_bytes) bytes and within
+    BODY_TIMEOUT_S: it is read inside an admission slot, so a client that trickles its upload
+    cannot hold the slot for long."""
+    return await bounded_read(request, request.read())  # type: ignore[no-any-return]
+
+
+async def bounded_read(request: web.Request, reading: Awaitable[Any]) -> Any:
+    """`reading` (the body, or the form) within the size limit and BODY_TIMEOUT_S."""
     try:
-        return await request.read()
+        return await asyncio.wait_for(reading, BODY_TIMEOUT_S)
     except web.HTTPRequestEntityTooLarge:
         raise too_large(request) from None
+    except TimeoutError:
+        raise InvalidArgument(
+            f"the request body did not arrive within {BODY_TIMEOUT_S:g} s; send it whole"
+        ) from None
 
 
 def too_large(request: web.Request) -> LimitExceeded:

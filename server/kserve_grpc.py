@@ -25,7 +25,14 @@ from layertap.kserve.v2 import open_inference_pb2_grpc as kpb_grpc
 
 from .batching import set_request_deadline
 from .errors import InvalidArgument, LayertapError, ModelNotFound
-from .kserve_tensors import V2Input, extract_request, images_of, model_metadata, outputs_of
+from .kserve_tensors import (
+    V2Input,
+    check_count,
+    extract_request,
+    images_of,
+    model_metadata,
+    outputs_of,
+)
 from .metrics import layertap_version
 from .rpc import MAX_DETAILS, Undecodable, add_to_server, rpc
 
@@ -163,6 +170,7 @@ class InferenceService(kpb_grpc.GRPCInferenceServiceServicer):
         if request.model_version not in ("", "1"):
             raise ModelNotFound(f"model {request.model_name!r} has one version, '1'")
         given = v2_input(request)
+        check_count(given, self.settings.max_images_per_request)
         if given.elements is not None and given.datatype != "BYTES":
             images = await self.features.pipeline.in_pool(images_of, given)  # a list: off loop
         else:

@@ -26,7 +26,7 @@ from layertap.common.option_parsing import build_output_options, parse_priority
 from layertap.common.options import OUTPUT_OPTION_NAMES, REQUEST_OPTION_NAMES
 from layertap.v1 import layertap_pb2 as pb
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, LimitExceeded
 
 
 class InputSpec(NamedTuple):
@@ -117,6 +117,16 @@ def _check_shape(tensor: V2Input, spec: InputSpec) -> list[int]:
             f"input {spec.name!r} ({spec.datatype}) must have shape [{form}], got {shape}"
         )
     return shape
+
+
+def check_count(tensor: V2Input, max_images: int) -> None:
+    """Refuse more images than max_images_per_request before any element is read."""
+    count = int(tensor.shape[0]) if len(tensor.shape) else 0
+    if count > max_images:
+        raise LimitExceeded(
+            f"{count} images in one request exceed max_images_per_request={max_images}; "
+            "split the request"
+        )
 
 
 def images_of(tensor: V2Input) -> list[pb.Image]:

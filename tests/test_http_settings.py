@@ -5,6 +5,8 @@ goes away cancels its call, and the HTTP calls count in the metrics as `http:<Me
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 import ssl
@@ -45,7 +47,9 @@ def _get(url: str, context: ssl.SSLContext | None = None) -> tuple[int, Any]:
 
 
 def _post(url: str, body: bytes, timeout: float = 60) -> tuple[int, dict[str, str], Any]:
-    request = urllib.request.Request(url, data=body, method="POST")
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             return reply.status, dict(reply.headers), json.loads(reply.read())
@@ -181,4 +185,46 @@ def test_a_client_that_leaves_cancels_its_call(tmp_path: Path) -> None:
         assert running.server.admission.unary == 0  # the call ended with its connection
     finally:
         release.set()
+        running.stop()
+
+
+def test_a_trickled_body_gives_its_slot_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from layertap.server import http_v2
+
+    monkeypatch.setattr(http_v2, "BODY_TIMEOUT_S", 0.5)
+    running = start_server(Settings(port=0, metrics=False, models=(TINY,)))
+    try:
+        assert running.server.http is not None and running.server.admission is not None
+        with socket.create_connection(("127.0.0.1", running.server.http.port)) as conn:
+            head = (
+                "POST /v2/models/p/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                "Content-Type: application/json\r\n\r\n{"
+            )
+            conn.sendall(head.encode())  # 999 bytes never come
+            conn.settimeout(10)
+            reply = conn.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 400"), reply[:200]
+        assert "did not arrive within 0.5 s" in reply
+        assert running.server.admission.unary == 0
+        x = np.zeros((8, 8, 3), np.uint8)  # the server goes on
+        with FeatureClient(running.target) as client:
+            assert client.extract([x], model="p", nodes="conv", pool="avg")["conv"].shape == (1, 4)
+    finally:
+        running.stop()
+
+
+def test_v1_extract_nodes_repeat_or_separate_by_commas() -> None:
+    running = start_server(Settings(port=0, metrics=False, models=(TINY,)))
+    try:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(buf, "PNG")
+        body = json.dumps({"images": [base64.b64encode(buf.getvalue()).decode()]}).encode()
+        for query in ("nodes=conv&nodes=relu", "nodes=conv,relu"):
+            url = f"{running.http_url}/v1/extract?model=p&{query}&pool=avg"
+            status, _, reply = _post(url, body)
+            assert status == 200, reply
+            assert list(reply["results"][0]) == ["conv", "relu"], query
+    finally:
         running.stop()

@@ -266,3 +266,14 @@ def test_tokens_and_metrics_apply(jpeg: bytes) -> None:
         assert counted[("ModelInfer", "OK")] == 1
     finally:
         running.stop()
+
+
+def test_too_many_images_are_refused_before_any_is_read(stub: Any) -> None:
+    for request in (
+        infer_request("images", "BYTES", [10**6], framed(b"x")),
+        infer_request("pixels", "UINT8", [10**6, 2, 2, 3], b"\0" * 12),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(request)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_images_per_request=64" in info.value.details()

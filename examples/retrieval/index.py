@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import Descriptor, Index, default_target, describe, find_images
 
+from common import Descriptor, Index, default_target, describe, find_images
 from layertap.client import FeatureClient
 
 

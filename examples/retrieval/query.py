@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import Index, default_target, describe
 
+from common import Index, default_target, describe
 from layertap.client import FeatureClient
 
 
