@@ -63,7 +63,8 @@ def register(subcommands: Subcommands) -> None:
         "--output",
         type=Path,
         help="output file: .npz (ids + one array per node), .npy (one pooled node; ids in "
-        "NAME.ids.txt) or .parquet (id + one list column per node; needs layertap[parquet])",
+        "NAME.ids.txt) or .parquet (id + one list column per node; needs layertap[parquet]); "
+        "or, for a collection, a directory (no suffix): append-only shards (--shard-format)",
     )
     add_bulk_arguments(ext)
     ext.add_argument(
@@ -73,6 +74,20 @@ def register(subcommands: Subcommands) -> None:
         metavar="K",
         help="rewrite the output (atomically) every K new images, so an interrupted run "
         "keeps its work (default: 500)",
+    )
+    ext.add_argument(
+        "--shard-format",
+        choices=("parquet", "npy"),
+        default="parquet",
+        help="a directory output's shards: parquet (id + one fixed-size list column per node, "
+        "needs layertap[parquet]) or npy (one .npy per node + ids)",
+    )
+    ext.add_argument(
+        "--shard-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rows per shard of a directory output (default 0: about 256 MiB of rows each)",
     )
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -172,7 +187,7 @@ def _bulk_mode(args: argparse.Namespace) -> bool:
     out: Path | None = args.output
     if out is None:
         return False
-    if out.suffix.lower() in (".npy", ".parquet"):
+    if out.is_dir() or out.suffix.lower() in (".npy", ".parquet"):
         return True
     if out.suffix.lower() == ".npz" and out.is_file():
         try:
@@ -186,13 +201,18 @@ def _bulk_mode(args: argparse.Namespace) -> bool:
 def command(client: FeatureClient, args: argparse.Namespace) -> int:
     if _bulk_mode(args):
         if args.output is None:
-            raise ValueError("extracting a directory needs -o/--output (.npz, .npy or .parquet)")
+            raise ValueError(
+                "extracting a directory needs -o/--output (.npz, .npy, .parquet, or a "
+                "directory for shards)"
+            )
         opts = extract_dir.options_from_args(
             args,
             args.output,
             normalize=args.normalize,
             dtype=args.dtype,
             checkpoint_every=args.checkpoint_every,
+            shard_format=args.shard_format,
+            shard_rows=args.shard_rows,
             bypass_result_cache=args.bypass_result_cache,
             **descriptor_options(args),
         )

@@ -23,6 +23,7 @@ import numpy as np
 
 from .._bulk import progress_bar
 from ..errors import FeatureServiceError
+from .shards import ShardRows, is_sharded_output
 from .stores import NpyStore, Table, open_store
 
 if TYPE_CHECKING:
@@ -131,6 +132,8 @@ class Options:
     batch_size: int = 8
     concurrency: int = 4
     checkpoint_every: int = 500
+    shard_format: str = "parquet"  # a directory output's shards (shards.py)
+    shard_rows: int = 0
     progress: bool = True
     post: list[str] = field(default_factory=list)
     concat: bool = False
@@ -175,6 +178,10 @@ class _Rows:
             self.chunks[k].append(np.asarray(result[k])[None])  # a one-row block
         self.pending += 1
 
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
     def save(self) -> None:
         order = sorted(range(len(self.ids)), key=self.ids.__getitem__)
         self.ids = [self.ids[i] for i in order]
@@ -217,7 +224,8 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
     """Extract every image of ``opts.inputs`` not yet in ``opts.output``; 0, or 1 when some
     images failed (they are reported, not written, and retried by the next run)."""
     out = out or sys.stdout
-    store = open_store(opts.output)
+    sharded = is_sharded_output(opts.output)
+    store = None if sharded else open_store(opts.output)
     if isinstance(store, NpyStore) and (
         (len(opts.nodes) != 1 and not opts.concat) or opts.pool in (None, "raw")
     ):
@@ -247,11 +255,16 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
     if isinstance(store, NpyStore) and np.asarray(probe[keys[0]]).ndim != 2:
         raise ValueError(".npy output needs pooled vectors, not raw feature maps")
     meta = {k: v for k, v in options.items() if k != "gem_p" or opts.pool == "gem"}
-    base = store.load()
-    if base is not None:
-        expected = {k: np.asarray(probe[k]) for k in keys}
-        _check_compatible(base, opts.output, expected, meta, npy=isinstance(store, NpyStore))
-    rows = _Rows(store, keys, base, meta)
+    base = None
+    rows: _Rows | ShardRows
+    if store is None:
+        rows = ShardRows.open(opts.output, opts.shard_format, opts.shard_rows, probe, meta)
+    else:
+        base = store.load()
+        if base is not None:
+            expected = {k: np.asarray(probe[k]) for k in keys}
+            _check_compatible(base, opts.output, expected, meta, npy=isinstance(store, NpyStore))
+        rows = _Rows(store, keys, base, meta)
     todo = [im for im in images if im.id not in rows.done]
     already = len(images) - len(todo)
     failures: list[str] = []
@@ -316,7 +329,7 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
         if bar is not None:
             bar.close()
         print(
-            f"stopped after {added} new image(s); {len(rows.ids)} saved in {opts.output}. "
+            f"stopped after {added} new image(s); {rows.count} saved in {opts.output}. "
             "Run the same command again to resume.",
             file=sys.stderr,
         )
@@ -327,7 +340,7 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
         rows.save()
     print(
         f"{added} new image(s) extracted, {already} already in {opts.output}, "
-        f"{len(failures)} failed; {len(rows.ids)} row(s) in {opts.output}",
+        f"{len(failures)} failed; {rows.count} row(s) in {opts.output}",
         file=out,
     )
     if failures:
