@@ -45,8 +45,8 @@ test-fast: weights tools
 	$(BIN)/python -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check server client common tests scripts bench deploy examples
-	$(BIN)/mypy server client common
+	$(BIN)/ruff check server client common tests scripts bench deploy examples integrations
+	$(BIN)/mypy server client common integrations
 	$(BIN)/lint-imports
 
 # Regenerate the committed stubs (tests/test_proto.py fails when they differ). An old

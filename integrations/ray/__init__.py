@@ -1,0 +1,1 @@
+"""layertap for Ray Data (``pip install 'layertap[ray]'``): work in progress (issue 20)."""
