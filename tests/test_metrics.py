@@ -466,13 +466,17 @@ def test_real_prometheus_scrapes_exact_counts(server: RunningServer, tmp_path: P
             proc.wait(20)
 
 
-def test_metrics_off_listens_only_for_grpc() -> None:
+def test_metrics_off_listens_only_for_grpc_and_http() -> None:
+    """With metrics off the server listens on its gRPC port and (unless `http = false`) its
+    HTTP port, nothing else."""
     before = listening_ports()
     running = start_server(Settings(port=0, metrics=False, warmup=False, models=(R18,)))
     try:
         assert running.server.metrics_port in (None, 0), running.server.metrics_port
+        assert running.server.http is not None
         new = {port for _, port in listening_ports() - before}
-        assert new == {running.port}, f"new listening ports {new}, gRPC is {running.port}"
+        want = {running.port, running.server.http.port}
+        assert new == want, f"new listening ports {new}, gRPC and HTTP are {want}"
         with FeatureClient(running.target) as client:  # serving works without metrics
             out = client.extract(photo("astronaut"), model="r18", nodes="layer4", pool="avg")
         assert out["layer4"].shape == (1, 512)
