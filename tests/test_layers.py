@@ -18,6 +18,7 @@ CONTRACTS = {
     "torch-free": "Transport and request validation never import torch (or what needs it)",
     "client": "The client installs without torch and never imports the server",
     "common": "layertap.common is shared by both sides and imports neither",
+    "ray": "layertap.ray needs only the client; the server only in LocalExtractor",
     "acyclic": "No import cycles between modules",
 }
 
@@ -52,10 +53,11 @@ def test_every_contract_holds() -> None:
 
 @pytest.fixture(scope="module")
 def copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three packages under a `layertap/` namespace of their own, plus the contracts."""
+    """The packages under a `layertap/` namespace of their own, plus the contracts."""
     root = tmp_path_factory.mktemp("layers")
     for package in ("server", "client", "common"):
         shutil.copytree(ROOT / package, root / "layertap" / package)
+    shutil.copytree(ROOT / "integrations" / "ray", root / "layertap" / "ray")
     shutil.copy(ROOT / "pyproject.toml", root)
     return root
 
@@ -68,7 +70,10 @@ BREAKS = [
     ("server/spec.py", "from layertap.server import pipeline", {"layers", "torch-free", "acyclic"}),
     ("server/worker.py", "from layertap.server import service", {"layers"}),
     ("server/errors.py", "from layertap.server import spec", {"layers", "acyclic"}),
-    ("client/_requests.py", "from layertap.server import spec", {"client"}),
+    ("client/_requests.py", "from layertap.server import spec", {"client", "ray"}),
+    ("ray/_batches.py", "import torch", {"ray"}),
+    ("ray/_extractor.py", "from layertap.server import spec", {"ray"}),
+    ("ray/__init__.py", "import ray", {"ray"}),
     ("common/options.py", "from layertap.client import errors", {"common"}),
 ]
 
