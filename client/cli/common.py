@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -58,9 +59,25 @@ class Subcommands:
 
 
 def add_input_arguments(parser: argparse.ArgumentParser, *, node_help: str) -> None:
-    """IMAGE|DIR ..., --model and -n/--node (repeatable, into ``args.nodes``): what the
-    subcommands that extract from files and directories read."""
-    parser.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files or directories")
+    """IMAGE|DIR|LIST|URL ... (``args.images``), --list (``args.lists``), --model and -n/--node
+    (repeatable, into ``args.nodes``): what the subcommands that extract from files,
+    directories, lists and URLs read."""
+    parser.add_argument(
+        "images",
+        nargs="*",
+        metavar="IMAGE|DIR|LIST|URL",
+        help="image files, directories, lists (.txt: one path or URL per line; .parquet: a "
+        "'path' or 'uri' column and an optional 'id' column) or URLs (s3://, gs://, az://, "
+        "https://, file://; directories and globs too; needs layertap[fsspec])",
+    )
+    parser.add_argument(
+        "--list",
+        action="append",
+        dest="lists",
+        metavar="FILE",
+        help="a list of images whatever its name: text (one path or URL per line) or Parquet; "
+        "relative entries are relative to the list's folder (repeatable)",
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument(
         "-n", "--node", action="append", required=True, dest="nodes", help=node_help
@@ -68,13 +85,35 @@ def add_input_arguments(parser: argparse.ArgumentParser, *, node_help: str) -> N
 
 
 def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
-    """-r/--recursive, --batch-size and --concurrency of a bulk run over a folder."""
+    """-r/--recursive, --batch-size, --concurrency, --read-threads, --read-ahead and
+    --summary-json of a bulk run over a collection."""
     parser.add_argument(
         "-r", "--recursive", action="store_true", help="also take images in subdirectories"
     )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per request")
     parser.add_argument(
         "--concurrency", type=positive_int, default=4, help="requests in flight at once"
+    )
+    parser.add_argument(
+        "--read-threads",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="images read at once (overlaps a slow disk or object store; default: 8)",
+    )
+    parser.add_argument(
+        "--read-ahead",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="images read ahead of the requests, in order, at most (default: 32)",
+    )
+    parser.add_argument(
+        "--summary-json",
+        type=Path,
+        metavar="FILE",
+        help="write the run's summary as JSON: added, already present, failed (with reasons), "
+        "rows in the output, seconds, images/s",
     )
 
 
