@@ -70,10 +70,13 @@ def make_list(work: Path, n: int) -> Path:
     return listing
 
 
+SHARD_ROWS = ["--shard-rows", "0"]  # set from --shard-rows in main()
+
+
 def cli_args(listing: Path, out: Path, target: str) -> list[str]:
     return [
         "extract", str(listing), "-o", str(out), "--target", target, "--model", "fake",
-        "-n", "feat", "--pool", "gem", "--no-progress",
+        "-n", "feat", "--pool", "gem", "--no-progress", *SHARD_ROWS,
     ]  # fmt: skip
 
 
@@ -135,7 +138,11 @@ def main() -> None:
     parser.add_argument("--items", default="10000,1000000")
     parser.add_argument("--kill-items", type=int, default=200000)
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument(
+        "--shard-rows", type=int, default=0, help="rows per shard (0: the CLI's default)"
+    )
     args = parser.parse_args()
+    SHARD_ROWS[1] = str(args.shard_rows)
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "bench.fake_server", "--port", str(port), "--dim", str(args.dim)],
@@ -146,7 +153,8 @@ def main() -> None:
     time.sleep(2)
     lines = [
         f"Machine: {machine_line('cpu')}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"fake server, {args.dim}-d float32, Parquet shards.",
+        f"fake server, {args.dim}-d float32, Parquet shards of "
+        f"{args.shard_rows or 'the default number of'} rows.",
         "",
         "| items | seconds | items/s | CLI peak RSS | written to disk | final size "
         "| written / final |",
@@ -162,8 +170,8 @@ def main() -> None:
                 timings[n] = r["seconds"]
                 lines.append(
                     f"| {n:,} | {r['seconds']:.0f} | {n / r['seconds']:,.0f} | "
-                    f"{r['max_rss_kib'] / 1024:.0f} MiB | {r['write_bytes'] / 2**20:,.0f} MiB | "
-                    f"{r['final_bytes'] / 2**20:,.0f} MiB | "
+                    f"{r['max_rss_kib'] / 1024:.0f} MiB | {r['write_bytes'] / 2**20:,.1f} MiB | "
+                    f"{r['final_bytes'] / 2**20:,.1f} MiB | "
                     f"{r['write_bytes'] / r['final_bytes']:.2f} |"
                 )
                 print(lines[-1], flush=True)

@@ -206,3 +206,16 @@ def test_a_kill_at_any_moment_loses_only_the_open_shard(tmp_path: Path) -> None:
     rows = _rows_of(out)
     assert len(pq.read_table(out)) == 120 == len(rows)  # no id twice
     assert rows == _rows_of(tmp_path / "whole")
+
+
+def test_shard_and_row_group_sizes_are_the_runs_to_choose(tmp_path: Path) -> None:
+    from test_cli_extract_dir import StandIn, _opts
+
+    from layertap.client.cli import extract_dir as bulk
+
+    src = _collection(tmp_path / "src", 11)
+    opts = _opts([src], tmp_path / "index", shard_rows=5, row_group_rows=2)
+    assert bulk.run(StandIn(), opts) == 0  # type: ignore[arg-type]
+    files = sorted((tmp_path / "index").glob("part-*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [5, 5, 1]
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in files] == [3, 3, 1]

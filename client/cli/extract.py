@@ -95,6 +95,13 @@ def register(subcommands: Subcommands) -> None:
         metavar="N",
         help="rows per shard of a directory output (default 0: about 256 MiB of rows each)",
     )
+    ext.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="rows per row group of Parquet shards (default 0: about 32 MiB of rows each)",
+    )
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -232,6 +239,7 @@ def command(client: FeatureClient, args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             shard_format=args.shard_format,
             shard_rows=args.shard_rows,
+            row_group_rows=args.row_group_rows,
             bypass_result_cache=args.bypass_result_cache,
             **descriptor_options(args),
         )

@@ -79,6 +79,7 @@ class Options:
     checkpoint_every: int = 500
     shard_format: str = "parquet"  # a directory output's shards (shards.py)
     shard_rows: int = 0
+    row_group_rows: int = 0  # Parquet shards' row groups (0: about 32 MiB of rows)
     progress: bool = True
     post: list[str] = field(default_factory=list)
     concat: bool = False
@@ -145,7 +146,9 @@ def run(client: FeatureClient, opts: Options, out: IO[str] | None = None) -> int
     probe = _probe(client, options, npy)
     keys = list(probe)
     meta = {k: v for k, v in options.items() if k != "gem_p" or opts.pool == "gem"}
-    rows, done = open_rows(opts.output, store, probe, meta, opts.shard_format, opts.shard_rows)
+    rows, done = open_rows(
+        opts.output, store, probe, meta, opts.shard_format, opts.shard_rows, opts.row_group_rows
+    )
     progress = Progress(opts.progress)
 
     def skipped(note: str) -> None:

@@ -104,11 +104,14 @@ def open_rows(
     meta: dict[str, Any],
     shard_format: str,
     shard_rows: int,
+    row_group_rows: int = 0,
 ) -> tuple[Rows, DoneIds]:
     """The run's rows (``store`` None: a directory of shards) and the ids already there."""
     keys = list(probe)
     if store is None:
-        shards = CompactShardRows.open(output, shard_format, shard_rows, probe, meta)
+        shards = CompactShardRows.open(
+            output, shard_format, shard_rows, probe, meta, row_group_rows
+        )
         assert isinstance(shards, CompactShardRows)
         return shards, DoneIds.from_ids(shards.store.done_ids())
     base = store.load()

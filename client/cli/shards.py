@@ -250,7 +250,13 @@ class ShardRows:
 
     @classmethod
     def open(
-        cls, directory: Path, fmt: str, shard_rows: int, probe: Any, options: Mapping[str, Any]
+        cls,
+        directory: Path,
+        fmt: str,
+        shard_rows: int,
+        probe: Any,
+        options: Mapping[str, Any],
+        row_group_rows: int = 0,
     ) -> ShardRows:
         """The store for a run whose probe extract (one image) gave ``probe``: its outputs'
         shapes and dtypes, and what a reader needs to reload (the run's options, the weights'
@@ -265,7 +271,10 @@ class ShardRows:
             meta["weights_sha256"] = info.weights_sha256
             meta["resolved_nodes"] = {n.key: n.node for n in info.nodes}
             meta["preprocessing"] = dataclasses.asdict(info.preprocessing)
-        return cls(ShardedStore(directory, fmt, columns, meta, shard_rows=shard_rows))
+        store = ShardedStore(
+            directory, fmt, columns, meta, shard_rows=shard_rows, row_group_rows=row_group_rows
+        )
+        return cls(store)
 
     @property
     def count(self) -> int:
