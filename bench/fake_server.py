@@ -25,9 +25,11 @@ NODE = "feat"
 
 
 def vector(seed: bytes, dim: int) -> bytes:
-    """dim float32 values from a hash of `seed` (cheap, and the same on every run)."""
-    digest = np.frombuffer(hashlib.blake2b(seed, digest_size=32).digest(), np.uint8)
-    return np.resize(digest.astype(np.float32) / 255.0, dim).astype("<f4").tobytes()
+    """dim float32 values drawn from a generator seeded by a hash of `seed`: the same on every
+    run, and as incompressible as real descriptors (so output sizes are realistic)."""
+    digest = hashlib.blake2b(seed, digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    return rng.standard_normal(dim, dtype=np.float32).astype("<f4").tobytes()
 
 
 class FakeService(pb_grpc.FeatureServiceServicer):
