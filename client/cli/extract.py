@@ -93,7 +93,7 @@ def register(subcommands: Subcommands) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="rows per shard of a directory output (default 0: about 256 MiB of rows each)",
+        help="rows per shard of a directory output (default 0: about 64 MiB of rows each)",
     )
     ext.add_argument(
         "--row-group-rows",

@@ -32,7 +32,8 @@ from .stores import PARQUET_INSTALL_HINT, atomic_write
 
 MANIFEST = "_manifest.json"
 SHARD_FORMATS = ("parquet", "npy")
-SHARD_BYTES = 256 * 1024 * 1024  # the open shard's rows are held in memory up to this
+SHARD_BYTES = 64 * 1024 * 1024  # the open shard's rows are held in memory up to this
+CHUNK_ROWS = 4096  # the open shard's rows live in preallocated blocks of this many
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 MAX_SHARD_ROWS = 100_000
 
@@ -56,7 +57,9 @@ def _arrow_type(dtype: str) -> Any:
 
 
 class ShardedStore:
-    """Append rows; every ``shard_rows`` of them become one shard (0: sized by bytes)."""
+    """Append rows; every ``shard_rows`` of them become one shard (0: sized by bytes). The open
+    shard's rows are copied into preallocated blocks as they come, so it costs its data and
+    not a Python object per row."""
 
     def __init__(
         self,
@@ -83,7 +86,7 @@ class ShardedStore:
         self.row_group_rows = row_group_rows or max(1, ROW_GROUP_BYTES // row_bytes)
         self.shards: list[dict[str, Any]] = []
         self._ids: list[str] = []
-        self._rows: dict[str, list[np.ndarray]] = {k: [] for k in self.columns}
+        self._blocks: dict[str, list[np.ndarray]] = {k: [] for k in self.columns}
         self._open()
 
     # ------------------------------------------------------------------ manifest
@@ -153,9 +156,14 @@ class ShardedStore:
     # ------------------------------------------------------------------ writing
 
     def add(self, row_id: str, row: Mapping[str, np.ndarray]) -> None:
-        self._ids.append(row_id)
+        at = len(self._ids) % CHUNK_ROWS
         for key, column in self.columns.items():
-            self._rows[key].append(np.asarray(row[key], dtype=column.dtype).reshape(column.shape))
+            blocks = self._blocks[key]
+            if at == 0:  # a new block (never more rows than the shard takes)
+                rows = min(CHUNK_ROWS, self.shard_rows - len(self._ids))
+                blocks.append(np.empty((rows, *column.shape), dtype=column.dtype))
+            blocks[-1][at] = np.asarray(row[key], dtype=column.dtype).reshape(column.shape)
+        self._ids.append(row_id)
         if len(self._ids) >= self.shard_rows:
             self.flush()
 
@@ -164,7 +172,8 @@ class ShardedStore:
         if not self._ids:
             return
         name = f"part-{len(self.shards):05d}"
-        arrays = {k: np.stack(v) for k, v in self._rows.items()}
+        n = len(self._ids)
+        arrays = {k: np.concatenate(v)[:n] for k, v in self._blocks.items()}
         if self.fmt == "parquet":
             self._write_parquet(name, arrays)
         else:
@@ -178,7 +187,7 @@ class ShardedStore:
         self.shards.append({"name": name, "rows": len(self._ids)})
         self._save_manifest()  # last: a shard counts once it is whole on disk
         self._ids = []
-        self._rows = {k: [] for k in self.columns}
+        self._blocks = {k: [] for k in self.columns}
 
     def _write_parquet(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
         import pyarrow as pa
