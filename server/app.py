@@ -394,6 +394,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"layertap serve: {exc}", file=sys.stderr)
         return 2
+    if BACKGROUND.pending:  # drained; but finalising the interpreter under a compile that is
+        # still in inductor's C++ threads aborts ("terminate called without an active exception")
+        log.info("exiting with %d background compile(s) unfinished", BACKGROUND.pending)
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
