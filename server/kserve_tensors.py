@@ -52,8 +52,6 @@ DATATYPE_OF = {
     "int8": "INT8",
     "uint8": "UINT8",
 }
-OPTION_PARAMETERS = OUTPUT_OPTION_NAMES
-REQUEST_PARAMETERS = REQUEST_OPTION_NAMES
 # Triton's own request parameters, which its clients may send: accepted where they ask for
 # nothing layertap lacks (no sequence state; deadlines come from the transport's timeout).
 TRITON_PARAMETERS = ("timeout", "sequence_id", "sequence_start", "sequence_end")
@@ -246,7 +244,7 @@ def _triton(name: str, value: object) -> None:
 def output_options(parameters: Mapping[str, object]) -> pb.OutputOptions:
     """OutputOptions from the parameters that name them, checked like the SDK's arguments."""
     kwargs: dict[str, Any] = {"pool": None}
-    for name in OPTION_PARAMETERS:
+    for name in OUTPUT_OPTION_NAMES:
         if name not in parameters:
             continue
         value = parameters[name]
@@ -270,12 +268,12 @@ def extract_request(
     model: str, images: list[pb.Image], outputs: Sequence[str], parameters: Mapping[str, object]
 ) -> pb.ExtractRequest:
     """The layertap Extract a v2 inference request asks for."""
-    known = (*OPTION_PARAMETERS, *REQUEST_PARAMETERS, *TRITON_PARAMETERS)
+    known = (*OUTPUT_OPTION_NAMES, *REQUEST_OPTION_NAMES, *TRITON_PARAMETERS)
     unknown = sorted(name for name in parameters if name not in known)
     if unknown:
         raise InvalidArgument(
             f"unknown parameter(s) {[u[:40] for u in unknown[:5]]}; this server takes "
-            f"{', '.join(OPTION_PARAMETERS + REQUEST_PARAMETERS)}"
+            f"{', '.join(OUTPUT_OPTION_NAMES + REQUEST_OPTION_NAMES)}"
         )
     if not outputs:
         raise InvalidArgument(

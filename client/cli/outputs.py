@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .idsets import DoneIds
-from .shards import ShardedStore, ShardRows
+from .shards import ShardRows
 from .stores import NpyStore, Store, Table
 
 
@@ -55,20 +55,7 @@ class FileRows:
         self.pending = 0
 
 
-class CompactShardRows(ShardRows):
-    """:class:`~.shards.ShardRows` without its set of done id strings (the run asks
-    :class:`~.idsets.DoneIds` instead)."""
-
-    fresh = True  # the open shard is written at the end of every run
-
-    def __init__(self, store: ShardedStore) -> None:
-        self.store = store
-
-    def add(self, image_id: str, result: Mapping[str, np.ndarray]) -> None:
-        self.store.add(image_id, result)
-
-
-Rows = FileRows | CompactShardRows
+Rows = FileRows | ShardRows
 
 
 def check_compatible(
@@ -109,10 +96,7 @@ def open_rows(
     """The run's rows (``store`` None: a directory of shards) and the ids already there."""
     keys = list(probe)
     if store is None:
-        shards = CompactShardRows.open(
-            output, shard_format, shard_rows, probe, meta, row_group_rows
-        )
-        assert isinstance(shards, CompactShardRows)
+        shards = ShardRows.open(output, shard_format, shard_rows, probe, meta, row_group_rows)
         return shards, DoneIds.from_ids(shards.store.done_ids())
     base = store.load()
     if base is not None:

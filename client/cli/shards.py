@@ -249,13 +249,14 @@ def is_sharded_output(path: Path) -> bool:
 class ShardRows:
     """A bulk run's rows into a ShardedStore (the interface extract_dir's runs use): ``pending``
     stays 0 because the store writes a shard whenever one is full (no checkpoints needed);
-    ``save`` writes the open shard (the end of a run, or an interrupted one)."""
+    ``save`` writes the open shard (the end of a run, or an interrupted one). The ids already
+    written are the store's ``done_ids()`` (the run keeps them compactly, idsets.py)."""
 
     pending = 0
+    fresh = True  # the open shard is written at the end of every run
 
     def __init__(self, store: ShardedStore) -> None:
         self.store = store
-        self.done = set(store.done_ids())
 
     @classmethod
     def open(
@@ -291,7 +292,6 @@ class ShardRows:
 
     def add(self, image_id: str, result: Mapping[str, np.ndarray]) -> None:
         self.store.add(image_id, result)
-        self.done.add(image_id)
 
     def save(self) -> None:
         self.store.flush()

@@ -30,24 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from layertap.common.options import OUTPUT_OPTION_NAMES
+
 MANIFEST = "_manifest.json"
 FAISS_FORMAT = "layertap-faiss-v1"  # build_faiss.py's layertap.json
 EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 # The keywords of FeatureClient.extract a bulk run records in its manifest's options (the
 # rest of the options, weights_sha256, resolved_nodes and preprocessing, describe the run).
-REQUEST_KEYS = (
-    "model",
-    "nodes",
-    "pool",
-    "gem_p",
-    "normalize",
-    "dtype",
-    "post",
-    "concat",
-    "concat_key",
-    "tta",
-    "rmac_levels",
-)
+REQUEST_KEYS = ("model", "nodes", *(k for k in OUTPUT_OPTION_NAMES if k != "roi_size"))
 
 
 def default_target() -> str:
